@@ -1,0 +1,47 @@
+# obsdiff: `make export TARGET=cpu` (sets up, prunes, exports, validates) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.obsdiff-setup
+
+TARGET   ?= cpu
+MODEL    ?= models/digits-sd
+OUT      ?= build/$(TARGET)
+PATTERN  ?=
+SPARSITY ?=
+EXTRA    ?=
+
+.PHONY: setup test lint export default-model bench bench-quick clean
+
+setup: $(STAMP)
+
+# Re-runs only when the pins or the project metadata change, so a second `make setup` does nothing.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -rs
+
+lint: setup
+	$(BIN)/ruff check obsdiff exporters tests benchmarks
+
+export: setup
+	$(BIN)/obsdiff ship --target $(TARGET) --model $(MODEL) --out $(OUT) \
+		$(if $(PATTERN),--pattern $(PATTERN)) $(if $(SPARSITY),--sparsity $(SPARSITY)) $(EXTRA)
+
+default-model: setup
+	$(BIN)/python -m obsdiff.default_model
+
+bench-quick: setup
+	$(BIN)/python -m benchmarks.run --quick
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

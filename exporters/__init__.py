@@ -1,0 +1,1 @@
+"""Exporters: one module per format, all reading the component descriptions in ``components``."""

@@ -1,0 +1,89 @@
+"""2:4 checks over an ONNX graph, on the axis TensorRT's sparse kernels read.
+
+- Conv: weight (K, C, R, S): groups of 4 along C at every (k, r, s).
+- MatMul: B's K axis (axis 0 of a 2-D initializer B).
+- Gemm: K, which is axis 1 of B when transB = 1, else axis 0.
+
+``polygraphy_sparsity`` runs ``polygraphy inspect sparsity`` (no TensorRT needed) on the same file,
+so two independent readers must agree before a layer is called 2:4.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class WeightCheck:
+    initializer: str
+    op: str
+    node: str
+    shape: tuple[int, ...]
+    reduction: int  # length of the axis groups run along
+    eligible: bool  # reduction is a multiple of 4
+    is_2of4: bool
+
+
+def _groups_along(w: np.ndarray, axis: int) -> np.ndarray:
+    moved = np.moveaxis(w, axis, -1)
+    return moved.reshape(-1, moved.shape[-1] // 4, 4)
+
+
+def check_2of4(path: Path) -> list[WeightCheck]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    # fp16 graphs may feed weights through a Cast; follow one Cast back to the initializer.
+    cast_src = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in inits}
+    checks = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        name = cast_src.get(node.input[1], node.input[1])
+        if name not in inits:
+            continue
+        w = numpy_helper.to_array(inits[name])
+        if node.op_type == "Conv":
+            axis = 1
+        elif node.op_type == "MatMul":
+            if w.ndim != 2:
+                continue
+            axis = 0
+        else:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = 1 if trans_b else 0
+        k = w.shape[axis]
+        eligible = k % 4 == 0
+        ok = eligible and bool(((_groups_along(w, axis) == 0).sum(-1) >= 2).all())
+        checks.append(WeightCheck(name, node.op_type, node.name, tuple(w.shape), k, eligible, ok))
+    return checks
+
+
+def polygraphy_sparsity(path: Path) -> dict:
+    """Run ``polygraphy inspect sparsity``; returns the tensors it finds 2:4 sparse and those it does not."""
+    polygraphy = Path(sys.executable).with_name("polygraphy")
+    cmd = [str(polygraphy) if polygraphy.exists() else "polygraphy", "inspect", "sparsity", str(path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        return {"ok": False, "error": "polygraphy is not installed", "sparse": [], "dense": []}
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        return {"ok": False, "error": text.strip().splitlines()[-1:], "sparse": [], "dense": []}
+    sparse, dense = parse_polygraphy_sparsity(text)
+    return {"ok": True, "sparse": sparse, "dense": dense}
+
+
+def parse_polygraphy_sparsity(text: str) -> tuple[list[str], list[str]]:
+    """Polygraphy logs 'Found sparse tensor: NAME' and 'Found non-sparse tensor: NAME' per weight."""
+    sparse = re.findall(r"Found sparse tensor: (\S+)", text)
+    dense = re.findall(r"Found non-sparse tensor: (\S+)", text)
+    return sparse, dense

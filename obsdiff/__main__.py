@@ -1,0 +1,5 @@
+import sys
+
+from obsdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""Calibration: run the real pipeline while one package of layers is hooked.
+
+The runner drives the pipeline's own denoising loop (any diffusers scheduler, classifier-free
+guidance batches included) and moves the ``StepContext`` forward through
+``callback_on_step_end``; hooks read the step from that context, never from a global.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from obsdiff.errors import CalibrationError
+from obsdiff.hessian import HessianAccumulator, StepContext, layer_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationSettings:
+    prompts: list[str]
+    steps: int = 25
+    guidance: float = 7.0
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+
+
+class PackageHooks:
+    """Forward pre-hooks that fill one Hessian accumulator per distinct layer input.
+
+    Layers under the same parent that receive the very same input tensor in the same call (q/k/v of
+    a self-attention; k/v of a cross-attention) share one accumulator; the grouping is found on the
+    first call and checked on every later one.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], ctx: StepContext, weighted: bool) -> None:
+        self.layers = layers
+        self.ctx = ctx
+        self.weighted = weighted
+        self.accumulators: dict[str, HessianAccumulator] = {}
+        self.owner: dict[str, str] = {}  # layer -> layer whose accumulator it uses
+        self._last_input: dict[str, tuple[weakref.ref, str]] = {}  # parent -> (last input, its owner)
+        self._handles: list = []
+
+    def _hook(self, name: str) -> Callable:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                raise CalibrationError(f"layer {name} was called without a tensor input")
+            # Identity through a weak reference: a freed tensor whose memory was reused never matches.
+            last = self._last_input.get(parent)
+            same_input = last is not None and last[0]() is x
+            if name not in self.owner:
+                self.owner[name] = last[1] if same_input else name
+            owner = self.owner[name]
+            if owner != name:
+                if not (same_input and last[1] == owner):
+                    raise CalibrationError(f"layer {name} stopped sharing its input with {owner}")
+                return
+            self._last_input[parent] = (weakref.ref(x), name)
+            rows = layer_rows(module, x)
+            if not torch.isfinite(rows).all():
+                raise CalibrationError(f"non-finite activations (NaN/Inf) entering layer {name}")
+            acc = self.accumulators.get(name)
+            if acc is None:
+                acc = self.accumulators[name] = HessianAccumulator(rows.shape[1])
+            acc.add(rows, self.ctx.alpha() if self.weighted else 1.0, self.ctx.step if self.weighted else None)
+
+        return hook
+
+    def __enter__(self) -> "PackageHooks":
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def hessian(self, name: str) -> HessianAccumulator:
+        owner = self.owner.get(name)
+        if owner is None or owner not in self.accumulators:
+            raise CalibrationError(f"layer {name} was never called during calibration")
+        return self.accumulators[owner]
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decode: bool,
+                 after_batch: Callable[[torch.Tensor], None] | None = None, desc: str = "calibrate") -> None:
+    """Generate every calibration prompt once, with hooks wherever the caller placed them."""
+    batches = list(_batches(settings.prompts, settings.batch_size))
+    bar = tqdm(total=len(batches) * settings.steps, desc=desc, unit="step", mininterval=2, leave=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def on_step_end(_pipe, i: int, _t, _kwargs: dict) -> dict:
+        ctx.step = i + 1
+        bar.update(1)
+        return {}
+
+    extra = {}
+    if settings.height:
+        extra["height"] = settings.height
+    if settings.width:
+        extra["width"] = settings.width
+    try:
+        for b, prompts in enumerate(batches):
+            ctx.step = 0
+            out = pipe(prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                       generator=torch.Generator().manual_seed(settings.seed + b),
+                       output_type="pt" if decode else "latent", callback_on_step_end=on_step_end, **extra)
+            ctx.step = None
+            if after_batch is not None:
+                after_batch(out.images)
+    finally:
+        ctx.step = None
+        bar.close()
+
+
+@contextmanager
+def capture_rows(module: nn.Module, limit: int = 4096) -> Iterator[list[torch.Tensor]]:
+    """Collect up to ``limit`` input rows of one layer (for tests and the benchmark)."""
+    captured: list[torch.Tensor] = []
+    count = [0]
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        if count[0] >= limit:
+            return
+        rows = layer_rows(mod, args[0]).detach().float()[: limit - count[0]]
+        captured.append(rows)
+        count[0] += rows.shape[0]
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()

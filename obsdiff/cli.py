@@ -1,0 +1,230 @@
+"""The ``obsdiff`` command line. Only this module sees argparse.
+
+Every ``ObsdiffError`` becomes one line on stderr and a non-zero exit; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from obsdiff import __version__
+from obsdiff.errors import ObsdiffError, UsageError
+
+log = logging.getLogger("obsdiff")
+
+
+def _components_arg(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from obsdiff.adapters import ADAPTERS, find_targets, prunable_layers
+    from obsdiff.model_io import load_pipeline, pipeline_components
+
+    pipe = load_pipeline(args.model)
+    print(f"{args.model}: {type(pipe).__name__}")
+    for name, module in pipeline_components(pipe).items():
+        params = sum(p.numel() for p in module.parameters())
+        layers = prunable_layers(module)
+        adapter = ADAPTERS.get(type(module).__name__)
+        targets = find_targets(module, adapter)[0] if adapter else []
+        print(f"\n[{name}] {type(module).__name__}: {params:,} parameters, {len(layers)} Linear/Conv layers, "
+              f"{len(targets)} prune targets ({adapter.family if adapter else 'no adapter'})")
+        target_names = {t.name for t in targets}
+        for lname, layer in layers:
+            kind = type(layer).__name__
+            shape = "×".join(str(s) for s in layer.weight.shape)
+            mark = "*" if lname in target_names else " "
+            print(f"  {mark} {lname:<60} {kind:<7} {shape}")
+    print("\n* = target of the component's adapter")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from obsdiff.prune import PruneConfig, prune
+
+    config = PruneConfig(
+        method=args.method, pattern=args.pattern, sparsity=args.sparsity, components=args.components,
+        prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
+        height=args.height, width=args.width, weighting=args.weighting, alpha_min=args.alpha_min,
+        alpha_max=args.alpha_max, packages=args.packages, damp=args.damp, blocks=args.blocks, seed=args.seed,
+        batch_size=args.batch_size, head_sparsity=args.head_sparsity, ffn_sparsity=args.ffn_sparsity,
+        compensate=not args.no_compensate,
+    )
+    record = prune(args.model, args.out, config, resume=args.resume, overwrite=args.overwrite)
+    for name, comp in record["components"].items():
+        log.info("%s: %d layers pruned, sparsity %.3f over %d weights, %d skipped", name, comp["pruned_layers"],
+                 comp["sparsity_of_pruned_layers"], comp["pruned_weights"], len(comp["skipped"]))
+    log.info("wrote %s in %.1f s", args.out, record["timings"]["total_s"])
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from obsdiff.default_model import DEFAULT_JUDGE_DIR
+    from obsdiff.evaluate import EvalSettings, evaluate_pipeline
+    from obsdiff.model_io import load_pipeline
+
+    pipe = load_pipeline(args.model)
+    if pipe.scheduler is not None and args.scheduler:
+        pipe.scheduler = _scheduler(args.scheduler, pipe.scheduler.config)
+    result = evaluate_pipeline(pipe, args.judge or DEFAULT_JUDGE_DIR,
+                               EvalSettings(args.samples, args.steps, args.guidance, args.seed))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"conditional accuracy {result['conditional_accuracy']:.3f}  Fréchet distance "
+              f"{result['frechet_distance']:.3f}  ({args.samples} samples, {args.steps} steps, "
+              f"guidance {args.guidance}, seed {args.seed})")
+    return 0
+
+
+def _scheduler(name: str, config):
+    import diffusers
+
+    classes = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler"}
+    return getattr(diffusers, classes[name]).from_config(config)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from exporters.bundle import export_bundle
+
+    export_bundle(args.model, args.target, args.out, precision=args.precision, overwrite=args.overwrite,
+                  zip_bundle=args.zip, force=args.force, dense_model=args.dense)
+    return 0
+
+
+def cmd_ship(args: argparse.Namespace) -> int:
+    from exporters.ship import ship
+
+    ship(args.target, args.model, args.out, pattern=args.pattern, sparsity=args.sparsity, precision=args.precision,
+         force=args.force, zip_bundle=args.zip)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from exporters.bundle import validate_bundle_on_disk
+
+    validate_bundle_on_disk(args.bundle)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"obsdiff: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="obsdiff", description="One-shot OBS-Diff pruning of diffusion "
+                                     "pipelines and export to ONNX Runtime, TensorRT and Core ML.")
+    parser.add_argument("--version", action="version", version=f"obsdiff {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="components, parameter counts and prunable layers of a pipeline folder")
+    p.add_argument("model", type=Path)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prune", help="prune a pipeline folder with OBS-Diff or a baseline")
+    p.add_argument("model", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--method", default="obs-diff", choices=["obs-diff", "wanda", "magnitude", "l1"])
+    p.add_argument("--pattern", default="unstructured", help="unstructured, N:M (2:4, 4:8) or structured")
+    p.add_argument("--sparsity", type=float, help="fraction removed (default 0.5; N/M for N:M)")
+    p.add_argument("--components", type=_components_arg, default=("unet",),
+                   help="comma-separated: unet, transformer, text_encoder, text_encoder_2, vae")
+    p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: the model's "
+                   "calibration_prompts.txt, else calibration_data/general.txt)")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per calibration pipeline call")
+    p.add_argument("--weighting", default="log-decrease",
+                   choices=["log-decrease", "uniform", "linear-decrease", "linear-increase", "log-increase"])
+    p.add_argument("--alpha-min", type=float, default=0.8)
+    p.add_argument("--alpha-max", type=float, default=1.2)
+    p.add_argument("--packages", type=int, default=4)
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--blocks", help="blocks to prune: glob patterns or indices/ranges, comma-separated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted prune into the same --out")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--head-sparsity", type=float, help="structured: fraction of heads removed")
+    p.add_argument("--ffn-sparsity", type=float, help="structured: fraction of FFN neurons removed")
+    p.add_argument("--no-compensate", action="store_true", help="structured: remove without OBS update")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("evaluate", help="conditional digit accuracy and Fréchet distance (default model family)")
+    p.add_argument("model", type=Path)
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=["ddim", "euler", "dpm++"])
+    p.add_argument("--judge", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a (pruned) pipeline folder to a target bundle and validate it")
+    p.add_argument("model", type=Path)
+    p.add_argument("--target", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--precision", choices=["fp32", "fp16"], help="override the target's precision")
+    p.add_argument("--dense", type=Path, help="the dense model the pruned one came from (for the report)")
+    p.add_argument("--zip", action="store_true", help="also write BUNDLE.zip")
+    p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ship", help="prune with the target's defaults, export, validate (what `make export` runs)")
+    p.add_argument("--target", required=True)
+    p.add_argument("--model", type=Path, default=Path("models/digits-sd"))
+    p.add_argument("--out", type=Path, required=True, help="writes OUT/model (pruned) and OUT/bundle")
+    p.add_argument("--pattern", help="override the target's pattern (unstructured, 2:4, 4:8, structured, dense)")
+    p.add_argument("--sparsity", type=float)
+    p.add_argument("--precision", choices=["fp32", "fp16"])
+    p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
+    p.add_argument("--zip", action="store_true")
+    p.set_defaults(func=cmd_ship)
+
+    p = sub.add_parser("validate", help="re-check a bundle on disk against its manifest and gates")
+    p.add_argument("bundle", type=Path)
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("diffusers", "transformers", "coremltools", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.func(args)
+    except ObsdiffError as exc:
+        if args.debug:
+            raise
+        print(f"obsdiff: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("obsdiff: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # unexpected: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"obsdiff: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+__all__ = ["main", "UsageError"]

@@ -1,0 +1,120 @@
+"""Hessian statistics: timestep weights, the step context, and accumulators for Linear and Conv.
+
+H = 2·Σ_t α_t X_t X_tᵀ / Σ_t α_t·B_t, with X_t the layer inputs at denoising step t (rows are tokens
+or conv patches). The solver only ever sees the finished matrix; the weighting is a setting of the
+statistic, not of the solver.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from obsdiff.errors import CalibrationError
+
+
+class Weighting(str, enum.Enum):
+    UNIFORM = "uniform"
+    LOG_DECREASE = "log-decrease"
+    LOG_INCREASE = "log-increase"
+    LINEAR_DECREASE = "linear-decrease"
+    LINEAR_INCREASE = "linear-increase"
+
+
+def timestep_weights(kind: Weighting | str, num_steps: int, alpha_min: float = 0.8, alpha_max: float = 1.2) -> list[float]:
+    """α_t for t = 1..T (t = 1 the noisiest step); returned as a list indexed 0..T−1.
+
+    log-decrease: α_t = α_min + (α_max − α_min)/ln T · ln(T − t + 1)  (the paper's default).
+    """
+    kind = Weighting(kind)
+    T = num_steps
+    if T < 1:
+        raise ValueError("need at least one denoising step")
+    span = alpha_max - alpha_min
+    out = []
+    for t in range(1, T + 1):
+        if kind is Weighting.UNIFORM or T == 1:
+            a = 1.0
+        elif kind is Weighting.LOG_DECREASE:
+            a = alpha_min + span / math.log(T) * math.log(T - t + 1)
+        elif kind is Weighting.LOG_INCREASE:
+            a = alpha_min + span / math.log(T) * math.log(t)
+        elif kind is Weighting.LINEAR_DECREASE:
+            a = alpha_max - span * (t - 1) / (T - 1)
+        else:
+            a = alpha_min + span * (t - 1) / (T - 1)
+        out.append(a)
+    return out
+
+
+@dataclass
+class StepContext:
+    """Which denoising step is running; set by the calibration runner, read by the hooks.
+
+    ``step`` is 0-based and ``None`` outside the denoising loop (text encoder, VAE): those
+    activations get weight 1.
+    """
+
+    weights: list[float] = field(default_factory=list)
+    step: int | None = None
+
+    def alpha(self) -> float:
+        if self.step is None or not self.weights:
+            return 1.0
+        if self.step >= len(self.weights):
+            raise CalibrationError(f"denoising step {self.step + 1} beyond the {len(self.weights)} scheduled")
+        return self.weights[self.step]
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as a 2-D matrix whose columns match the weight's (flattened) columns.
+
+    Linear: tokens × in_features. Conv2d: im2col patches × (C·R·S), unfolded with the conv's own
+    padding, stride and dilation so each row is exactly what one output position multiplies.
+    """
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        else:
+            padding = module.padding
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    raise TypeError(f"no Hessian statistic for {type(module).__name__}")
+
+
+class HessianAccumulator:
+    """Running α-weighted mean of 2·XXᵀ in float32, plus which steps contributed."""
+
+    def __init__(self, columns: int) -> None:
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32)
+        self.weight_sum = 0.0
+        self.rows = 0
+        self.steps_seen: Counter[int | None] = Counter()
+
+    def add(self, rows: torch.Tensor, alpha: float, step: int | None = None) -> None:
+        rows = rows.detach().float()
+        n = rows.shape[0]
+        new_sum = self.weight_sum + alpha * n
+        self.hessian *= self.weight_sum / new_sum
+        self.hessian.addmm_(rows.T, rows, alpha=2 * alpha / new_sum)
+        self.weight_sum = new_sum
+        self.rows += n
+        self.steps_seen[step] += 1
+
+    def add_sum(self, hessian_sum: torch.Tensor, weight_sum: float) -> None:
+        """Merge an un-normalised Σ α·2XXᵀ from elsewhere (another process)."""
+        new_sum = self.weight_sum + weight_sum
+        self.hessian = (self.hessian * self.weight_sum + hessian_sum) / new_sum
+        self.weight_sum = new_sum
+
+    def unnormalised(self) -> torch.Tensor:
+        return self.hessian * self.weight_sum

@@ -1,0 +1,68 @@
+"""How a prunable layer's weight becomes the solver's 2-D matrix, and back.
+
+The solver's N:M groups are consecutive columns. TensorRT's sparse kernels need the groups along
+the reduction axis: a Linear's in_features, and a Conv's input channels C at every kernel tap
+(r, s). The conv weight (K, C, R, S) is therefore laid out as (K, R·S·C) — C fastest — and the
+im2col Hessian, whose columns come out of ``unfold`` in (C, R, S) order, is permuted to match.
+Flattening to C·R·S instead would put groups across kernel taps, which TensorRT ignores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PRUNABLE = (nn.Linear, nn.Conv2d)
+
+
+def reduction_size(module: nn.Module) -> int:
+    """Length of the axis N:M groups run along (in_features or input channels)."""
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"grouped conv (groups={module.groups}) is not supported"
+    return None
+
+
+def column_permutation(module: nn.Module) -> torch.Tensor | None:
+    """Index p with matrix column j = unfold column p[j]; None when the orders already agree."""
+    if isinstance(module, nn.Linear):
+        return None
+    c, (r, s) = module.in_channels, module.kernel_size
+    if r * s == 1:
+        return None
+    # unfold column of (c, r, s) is c·R·S + r·S + s; the matrix wants (r, s, c) order.
+    return torch.arange(c * r * s).reshape(c, r * s).T.reshape(-1)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach().float()
+    if isinstance(module, nn.Linear):
+        return w.clone()
+    k, c, r, s = w.shape
+    return w.permute(0, 2, 3, 1).reshape(k, r * s * c).clone()
+
+
+def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    with torch.no_grad():
+        if isinstance(module, nn.Linear):
+            module.weight.copy_(matrix.to(module.weight.dtype))
+            return
+        k, c, r, s = module.weight.shape
+        module.weight.copy_(matrix.reshape(k, r, s, c).permute(0, 3, 1, 2).to(module.weight.dtype))
+
+
+def permute_hessian(hessian: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    return hessian if perm is None else hessian[perm][:, perm]
+
+
+def nm_groups(module: nn.Module, m: int) -> torch.Tensor:
+    """Zero counts of every group of ``m`` along the reduction axis: shape (groups,)."""
+    w = module.weight.detach()
+    if isinstance(module, nn.Linear):
+        groups = w.reshape(w.shape[0], -1, m)
+    else:
+        groups = w.permute(0, 2, 3, 1).reshape(-1, w.shape[1] // m, m)
+    return (groups == 0).sum(-1).flatten()

@@ -1,0 +1,380 @@
+"""The pruning driver: model folder → packages → calibration → solve → pruned folder.
+
+Target layers of each component are split into P module packages in block order. Each package is
+calibrated on the model as pruned so far, then solved layer by layer. After every package the
+progress is saved next to the output, so ``resume`` restarts at the first unfinished package.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import hashlib
+import json
+import logging
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from obsdiff import __version__
+from obsdiff.adapters import Skipped, TargetLayer, adapter_for, find_targets
+from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
+from obsdiff.errors import UsageError
+from obsdiff.hessian import StepContext, Weighting, timestep_weights
+from obsdiff.layers import column_permutation, permute_hessian, reduction_size, set_weight_matrix, weight_matrix
+from obsdiff.model_io import PRUNING_JSON, copy_tree_linked, load_pipeline, pipeline_components
+from obsdiff.solver import Pattern, SolveResult, magnitude_prune, obs_prune, wanda_prune
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GENERAL_PROMPTS = REPO_ROOT / "calibration_data" / "general.txt"
+MODEL_PROMPTS = "calibration_prompts.txt"  # a model folder may ship its own calibration prompts
+
+
+class Method(str, enum.Enum):
+    OBS_DIFF = "obs-diff"
+    WANDA = "wanda"
+    MAGNITUDE = "magnitude"
+    L1 = "l1"  # structured baseline only
+
+
+@dataclass
+class PruneConfig:
+    method: Method = Method.OBS_DIFF
+    pattern: str = "unstructured"
+    sparsity: float | None = None  # None: 0.5, or N/M for an N:M pattern
+    components: tuple[str, ...] = ("unet",)
+    prompts_file: Path | None = None
+    num_prompts: int = 100
+    steps: int = 25
+    guidance: float = 7.0
+    height: int | None = None
+    width: int | None = None
+    weighting: Weighting = Weighting.LOG_DECREASE
+    alpha_min: float = 0.8
+    alpha_max: float = 1.2
+    packages: int = 4
+    damp: float = 0.01
+    blocks: str | None = None
+    seed: int = 0
+    batch_size: int = 16
+    # structured pruning (obsdiff.structured)
+    head_sparsity: float | None = None
+    ffn_sparsity: float | None = None
+    compensate: bool = True
+
+    def validate(self) -> None:
+        self.method = Method(self.method)
+        self.weighting = Weighting(self.weighting)
+        if self.pattern == "structured":
+            from obsdiff.structured import validate_structured
+
+            validate_structured(self)
+            return
+        if self.method is Method.L1:
+            raise UsageError("--method l1 is the structured baseline: use it with --pattern structured")
+        if not self.compensate:
+            raise UsageError("--no-compensate applies to --pattern structured only")
+        try:
+            pattern = Pattern.parse(self.pattern)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if pattern.is_nm:
+            if self.sparsity is not None and abs(self.sparsity - pattern.n / pattern.m) > 1e-9:
+                raise UsageError(f"pattern {pattern} means sparsity {pattern.n / pattern.m:g}, not {self.sparsity:g}")
+            self.sparsity = pattern.n / pattern.m
+        elif self.sparsity is None:
+            self.sparsity = 0.5
+        if not 0 < self.sparsity < 1:
+            raise UsageError(f"--sparsity must be in (0, 1), got {self.sparsity:g}")
+        self._validate_common()
+
+    def _validate_common(self) -> None:
+        if self.packages < 1:
+            raise UsageError("--packages must be ≥ 1")
+        if self.steps < 1 or self.num_prompts < 1 or self.batch_size < 1:
+            raise UsageError("--steps, --num-prompts and --batch-size must be ≥ 1")
+        if not 0 <= self.damp < 1:
+            raise UsageError("--damp must be in [0, 1)")
+        if self.alpha_min <= 0 or self.alpha_max <= 0:
+            raise UsageError("--alpha-min and --alpha-max must be positive")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method not in (Method.MAGNITUDE, Method.L1)
+
+    def fingerprint(self, prompts_sha: str) -> str:
+        data = {k: (str(v) if isinstance(v, (Path, enum.Enum)) else v) for k, v in asdict(self).items()}
+        return hashlib.sha256(json.dumps({**data, "prompts": prompts_sha}, sort_keys=True).encode()).hexdigest()
+
+
+def read_prompts(config: PruneConfig, model_dir: Path) -> list[str]:
+    path = config.prompts_file
+    if path is None:
+        path = model_dir / MODEL_PROMPTS if (model_dir / MODEL_PROMPTS).is_file() else GENERAL_PROMPTS
+    if not Path(path).is_file():
+        raise UsageError(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise UsageError(f"prompt file {path} holds no prompts")
+    return prompts[: config.num_prompts]
+
+
+def block_filter(spec: str | None, block_names: list[str]):
+    """``--blocks``: comma-separated glob patterns over block names, or indices / ranges (``0-3``)."""
+    if not spec:
+        return None
+    chosen: set[str] = set()
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part.replace("-", "").isdigit():
+            lo, _, hi = part.partition("-")
+            idx = range(int(lo), int(hi or lo) + 1)
+            chosen.update(block_names[i] for i in idx if i < len(block_names))
+        else:
+            chosen.update(n for n in block_names if fnmatch.fnmatchcase(n, part))
+    if not chosen:
+        raise UsageError(f"--blocks {spec!r} selects no block; blocks are: {', '.join(block_names[:8])}…")
+    return chosen.__contains__
+
+
+def split_packages(targets: list[TargetLayer], packages: int) -> list[list[TargetLayer]]:
+    """Contiguous groups of whole blocks with about equal weight counts."""
+    blocks: dict[str, list[TargetLayer]] = {}
+    for t in targets:
+        blocks.setdefault(t.block, []).append(t)
+    sizes = [sum(t.module.weight.numel() for t in layers) for layers in blocks.values()]
+    total = sum(sizes)
+    groups: list[list[TargetLayer]] = [[] for _ in range(min(packages, len(blocks)))]
+    running = 0
+    for layers, size in zip(blocks.values(), sizes):
+        idx = min(int(running * len(groups) / max(total, 1)), len(groups) - 1)
+        groups[idx].extend(layers)
+        running += size
+    return [g for g in groups if g]
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    kind: str
+    shape: list[int]
+    package: int
+    sparsity: float
+    error: float | None
+    relative_error: float | None
+    damp: float | None
+
+
+@dataclass
+class Progress:
+    """What is saved after each package, so an interrupted prune can resume."""
+
+    fingerprint: str
+    done: dict[str, int] = field(default_factory=dict)  # component -> packages finished
+    layers: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _solve(config: PruneConfig, pattern: Pattern, weight: torch.Tensor, hessian: torch.Tensor | None) -> SolveResult:
+    if config.method is Method.MAGNITUDE:
+        return magnitude_prune(weight, config.sparsity, pattern, hessian)
+    if config.method is Method.WANDA:
+        return wanda_prune(weight, hessian, config.sparsity, pattern)
+    return obs_prune(weight, hessian, config.sparsity, pattern, damp=config.damp)
+
+
+def _partial_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.obsdiff-partial")
+
+
+def _save_progress(partial: Path, progress: Progress, components: dict) -> None:
+    tmp = partial / "progress.json.tmp"
+    for name in progress.done:
+        save_file({k: v.contiguous() for k, v in components[name].state_dict().items()}, partial / f"{name}.safetensors")
+    tmp.write_text(json.dumps(asdict(progress)))
+    tmp.replace(partial / "progress.json")
+
+
+class Pruner:
+    """Runs one prune; ``stop_after_packages`` lets tests interrupt it the way a crash would."""
+
+    def __init__(self, model_dir: Path, out_dir: Path, config: PruneConfig, *, resume: bool = False,
+                 overwrite: bool = False, stop_after_packages: int | None = None) -> None:
+        config.validate()
+        self.model_dir, self.out_dir, self.config = Path(model_dir), Path(out_dir), config
+        self.resume, self.overwrite, self.stop_after = resume, overwrite, stop_after_packages
+        if self.out_dir.exists() and not overwrite:
+            raise UsageError(f"{self.out_dir} already exists (pass --overwrite to replace it)")
+        if not self.out_dir.parent.exists():
+            raise UsageError(f"{self.out_dir.parent} does not exist")
+
+    def run(self) -> dict:
+        config = self.config
+        started = time.time()
+        prompts = read_prompts(config, self.model_dir) if config.needs_calibration else []
+        prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+        pipe = load_pipeline(self.model_dir)
+        components = pipeline_components(pipe)
+        unknown = [c for c in config.components if c not in components]
+        if unknown:
+            raise UsageError(f"unknown component {', '.join(unknown)}; this pipeline has {', '.join(components)}")
+        plans = {name: self._plan(name, components[name]) for name in config.components}
+
+        partial = _partial_dir(self.out_dir)
+        fingerprint = config.fingerprint(prompts_sha)
+        progress = Progress(fingerprint)
+        if self.resume and (partial / "progress.json").is_file():
+            saved = Progress(**json.loads((partial / "progress.json").read_text()))
+            if saved.fingerprint != fingerprint:
+                raise UsageError(f"--resume: {partial} was made with other settings or prompts; remove it or drop --resume")
+            progress = saved
+            for name in progress.done:
+                components[name].load_state_dict(load_file(partial / f"{name}.safetensors"))
+            log.info("resuming: %s", ", ".join(f"{c} {n} package(s) done" for c, n in progress.done.items()))
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True, exist_ok=True)
+
+        settings = CalibrationSettings(prompts, config.steps, config.guidance, config.height, config.width,
+                                       config.seed, config.batch_size)
+        ran = 0
+        try:
+            for name, (adapter, packages, skipped) in plans.items():
+                for p, package in enumerate(packages):
+                    if p < progress.done.get(name, 0):
+                        continue
+                    if self.stop_after is not None and ran >= self.stop_after:
+                        raise KeyboardInterrupt("stopped on request")
+                    log.info("%s package %d/%d: %d layers", name, p + 1, len(packages), len(package))
+                    self._run_package(pipe, name, adapter, package, p, settings, progress)
+                    progress.done[name] = p + 1
+                    _save_progress(partial, progress, components)
+                    ran += 1
+        except KeyboardInterrupt:
+            log.warning("interrupted; rerun with --resume to continue from %s", partial)
+            raise
+        except Exception:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+        record = self._record(plans, progress, prompts, prompts_sha, time.time() - started)
+        self._write_output(pipe, record)
+        shutil.rmtree(partial, ignore_errors=True)
+        return record
+
+    def _plan(self, name: str, module) -> tuple:
+        adapter = adapter_for(module)
+        all_blocks = [b for b, _ in adapter.block_modules(module)]
+        targets, skipped = find_targets(module, adapter, block_filter(self.config.blocks, all_blocks))
+        pattern = Pattern.parse(self.config.pattern)
+        fit = []
+        for t in targets:
+            if pattern.is_nm and reduction_size(t.module) % pattern.m:
+                reason = f"reduction axis {reduction_size(t.module)} is not a multiple of {pattern.m}"
+                log.warning("%s.%s skipped: %s", name, t.name, reason)
+                skipped.append(Skipped(t.name, reason))
+            else:
+                fit.append(t)
+        if not fit:
+            raise UsageError(f"component {name} has no layer that fits pattern {pattern}")
+        return adapter, split_packages(fit, self.config.packages), skipped
+
+    def _run_package(self, pipe, component: str, adapter, package: list[TargetLayer], index: int,
+                     settings: CalibrationSettings, progress: Progress) -> None:
+        config = self.config
+        pattern = Pattern.parse(config.pattern)
+        hooks = None
+        if config.needs_calibration:
+            t0 = time.time()
+            weights = timestep_weights(config.weighting, config.steps, config.alpha_min, config.alpha_max)
+            ctx = StepContext(weights if adapter.denoiser else [])
+            hooks = PackageHooks({t.name: t.module for t in package}, ctx, weighted=adapter.denoiser)
+            module = pipe.components[component]
+            after_batch = _vae_encoder_feed(module) if component == "vae" else None
+            with hooks, torch.no_grad():
+                run_pipeline(pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
+                             desc=f"calibrate {component} {index + 1}")
+            progress.timings["calibration_s"] = progress.timings.get("calibration_s", 0) + time.time() - t0
+        t0 = time.time()
+        for t in tqdm(package, desc=f"solve {component} {index + 1}", leave=False, mininterval=2):
+            hessian = None
+            if hooks is not None:
+                hessian = permute_hessian(hooks.hessian(t.name).hessian, column_permutation(t.module))
+            result = _solve(config, pattern, weight_matrix(t.module), hessian)
+            set_weight_matrix(t.module, result.weight)
+            progress.layers.append(asdict(LayerRecord(
+                name=f"{component}.{t.name}", kind=type(t.module).__name__, shape=list(t.module.weight.shape),
+                package=index, sparsity=float((t.module.weight == 0).float().mean()),
+                error=_finite(result.error), relative_error=_finite(result.relative_error),
+                damp=result.damp if config.method is Method.OBS_DIFF else None)))
+        progress.timings["solve_s"] = progress.timings.get("solve_s", 0) + time.time() - t0
+
+    def _record(self, plans: dict, progress: Progress, prompts: list[str], prompts_sha: str, seconds: float) -> dict:
+        config = self.config
+        per_component = {}
+        for name, (adapter, packages, skipped) in plans.items():
+            layers = [r for r in progress.layers if r["name"].startswith(name + ".")]
+            pruned = sum(r["shape"][0] * _prod(r["shape"][1:]) for r in layers)
+            zeros = sum(r["sparsity"] * r["shape"][0] * _prod(r["shape"][1:]) for r in layers)
+            per_component[name] = {
+                "adapter": adapter.family, "packages": [[t.name for t in p] for p in packages],
+                "pruned_layers": len(layers), "pruned_weights": pruned,
+                "sparsity_of_pruned_layers": zeros / max(pruned, 1),
+                "skipped": [{"name": f"{name}.{s.name}", "reason": s.reason} for s in skipped],
+            }
+        settings = {k: (str(v) if isinstance(v, (Path, enum.Enum)) else v) for k, v in asdict(config).items()}
+        return {
+            "tool": "obsdiff", "version": __version__, "source": str(self.model_dir), "settings": settings,
+            "calibration": {"prompts": len(prompts), "prompts_sha256": prompts_sha,
+                            "timestep_weights": timestep_weights(config.weighting, config.steps, config.alpha_min,
+                                                                 config.alpha_max) if prompts else None},
+            "components": per_component, "layers": progress.layers,
+            "timings": {**progress.timings, "total_s": seconds},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+
+    def _write_output(self, pipe, record: dict) -> None:
+        staging = self.out_dir.with_name(f".{self.out_dir.name}.obsdiff-staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            copy_tree_linked(self.model_dir, staging, skip=set(self.config.components) | {PRUNING_JSON})
+            for name in self.config.components:
+                pipe.components[name].save_pretrained(staging / name, safe_serialization=True)
+            (staging / PRUNING_JSON).write_text(json.dumps(record, indent=2))
+            if self.out_dir.exists() and self.overwrite:
+                shutil.rmtree(self.out_dir)
+            staging.rename(self.out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _vae_encoder_feed(vae):
+    """The VAE encoder sees images in generation (img2img): encode each generated batch."""
+
+    def feed(images: torch.Tensor) -> None:
+        vae.encode(images.to(vae.dtype) * 2 - 1)
+
+    return feed
+
+
+def _prod(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return None if x != x or x in (float("inf"), float("-inf")) else x
+
+
+def prune(model_dir: Path, out_dir: Path, config: PruneConfig, **kwargs) -> dict:
+    return Pruner(model_dir, out_dir, config, **kwargs).run()

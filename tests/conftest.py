@@ -1,0 +1,58 @@
+"""Shared fixtures: the shipped default model and tiny pipelines built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+from tiny_pipelines import BUILDERS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "digits-sd"
+DEFAULT_JUDGE = REPO / "models" / "digits-judge"
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    assert (DEFAULT_MODEL / "model_index.json").is_file(), "the shipped default model is missing"
+    return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny("sd" | "sdxl" | "sd3" | "flux") → folder, built once per session."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str, **kwargs) -> Path:
+        key = family + repr(sorted(kwargs.items()))
+        if key not in cache:
+            cache[key] = BUILDERS[family](tmp_path_factory.mktemp(f"tiny_{family}"), **kwargs)
+        return cache[key]
+
+    return get
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """The real command line, in a subprocess (exit codes and stderr as a user sees them)."""
+    proc = subprocess.run([sys.executable, "-m", "obsdiff", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"obsdiff {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one error line; fails if there is a traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("obsdiff: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]

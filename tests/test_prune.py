@@ -1,0 +1,195 @@
+"""OBS-Diff core end to end: patterns on the real model, calibration steps, packages, resume, families."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import error_line, run_cli
+from safetensors.torch import load_file, save_file
+from tiny_pipelines import DENOISER
+
+from obsdiff.adapters import adapter_for, find_targets
+from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
+from obsdiff.digits import prompt_for
+from obsdiff.hessian import StepContext, timestep_weights
+from obsdiff.layers import PRUNABLE, column_permutation, nm_groups, permute_hessian, weight_matrix
+from obsdiff.model_io import load_pipeline
+from obsdiff.prune import PruneConfig, prune
+from obsdiff.solver import Pattern, magnitude_prune, obs_prune, wanda_prune
+
+FAST = dict(num_prompts=8, steps=5, batch_size=8, packages=2)
+
+
+def _pruned_layers(record, component="unet"):
+    return {r["name"].split(".", 1)[1]: r for r in record["layers"] if r["name"].startswith(component + ".")}
+
+
+def test_2of4_on_default_model_follows_the_tensorrt_axis(default_model, tmp_path):
+    record = prune(default_model, tmp_path / "out", PruneConfig(pattern="2:4", **FAST))
+    pipe = load_pipeline(tmp_path / "out")
+    modules = dict(pipe.unet.named_modules())
+    layers = _pruned_layers(record)
+    assert layers
+    for name in layers:
+        groups = nm_groups(modules[name], 4)  # along in_features, or input channels at every (r, s)
+        assert (groups >= 2).all(), name
+    all_weights = sum(m.weight.numel() for m in modules.values() if isinstance(m, PRUNABLE))
+    pruned = sum(modules[n].weight.numel() for n in layers)
+    assert pruned / all_weights >= 0.8
+    assert record["components"]["unet"]["pruned_weights"] == pruned
+
+
+def test_unstructured_half_on_default_model(default_model, tmp_path):
+    record = prune(default_model, tmp_path / "out", PruneConfig(pattern="unstructured", sparsity=0.5, **FAST))
+    for name, layer in _pruned_layers(record).items():
+        assert layer["sparsity"] == pytest.approx(0.5, abs=0.01), name
+        assert layer["relative_error"] is not None and 0 <= layer["relative_error"] < 1
+    assert record["calibration"]["prompts"] == 8 and len(record["calibration"]["prompts_sha256"]) == 64
+    assert {"calibration_s", "solve_s", "total_s"} <= set(record["timings"]) and record["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_each_hook_sees_every_step_once_per_call(default_model, scheduler):
+    import diffusers
+
+    pipe = load_pipeline(default_model)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    steps = 6
+    ctx = StepContext(timestep_weights("log-decrease", steps))
+    blocks = dict(pipe.unet.named_modules())
+    names = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+             "up_blocks.1.resnets.1.conv1"]
+    hooks = PackageHooks({n: blocks[n] for n in names}, ctx, weighted=True)
+    settings = CalibrationSettings([prompt_for(d) for d in range(4)], steps=steps, batch_size=2)
+    with hooks, torch.no_grad():
+        run_pipeline(pipe, settings, ctx, decode=False)
+    for name, acc in hooks.accumulators.items():
+        assert dict(acc.steps_seen) == {s: 2 for s in range(steps)}, name  # 2 batches, CFG in one call
+    attn1, attn2 = names[0].rsplit(".", 1)[0], names[3].rsplit(".", 1)[0]
+    assert hooks.owner[attn1 + ".to_k"] == hooks.owner[attn1 + ".to_v"] == attn1 + ".to_q"
+    assert hooks.owner[attn2 + ".to_v"] == attn2 + ".to_k" and hooks.owner[attn2 + ".to_q"] == attn2 + ".to_q"
+
+
+def _real_layer_hessian(pipe, name):
+    ctx = StepContext(timestep_weights("log-decrease", 10))
+    module = dict(pipe.unet.named_modules())[name]
+    hooks = PackageHooks({name: module}, ctx, weighted=True)
+    with hooks, torch.no_grad():
+        run_pipeline(pipe, CalibrationSettings([prompt_for(d % 10) for d in range(20)], steps=10, batch_size=10),
+                     ctx, decode=False)
+    return module, permute_hessian(hooks.hessian(name).hessian, column_permutation(module))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_obs_halves_wanda_error_on_a_real_layer(default_model, pattern):
+    pipe = load_pipeline(default_model)
+    module, h = _real_layer_hessian(pipe, "mid_block.attentions.0.transformer_blocks.0.ff.net.2")
+    w, pat = weight_matrix(module), Pattern.parse(pattern)
+    obs = obs_prune(w, h, 0.5, pat)
+    wanda = wanda_prune(w, h, 0.5, pat)
+    mag = magnitude_prune(w, 0.5, pat, h)
+    assert obs.error <= 0.5 * wanda.error
+    assert wanda.error <= mag.error
+
+
+@pytest.mark.parametrize("family,components", [
+    ("sd", "unet,text_encoder,vae"), ("sdxl", "unet,text_encoder_2"),
+    ("sd3", "transformer,text_encoder"), ("flux", "transformer,text_encoder_2"),
+])
+def test_every_family_prunes_end_to_end_and_reloads_bit_identical(tiny, tmp_path, family, components):
+    src = tiny(family)
+    out = tmp_path / "pruned"
+    config = PruneConfig(pattern="2:4", components=tuple(components.split(",")), num_prompts=4, steps=3,
+                         batch_size=4, packages=2, height=16, width=16)
+    record = prune(src, out, config)
+    pipe = load_pipeline(out)
+    for comp in config.components:
+        assert record["components"][comp]["pruned_layers"] > 0, comp
+        saved = load_file(next((out / comp).glob("*.safetensors")))
+        live = getattr(pipe, comp).state_dict()
+        assert all(torch.equal(saved[k], live[k]) for k in saved), comp
+    denoiser = getattr(pipe, DENOISER[family])
+    assert any((m.weight == 0).float().mean() > 0.49 for m in denoiser.modules() if isinstance(m, PRUNABLE))
+    images = pipe(["a handwritten digit three"], num_inference_steps=3, guidance_scale=3.0, height=16, width=16,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(images).all()
+
+
+def test_layers_that_do_not_fit_the_pattern_are_skipped_and_listed(tiny, tmp_path):
+    src = tiny("sd", cross_attention_dim=30)  # attn2.to_k / to_v have in_features 30: not a multiple of 4
+    record = prune(src, tmp_path / "out", PruneConfig(pattern="2:4", num_prompts=2, steps=2, packages=1))
+    skipped = {s["name"]: s["reason"] for s in record["components"]["unet"]["skipped"]}
+    bad = [n for n in skipped if n.endswith("attn2.to_k")]
+    assert bad and "not a multiple of 4" in skipped[bad[0]]
+    assert "unet.conv_in" in skipped
+
+
+def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path):
+    src = tiny("sd")
+    cfg = lambda: PruneConfig(pattern="unstructured", sparsity=0.5, num_prompts=4, steps=3, packages=3)  # noqa: E731
+    full = tmp_path / "full"
+    prune(src, full, cfg())
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        prune(src, out, cfg(), stop_after_packages=1)
+    partial = tmp_path / ".resumed.obsdiff-partial"
+    assert json.loads((partial / "progress.json").read_text())["done"] == {"unet": 1} and not out.exists()
+    with pytest.raises(Exception, match="other settings"):
+        prune(src, out, PruneConfig(pattern="unstructured", sparsity=0.4, num_prompts=4, steps=3, packages=3),
+              resume=True)
+    # an unfinished package's work is redone from the saved state: results equal the uninterrupted run
+    record = prune(src, out, cfg(), resume=True)
+    assert not partial.exists()
+    a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(record["layers"]) == len(json.loads((full / "pruning.json").read_text())["layers"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "1.5"], "must be in (0, 1)"),
+    (["--sparsity", "0"], "must be in (0, 1)"),
+    (["--pattern", "2:4", "--sparsity", "0.3"], "means sparsity 0.5"),
+    (["--components", "unet,prior"], "unknown component prior"),
+    (["--method", "sparsegpt"], "invalid choice"),
+    (["--pattern", "3:2"], "0 < N < M"),
+])
+def test_bad_prune_options(default_model, tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = run_cli("prune", default_model, "--out", out, "--num-prompts", "2", "--steps", "2", *args)
+    assert proc.returncode != 0
+    assert message in error_line(proc)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_empty_prompt_file_and_nan_activations(default_model, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing here\n\n")
+    proc = run_cli("prune", default_model, "--out", tmp_path / "o1", "--prompts", empty)
+    assert proc.returncode != 0 and "holds no prompts" in error_line(proc)
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(default_model, poisoned)
+    weights = poisoned / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["conv_in.weight"] = torch.full_like(state["conv_in.weight"], float("nan"))
+    save_file(state, weights)
+    proc = run_cli("prune", poisoned, "--out", tmp_path / "o2", "--num-prompts", "2", "--steps", "2")
+    line = error_line(proc)
+    assert proc.returncode != 0 and "non-finite" in line and "layer down_blocks" in line
+    assert not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o2*"))
+
+
+def test_adapter_targets_are_data(default_model):
+    pipe = load_pipeline(default_model)
+    adapter = adapter_for(pipe.unet)
+    targets, skipped = find_targets(pipe.unet, adapter)
+    assert adapter.family == "unet2d-condition" and adapter.denoiser
+    assert {s.name for s in skipped} == {"conv_in", "conv_out"}
+    assert targets[0].block == "time_embedding" and targets[-1].block.startswith("up_blocks.1")
