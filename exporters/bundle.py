@@ -56,6 +56,8 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{parent} is not a folder")
     if not parent.is_dir():
         raise UsageError(f"{parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -83,15 +85,22 @@ def save_reference(folder: Path, name: str, inputs: dict[str, np.ndarray], outpu
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"input.{k}": np.ascontiguousarray(v) for k, v in inputs.items()}
-    tensors.update({f"output.{k}": np.ascontiguousarray(v) for k, v in outputs.items()})
-    save_file(tensors, folder / f"{name}.safetensors")
+    tensors = {f"input.{k}": np.array(v, order="C") for k, v in inputs.items()}  # (ascontiguousarray makes 0-d 1-d)
+    tensors.update({f"output.{k}": np.array(v, order="C") for k, v in outputs.items()})
+    # safetensors stores a 0-d array as shape (1,): keep the true shapes in the metadata.
+    shapes = {k: list(np.shape(v)) for k, v in tensors.items()}
+    save_file(tensors, folder / f"{name}.safetensors", metadata={"shapes": json.dumps(shapes)})
 
 
 def load_reference(folder: Path, name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     from safetensors.numpy import load_file
 
-    data = load_file(folder / f"{name}.safetensors")
+    from safetensors import safe_open
+
+    path = folder / f"{name}.safetensors"
+    with safe_open(str(path), framework="np") as fh:
+        shapes = json.loads((fh.metadata() or {}).get("shapes", "{}"))
+    data = {k: v.reshape(shapes[k]) if k in shapes else v for k, v in load_file(path).items()}
     return ({k[6:]: v for k, v in data.items() if k.startswith("input.")},
             {k[7:]: v for k, v in data.items() if k.startswith("output.")})
 
@@ -162,7 +171,7 @@ class OnnxBundleBuilder:
             session = ort_session(component_model_file(staging, spec, profile), profile.providers)
             got = run_session(session, inputs, spec)
             comp = {"outputs": compare_outputs(ref_out, got),
-                    "latency": timings_ms(lambda: run_session(session, inputs, spec)),
+                    "latency": timings_ms(lambda s=session, i=inputs, c=spec: run_session(s, i, c)),
                     "sparsity": sparsity_report(pipe, record, spec, staging / spec.name / "model.onnx", self.precision)}
             results["components"][spec.name] = comp
             worst = min(o["cosine"] for o in comp["outputs"].values())
@@ -174,7 +183,8 @@ class OnnxBundleBuilder:
             if budget:
                 results["gates"].append(_gate(f"{spec.name} median latency ms", comp["latency"]["median_ms"], "<=", budget))
         results["end_to_end"] = self._end_to_end(pipe, dense_pipe, staging)
-        results["gates"].append(_gate("image PSNR dB", results["end_to_end"]["psnr_db"], ">=", profile.min_image_psnr))
+        results["gates"].append(_gate("image PSNR dB", results["end_to_end"]["psnr_db"], ">=",
+                                      profile.gates.min_psnr(self.precision)))
         budget = profile.gates.max_latency_ms.get("pipeline")
         if budget:
             results["gates"].append(_gate("pipeline median latency ms", results["end_to_end"]["latency_onnx"]["median_ms"],

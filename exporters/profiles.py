@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from obsdiff.errors import UsageError
 
@@ -39,6 +40,9 @@ class Gates:
     min_image_psnr_db_fp16: float = 30.0
     max_latency_ms: dict[str, float] = field(default_factory=dict)
 
+    def min_psnr(self, precision: "Precision") -> float:
+        return self.min_image_psnr_db if precision is Precision.FP32 else self.min_image_psnr_db_fp16
+
 
 @dataclass(frozen=True)
 class PruneDefaults:
@@ -64,10 +68,6 @@ class TargetProfile:
     session_options: dict = field(default_factory=dict)
     backend: dict = field(default_factory=dict)  # format-specific settings ([tensorrt], [coreml])
     path: Path | None = None
-
-    @property
-    def min_image_psnr(self) -> float:
-        return self.gates.min_image_psnr_db if self.precision is Precision.FP32 else self.gates.min_image_psnr_db_fp16
 
 
 def available_targets() -> list[str]:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
 from obsdiff import __version__
@@ -197,7 +197,7 @@ def _partial_dir(out_dir: Path) -> Path:
 def _save_progress(partial: Path, progress: Progress, components: dict) -> None:
     tmp = partial / "progress.json.tmp"
     for name in progress.done:
-        save_file({k: v.contiguous() for k, v in components[name].state_dict().items()}, partial / f"{name}.safetensors")
+        save_model(components[name], str(partial / f"{name}.safetensors"))  # handles tied weights (T5)
     tmp.write_text(json.dumps(asdict(progress)))
     tmp.replace(partial / "progress.json")
 
@@ -236,7 +236,7 @@ class Pruner:
                 raise UsageError(f"--resume: {partial} was made with other settings or prompts; remove it or drop --resume")
             progress = saved
             for name in progress.done:
-                components[name].load_state_dict(load_file(partial / f"{name}.safetensors"))
+                load_model(components[name], str(partial / f"{name}.safetensors"))
             log.info("resuming: %s", ", ".join(f"{c} {n} package(s) done" for c, n in progress.done.items()))
         else:
             shutil.rmtree(partial, ignore_errors=True)
@@ -246,7 +246,7 @@ class Pruner:
                                        config.seed, config.batch_size)
         ran = 0
         try:
-            for name, (adapter, packages, skipped) in plans.items():
+            for name, (adapter, packages, _skipped) in plans.items():
                 for p, package in enumerate(packages):
                     if p < progress.done.get(name, 0):
                         continue

@@ -16,7 +16,7 @@ def test_prompts_for_different_digits_tokenize_differently(default_model):
     pipe = load_pipeline(default_model)
     ids = [tuple(pipe.tokenizer(prompt_for(d)).input_ids) for d in range(10)]
     assert len(set(ids)) == 10
-    for d, word in enumerate(DIGIT_WORDS):  # each digit word is one token, not characters
+    for word in DIGIT_WORDS:  # each digit word is one token, not characters
         assert pipe.tokenizer.tokenize(word) == [word + "</w>"]
 
 

@@ -1,0 +1,161 @@
+"""ONNX export, ONNX Runtime validators, cpu/android bundles, and bundle integrity checks."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import error_line, run_cli
+
+from exporters.bundle import export_bundle, validate_bundle_on_disk
+from exporters.components import pipeline_dims, specs_for
+from exporters.onnx import export_onnx, match_weights, onnx_initializers
+from exporters.profiles import Precision, Shapes, load_profile
+from obsdiff.errors import BundleError
+from obsdiff.model_io import load_pipeline
+from obsdiff.prune import PruneConfig, prune
+
+
+@pytest.fixture(scope="module")
+def pruned_24(default_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("p") / "model24"
+    prune(default_model, out, PruneConfig(pattern="2:4", num_prompts=8, steps=5, batch_size=8, packages=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu_bundle(pruned_24, default_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "cpu"
+    export_bundle(pruned_24, "cpu", out, dense_model=default_model)
+    return out
+
+
+def test_cpu_bundle_passes_gates_and_keeps_zeros(cpu_bundle):
+    manifest = json.loads((cpu_bundle / "manifest.json").read_text())
+    gates = {g["name"]: g for g in manifest["validation"]["gates"]}
+    assert all(g["passed"] for g in gates.values())
+    assert gates["image PSNR dB"]["value"] >= 40
+    for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        assert (cpu_bundle / comp / "model.onnx").is_file()
+        assert manifest["validation"]["components"][comp]["latency"]["median_ms"] > 0
+    sparsity = manifest["validation"]["components"]["unet"]["sparsity"]
+    assert sparsity["pruned_layers"] == sparsity["matched_in_onnx"] > 100
+    for name, layer in sparsity["layers"].items():  # every pruned weight has the same zero fraction in ONNX
+        assert layer["onnx"] == layer["torch"], name
+    assert manifest["pruning"]["settings"]["pattern"] == "2:4"
+    assert {f for f in manifest["files"]} >= {"unet/model.onnx", "reference/unet.safetensors", "report.md", "images.png"}
+    report = (cpu_bundle / "report.md").read_text()
+    assert "image PSNR dB" in report and "images.png" in report and "pruned vs dense" in report
+
+
+def test_zero_fraction_in_onnx_equals_pytorch(cpu_bundle, pruned_24):
+    pipe = load_pipeline(pruned_24)
+    inits = onnx_initializers(cpu_bundle / "unet" / "model.onnx")
+    weights = {n: m.weight for n, m in pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    found = match_weights(inits, weights)
+    for name, init_name in found.items():
+        assert init_name is not None, name
+        assert float((inits[init_name] == 0).mean()) == float((weights[name] == 0).float().mean()), name
+
+
+def test_optimum_ort_pipeline_loads_the_bundle(cpu_bundle):
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    pipe = ORTStableDiffusionPipeline.from_pretrained(cpu_bundle)
+    image = pipe("a handwritten digit four", num_inference_steps=10, height=16, width=16, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all() and image.std() > 0.05
+
+
+def test_validate_bundle_and_detect_tampering(cpu_bundle, tmp_path):
+    assert run_cli("validate", cpu_bundle, check=True).returncode == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(cpu_bundle, copy)
+    onnx_file = copy / "unet" / "model.onnx"
+    data = onnx_file.read_bytes()
+    onnx_file.write_bytes(data[: len(data) // 3])
+    proc = run_cli("validate", copy)
+    assert proc.returncode != 0 and "sha256 of unet/model.onnx" in error_line(proc)
+
+    # truncated and manifest updated to match: loading itself must fail, in one line
+    manifest = json.loads((copy / "manifest.json").read_text())
+    from exporters.bundle import sha256
+
+    manifest["files"]["unet/model.onnx"] = sha256(onnx_file)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="cannot load"):
+        validate_bundle_on_disk(copy)
+
+    (copy / "unet" / "model.onnx").unlink()
+    proc = run_cli("validate", copy)
+    assert proc.returncode != 0 and "missing file unet/model.onnx" in error_line(proc)
+    proc = run_cli("validate", tmp_path)
+    assert proc.returncode != 0 and "no manifest.json" in error_line(proc)
+
+
+def test_android_bundle_has_ort_files_and_session_options(pruned_24, tmp_path):
+    out = tmp_path / "android"
+    manifest = export_bundle(pruned_24, "android", out)
+    for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        assert (out / comp / "model.ort").is_file()
+        assert manifest["components"][comp]["file"] == f"{comp}/model.ort"
+    ops = (out / "required_operators.config").read_text()
+    assert "Conv" in ops and "MatMul" in ops
+    assert manifest["session_options"]["execution_providers"][0] == "XNNPACKExecutionProvider"
+    assert all(g["passed"] for g in manifest["validation"]["gates"])
+    assert run_cli("validate", out, check=True).returncode == 0
+
+
+def test_fp16_export_keeps_fidelity_and_zeros(pruned_24, tmp_path):
+    manifest = export_bundle(pruned_24, "cpu", tmp_path / "fp16", precision="fp16")
+    gates = {g["name"]: g for g in manifest["validation"]["gates"]}
+    assert manifest["precision"] == "fp16"
+    assert gates["image PSNR dB"]["limit"] == 30 and gates["image PSNR dB"]["value"] >= 30
+    assert manifest["validation"]["components"]["unet"]["sparsity"]["zeros_preserved"]
+    inits = onnx_initializers(tmp_path / "fp16" / "unet" / "model.onnx")
+    assert any(v.dtype == np.float16 for v in inits.values())
+
+
+def test_torch_exporter_writes_the_same_layout(tiny, tmp_path):
+    """The fallback path (torch.onnx.export from the component description) gives loadable files."""
+    from exporters.bundle import ort_session, run_session
+    from exporters.validate import Comparison, reference_io
+
+    pipe = load_pipeline(tiny("sd"))
+    specs = specs_for(pipe)
+    dims = pipeline_dims(pipe, Shapes())
+    paths = export_onnx(pipe, tmp_path, specs, dims, exporter="torch", precision=Precision.FP32)
+    assert (tmp_path / "model_index.json").is_file() and (tmp_path / "tokenizer" / "vocab.json").is_file()
+    for spec in specs:
+        inputs, ref = reference_io(pipe, spec, dims)
+        got = run_session(ort_session(paths[spec.name]), inputs, spec)
+        for name in ref:
+            assert Comparison.of(ref[name], got[name]).cosine > 0.99999
+
+
+def test_export_bad_inputs(pruned_24, default_model, tmp_path):
+    proc = run_cli("export", pruned_24, "--target", "playstation", "--out", tmp_path / "x")
+    assert proc.returncode != 0 and "unknown target 'playstation'" in error_line(proc)
+    assert not (tmp_path / "x").exists()
+
+    broken = tmp_path / "novae"
+    shutil.copytree(default_model, broken)
+    shutil.rmtree(broken / "vae")
+    proc = run_cli("export", broken, "--target", "cpu", "--out", tmp_path / "y")
+    assert proc.returncode != 0 and "could not load" in error_line(proc)
+    assert not (tmp_path / "y").exists()
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    proc = run_cli("export", pruned_24, "--target", "cpu", "--out", a_file / "bundle")
+    assert proc.returncode != 0 and "not a folder" in error_line(proc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "novae"]
+
+
+def test_target_profiles_are_validated(tmp_path):
+    cpu = load_profile("cpu")
+    assert cpu.precision is Precision.FP32 and cpu.gates.min_image_psnr_db == 40
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\nformat = "onnx"\n[gates]\nmin_psnr = 3\n')
+    with pytest.raises(Exception, match="unknown key"):
+        load_profile(bad)
