@@ -93,9 +93,8 @@ def save_reference(folder: Path, name: str, inputs: dict[str, np.ndarray], outpu
 
 
 def load_reference(folder: Path, name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    from safetensors.numpy import load_file
-
     from safetensors import safe_open
+    from safetensors.numpy import load_file
 
     path = folder / f"{name}.safetensors"
     with safe_open(str(path), framework="np") as fh:
