@@ -81,12 +81,15 @@ def run_session(session, inputs: dict[str, np.ndarray], spec: ComponentSpec) -> 
     return {t.name: o.astype(np.float32) for t, o in zip(spec.outputs, outs)}
 
 
-def save_reference(folder: Path, name: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+def save_reference(folder: Path, name: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                   ort_outputs: dict[str, np.ndarray]) -> None:
+    """Sample inputs, PyTorch outputs (``output.*``) and ONNX Runtime outputs (``ort.*``, what devices compare to)."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"input.{k}": np.array(v, order="C") for k, v in inputs.items()}  # (ascontiguousarray makes 0-d 1-d)
     tensors.update({f"output.{k}": np.array(v, order="C") for k, v in outputs.items()})
+    tensors.update({f"ort.{k}": np.array(v, order="C") for k, v in ort_outputs.items()})
     # safetensors stores a 0-d array as shape (1,): keep the true shapes in the metadata.
     shapes = {k: list(np.shape(v)) for k, v in tensors.items()}
     save_file(tensors, folder / f"{name}.safetensors", metadata={"shapes": json.dumps(shapes)})
@@ -166,9 +169,9 @@ class OnnxBundleBuilder:
         results: dict = {"export_s": export_s, "components": {}, "gates": []}
         for spec in specs:
             inputs, ref_out = reference_io(pipe, spec, dims)
-            save_reference(staging / REFERENCE_DIR, spec.name, inputs, ref_out)
             session = ort_session(component_model_file(staging, spec, profile), profile.providers)
             got = run_session(session, inputs, spec)
+            save_reference(staging / REFERENCE_DIR, spec.name, inputs, ref_out, got)
             comp = {"outputs": compare_outputs(ref_out, got),
                     "latency": timings_ms(lambda s=session, i=inputs, c=spec: run_session(s, i, c)),
                     "sparsity": sparsity_report(pipe, record, spec, staging / spec.name / "model.onnx", self.precision)}
@@ -287,6 +290,22 @@ def write_report(staging: Path, profile: TargetProfile, results: dict) -> None:
                   f"| exported | {e2e['latency_onnx']['median_ms']:.1f} | {e2e['latency_onnx']['p90_ms']:.1f} |",
                   f"| PyTorch | {e2e['latency_pytorch']['median_ms']:.1f} | {e2e['latency_pytorch']['p90_ms']:.1f} |",
                   "", "![dense PyTorch, pruned PyTorch, exported](images.png)"]
+    for comp, rep in results.get("sparsity_2of4", {}).items():
+        lines += ["", f"## 2:4 sparsity of `{comp}` (TensorRT's axis: Conv input channels, MatMul/Gemm K)", "",
+                  f"{rep['targeted']} layers targeted by the prune: {rep['checker']} 2:4 by our checker, "
+                  f"{rep['polygraphy']} by `polygraphy inspect sparsity`, {rep['both']} by both.", "",
+                  "| layer | ONNX op | initializer | checker | polygraphy |", "|---|---|---|---|---|"]
+        for name, layer in rep["layers"].items():
+            lines.append(f"| {name} | {layer['op']} | {layer['initializer']} | {'2:4' if layer['checker'] else 'no'} | "
+                         f"{'2:4' if layer['polygraphy'] else 'no'} |")
+        if rep["dense"]:
+            lines += ["", "Left dense (listed by the prune): " + ", ".join(f"`{n}`" for n in rep["dense"])]
+    engines = results.get("engines")
+    if engines:
+        lines += ["", "## TensorRT engines", "", f"Status: **{engines['status']}**" +
+                  (f" — {engines['reason']}" if engines.get("reason") else "")]
+        for comp, info in engines.get("components", {}).items():
+            lines.append(f"- {comp}: {len(info['picked'])} layers picked sparse of {len(info['eligible'])} eligible")
     for note in results.get("notes", []):
         lines += ["", f"> {note}"]
     (staging / "report.md").write_text("\n".join(lines) + "\n")

@@ -41,6 +41,16 @@ def tiny(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def pruned_24(default_model, tmp_path_factory) -> Path:
+    """The default model pruned 2:4 with a short calibration (shared by the export tests)."""
+    from obsdiff.prune import PruneConfig, prune
+
+    out = tmp_path_factory.mktemp("p") / "model24"
+    prune(default_model, out, PruneConfig(pattern="2:4", num_prompts=8, steps=5, batch_size=8, packages=2))
+    return out
+
+
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """The real command line, in a subprocess (exit codes and stderr as a user sees them)."""
     proc = subprocess.run([sys.executable, "-m", "obsdiff", *map(str, args)], capture_output=True, text=True,

@@ -14,14 +14,6 @@ from exporters.onnx import export_onnx, match_weights, onnx_initializers
 from exporters.profiles import Precision, Shapes, load_profile
 from obsdiff.errors import BundleError
 from obsdiff.model_io import load_pipeline
-from obsdiff.prune import PruneConfig, prune
-
-
-@pytest.fixture(scope="module")
-def pruned_24(default_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("p") / "model24"
-    prune(default_model, out, PruneConfig(pattern="2:4", num_prompts=8, steps=5, batch_size=8, packages=2))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Validate a TensorRT bundle on the device (Jetson / desktop GPU), or its logic with ONNX Runtime.
+
+Runs every component on the reference inputs saved in ``reference/<component>.safetensors``, compares
+with the saved ONNX Runtime outputs (cosine, PSNR), measures latency (median / p90 after warm-up),
+prints a table, writes ``device_validation.json`` and exits 1 when a gate fails.
+
+    python3 validate_on_device.py                       # TensorRT engines in engines/ (build_engines.sh)
+    python3 validate_on_device.py --runtime onnxruntime # the same comparison with ONNX Runtime
+
+Needs numpy, plus polygraphy and tensorrt (device) or onnxruntime. Standalone: no obsdiff import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "F64": np.float64}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file is an 8-byte header length, a JSON header and raw little-endian data."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    shapes = json.loads(header.get("__metadata__", {}).get("shapes", "{}"))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(raw[8 + n + start : 8 + n + end], dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+        out[name] = arr.reshape(shapes[name]) if name in shapes else arr
+    return out
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    d = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / d) if d > 0 else float(np.array_equal(a, b))
+
+
+def psnr(ref: np.ndarray, got: np.ndarray) -> float:
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    peak = float(ref.max() - ref.min()) or 1.0
+    mse = float(((ref - got) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+class OrtRunner:
+    def __init__(self, bundle: Path, component: dict) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(bundle / component["onnx"]), providers=["CPUExecutionProvider"])
+        self.types = {i.name: i.type for i in self.session.get_inputs()}
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cast = {k: v.astype(np.int64 if self.types[k] == "tensor(int64)" else np.float32) for k, v in feeds.items()}
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, cast)))
+
+
+class TrtRunner:
+    def __init__(self, bundle: Path, component: dict) -> None:
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes
+        from polygraphy.backend.trt import TrtRunner as _Runner
+
+        engine = bundle / component["engine"]
+        if not engine.is_file():
+            sys.exit(f"validate_on_device: error: {engine} missing; run build_engines.sh first")
+        self.runner = _Runner(EngineFromBytes(BytesFromPath(str(engine))))
+        self.runner.activate()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in self.runner.infer(feeds, copy_outputs_to_host=True).items()}
+
+
+def timings(fn, warmup: int, runs: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    samples.sort()
+    return {"median_ms": statistics.median(samples), "p90_ms": samples[min(len(samples) - 1, int(0.9 * len(samples)))]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--runtime", choices=["tensorrt", "onnxruntime"], default="tensorrt")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args(argv)
+    spec_path = args.bundle / "device.json"
+    if not spec_path.is_file():
+        sys.exit(f"validate_on_device: error: {spec_path} missing (not an obsdiff TensorRT bundle)")
+    spec = json.loads(spec_path.read_text())
+    gates = spec["gates"]
+    rows, failed = [], []
+    for name, component in spec["components"].items():
+        ref = read_safetensors(args.bundle / component["reference"])
+        feeds = {k[len("input.") :]: v for k, v in ref.items() if k.startswith("input.")}
+        expected = {k[len("ort.") :]: v for k, v in ref.items() if k.startswith("ort.")}
+        runner = TrtRunner(args.bundle, component) if args.runtime == "tensorrt" else OrtRunner(args.bundle, component)
+        got = runner(feeds)
+        for out, want in expected.items():
+            c, p = cosine(want, got[out]), psnr(want, got[out])
+            ok = c >= gates["min_cosine"] and p >= gates["min_psnr_db"]
+            rows.append({"component": name, "output": out, "cosine": c, "psnr_db": p, "passed": ok,
+                         **timings(lambda r=runner, f=feeds: r(f), args.warmup, args.runs)})
+            if not ok:
+                failed.append(f"{name}.{out}")
+    print(f"{'component':<14}{'output':<20}{'cosine':>10}{'PSNR dB':>10}{'median ms':>11}{'p90 ms':>9}  gate")
+    for r in rows:
+        print(f"{r['component']:<14}{r['output']:<20}{r['cosine']:>10.6f}{r['psnr_db']:>10.2f}"
+              f"{r['median_ms']:>11.3f}{r['p90_ms']:>9.3f}  {'pass' if r['passed'] else 'FAIL'}")
+    result = {"runtime": args.runtime, "gates": gates, "rows": rows, "passed": not failed}
+    (args.bundle / f"device_validation_{args.runtime}.json").write_text(json.dumps(result, indent=2))
+    if failed:
+        print(f"validate_on_device: gate failed for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"validate_on_device: all {len(rows)} outputs pass ({args.runtime})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

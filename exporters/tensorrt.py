@@ -1,0 +1,263 @@
+"""TensorRT sparse engines: ONNX (fp16) → 2:4 checks → engines on the device (or here when possible).
+
+TensorRT accelerates only 2:4 weights whose groups run along the reduction axis; a sparse tactic is
+picked only when faster. Engines are specific to the GPU and TensorRT version, so the bundle carries
+``build_engines.sh`` (trtexec) and ``validate_on_device.py``; where ``import tensorrt`` and a GPU exist
+and the profile says ``build_on = "host"``, engines are built here with the Python API as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from exporters.components import ComponentSpec, pipeline_dims, specs_for
+from exporters.profiles import Precision, TargetProfile
+from obsdiff.errors import ExportError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEVICE_DIR = Path(__file__).resolve().parent / "device"
+
+_ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math: (.*)")
+_PICKED = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers: (.*)")
+
+
+def check_pattern_for_tensorrt(pattern: str | None, force: bool) -> None:
+    if pattern in (None, "2:4", "structured", "dense") or force:
+        return
+    raise UsageError(f"TensorRT gains nothing from {pattern} zeros (only 2:4 runs on sparse tensor cores): "
+                     "use PATTERN=2:4 or structured, or pass --force")
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether engines can be built here, and why not."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "TensorRT is not installed here (no wheel for this machine); engines are built on the device"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU here; engines are built on the device"
+    except ImportError:
+        pass
+    return True, ""
+
+
+def parse_sparsity_log(text: str) -> dict[str, list[str]]:
+    """Layer names from TensorRT's verbose build log: eligible for sparse math, and picked sparse."""
+    def names(pattern: re.Pattern) -> list[str]:
+        out: list[str] = []
+        for m in pattern.finditer(text):
+            out += [n.strip() for n in m.group(1).split(",") if n.strip()]
+        return out
+
+    return {"eligible": names(_ELIGIBLE), "picked": names(_PICKED)}
+
+
+def shape_args(spec: ComponentSpec, dims: dict[str, int]) -> str:
+    """trtexec's ``name:AxBxC`` list for inputs with dynamic axes (static profile: min = opt = max)."""
+    parts = []
+    for t in spec.inputs:
+        if any(isinstance(d, str) and d in spec.dynamic for d in t.dims):
+            parts.append(f"{t.name}:" + "x".join(str(s) for s in spec.resolve(dims, t)))
+    return ",".join(parts)
+
+
+def build_script(specs: tuple[ComponentSpec, ...], dims: dict[str, int], profile: TargetProfile) -> str:
+    trt_cfg = profile.backend
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Build TensorRT engines for this bundle on the device (target {profile.name}: "
+        f"JetPack {trt_cfg.get('jetpack', '-')}, TensorRT {trt_cfg.get('tensorrt', '10.x')}).",
+        "# fp16 + 2:4 sparse weights; static shapes from the target profile; verbose logs and layer info kept.",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
+        '[ -x "$TRTEXEC" ] || { echo "build_engines.sh: trtexec not found (set TRTEXEC=...)" >&2; exit 2; }',
+        "mkdir -p engines logs",
+    ]
+    for spec in specs:
+        shapes = shape_args(spec, dims)
+        shape_flags = f"--minShapes={shapes} --optShapes={shapes} --maxShapes={shapes} " if shapes else ""
+        lines += [
+            f'echo "building {spec.name}..."',
+            f'"$TRTEXEC" --onnx={spec.name}/model.onnx --saveEngine=engines/{spec.name}.plan '
+            f"--fp16 --sparsity=enable {shape_flags}"
+            f"--memPoolSize=workspace:{trt_cfg.get('workspace_mb', 1024)}M "
+            f"--builderOptimizationLevel={trt_cfg.get('builder_optimization_level', 3)} "
+            f"--timingCacheFile=engines/timing.cache --profilingVerbosity=detailed "
+            f"--exportLayerInfo=engines/{spec.name}.layers.json --verbose > logs/{spec.name}.build.log 2>&1 "
+            f'|| {{ echo "build_engines.sh: {spec.name} failed, see logs/{spec.name}.build.log" >&2; exit 1; }}',
+            f'grep -h "(Sparsity)" logs/{spec.name}.build.log > logs/{spec.name}.sparsity.txt || true',
+        ]
+    lines += ['echo "engines in engines/; which layers ran sparse: logs/*.sparsity.txt"',
+              'echo "next: python3 validate_on_device.py"']
+    return "\n".join(lines) + "\n"
+
+
+class _CapturingLogger:
+    """A TensorRT ILogger that keeps every message (the sparsity lines come at VERBOSE)."""
+
+    def __new__(cls):
+        import tensorrt as trt
+
+        class Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.lines: list[str] = []
+
+            def log(self, severity, msg) -> None:  # noqa: D401 - TensorRT's callback
+                self.lines.append(msg)
+
+        return Logger()
+
+
+def build_engine(onnx_path: Path, engine_path: Path, spec: ComponentSpec, dims: dict[str, int], profile: TargetProfile,
+                 timing_cache: Path) -> dict:
+    """TensorRT Python API: FP16 + SPARSE_WEIGHTS, static optimization profile, timing cache, layer info."""
+    import tensorrt as trt
+
+    logger = _CapturingLogger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.FP16)
+    config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, profile.backend.get("workspace_mb", 1024) << 20)
+    config.builder_optimization_level = profile.backend.get("builder_optimization_level", 3)
+    opt = builder.create_optimization_profile()
+    for t in spec.inputs:
+        shape = spec.resolve(dims, t)
+        opt.set_shape(t.name, shape, shape, shape)
+    config.add_optimization_profile(opt)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build {spec.name}: {logger.lines[-1] if logger.lines else 'no log'}")
+    engine_path.write_bytes(bytes(serialized))
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    layer_info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    engine_path.with_suffix(".layers.json").write_text(layer_info)
+    log_text = "\n".join(logger.lines)
+    engine_path.with_suffix(".build.log").write_text(log_text)
+    return {"engine": engine_path.name, **parse_sparsity_log(log_text)}
+
+
+class TensorRTBundleBuilder:
+    """The ONNX bundle (fp16, ORT-validated) plus 2:4 checks, device scripts and, where possible, engines."""
+
+    def __init__(self, profile: TargetProfile, precision: Precision) -> None:
+        self.profile, self.precision = profile, precision
+
+    def preflight(self, record: dict | None, force: bool) -> None:
+        pattern = (record or {}).get("settings", {}).get("pattern")
+        check_pattern_for_tensorrt(pattern, force)
+
+    def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
+        from exporters.bundle import OnnxBundleBuilder
+
+        results = OnnxBundleBuilder(self.profile, self.precision).build(pipe, staging, dense_pipe=dense_pipe, record=record)
+        specs = specs_for(pipe)
+        dims = pipeline_dims(pipe, self.profile.shapes)
+        results["sparsity_2of4"] = {}
+        for spec in specs:
+            report = two_of_four_report(pipe, record, spec, staging / spec.name / "model.onnx")
+            if report["targeted"]:
+                results["sparsity_2of4"][spec.name] = report
+                results["gates"].append({"name": f"{spec.name} targeted layers 2:4 (checker and polygraphy)",
+                                         "value": float(report["both"]), "op": ">=", "limit": float(report["targeted"]),
+                                         "passed": report["both"] == report["targeted"]})
+        self._write_device_files(staging, specs, dims)
+        results["engines"] = self._maybe_build_engines(staging, specs, dims)
+        results.setdefault("notes", []).append(
+            "TensorRT picks a sparse tactic only when it is faster; the device build log lists the layers that ran sparse "
+            "(logs/*.sparsity.txt after build_engines.sh).")
+        return results
+
+    def _write_device_files(self, staging: Path, specs: tuple[ComponentSpec, ...], dims: dict[str, int]) -> None:
+        script = staging / "build_engines.sh"
+        script.write_text(build_script(specs, dims, self.profile))
+        script.chmod(0o755)
+        shutil.copy(DEVICE_DIR / "validate_on_device.py", staging / "validate_on_device.py")
+        backend = self.profile.backend
+        device = {
+            "target": self.profile.name,
+            "gates": {"min_cosine": backend.get("device_min_cosine", 0.99), "min_psnr_db": backend.get("device_min_psnr_db", 30.0)},
+            "components": {s.name: {"onnx": f"{s.name}/model.onnx", "engine": f"engines/{s.name}.plan",
+                                    "reference": f"reference/{s.name}.safetensors",
+                                    "inputs": {t.name: list(s.resolve(dims, t)) for t in s.inputs}} for s in specs},
+        }
+        (staging / "device.json").write_text(json.dumps(device, indent=2))
+        (staging / "README_DEVICE.md").write_text(DEVICE_README.format(target=self.profile.name,
+                                                                      jetpack=backend.get("jetpack", "-"),
+                                                                      trt=backend.get("tensorrt", "10.x")))
+
+    def _maybe_build_engines(self, staging: Path, specs, dims) -> dict:
+        if self.profile.backend.get("build_on", "device") != "host":
+            return {"status": "to be built on device", "reason": "engines are specific to the device GPU and TensorRT "
+                    "version: run build_engines.sh on the device"}
+        ok, reason = tensorrt_available()
+        if not ok:
+            log.warning("engines not built: %s", reason)
+            return {"status": "to be built on device", "reason": reason}
+        (staging / "engines").mkdir(exist_ok=True)
+        cache = staging / "engines" / "timing.cache"
+        built = {s.name: build_engine(staging / s.name / "model.onnx", staging / "engines" / f"{s.name}.plan", s, dims,
+                                      self.profile, cache) for s in specs}
+        return {"status": "built", "components": built}
+
+
+def two_of_four_report(pipe, record: dict | None, spec: ComponentSpec, onnx_path: Path) -> dict:
+    """For each layer the prune targeted: is its ONNX initializer 2:4 by our checker and by polygraphy?"""
+    from exporters.bundle import pruned_weights
+    from exporters.onnx import match_weights, onnx_initializers
+    from exporters.sparsity_check import check_2of4, polygraphy_sparsity
+
+    weights = pruned_weights(pipe, record, spec.source)
+    skipped = [s["name"] for s in (record or {}).get("components", {}).get(spec.source, {}).get("skipped", [])]
+    if not weights:
+        return {"targeted": 0, "both": 0, "layers": {}, "dense": skipped}
+    matched = match_weights(onnx_initializers(onnx_path), weights)
+    ours = {c.initializer: c for c in check_2of4(onnx_path)}
+    poly = polygraphy_sparsity(onnx_path)
+    poly_sparse = set(poly["sparse"])
+    layers = {}
+    for name, init in matched.items():
+        check = ours.get(init) if init else None
+        layers[name] = {"initializer": init, "op": check.op if check else None,
+                        "checker": bool(check and check.is_2of4), "polygraphy": init in poly_sparse}
+    both = sum(v["checker"] and v["polygraphy"] for v in layers.values())
+    return {"targeted": len(layers), "both": both, "checker": sum(v["checker"] for v in layers.values()),
+            "polygraphy": sum(v["polygraphy"] for v in layers.values()), "polygraphy_ok": poly["ok"],
+            "layers": layers, "dense": skipped}
+
+
+DEVICE_README = """# Running this bundle on the device (target `{target}`)
+
+Assumes JetPack {jetpack} (TensorRT {trt}, CUDA 12) on a Jetson Orin, or TensorRT {trt} on an Ampere-or-newer GPU.
+
+1. Copy this folder to the device.
+2. `bash build_engines.sh` — builds `engines/<component>.plan` with trtexec (`--fp16 --sparsity=enable`, the
+   static shapes of `device.json`), keeps verbose logs in `logs/`, and the layer info (`HasSparseWeights`) in
+   `engines/*.layers.json`. `logs/<component>.sparsity.txt` lists the layers eligible for sparse math and those
+   TensorRT picked a sparse implementation for (it does so only when it is faster).
+3. `pip3 install polygraphy` (once), then `python3 validate_on_device.py` — runs the engines on
+   `reference/*.safetensors` inputs, compares with the saved ONNX Runtime outputs (cosine, PSNR), measures
+   latency (median, p90) and exits non-zero on a failed gate.
+   `python3 validate_on_device.py --runtime onnxruntime` runs the same comparison with ONNX Runtime.
+
+Engines are tied to the GPU and TensorRT version that built them: rebuild after a JetPack upgrade.
+"""
