@@ -248,14 +248,15 @@ def write_manifest(staging: Path, profile: TargetProfile, precision: Precision, 
         "tool": "obsdiff", "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_model": str(model_dir), "shapes": asdict(profile.shapes),
         "components": {s.name: {
-            "file": str(component_model_file(staging, s, profile).relative_to(staging)),
+            "file": results["components"][s.name].get("package")
+            or str(component_model_file(staging, s, profile).relative_to(staging)),
             "inputs": [{"name": t.name, "dtype": str(t.dtype).replace("torch.", ""), "dims": list(t.dims),
                         "shape": list(s.resolve(dims, t))} for t in s.inputs],
             "outputs": [{"name": t.name, "dtype": str(t.dtype).replace("torch.", ""), "dims": list(t.dims),
                          "shape": list(s.resolve(dims, t))} for t in s.outputs],
             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in s.dynamic_axes().items()},
-            "sparsity": {k: v for k, v in results["components"][s.name]["sparsity"].items() if k != "layers"},
-        } for s in specs},
+            "sparsity": {k: v for k, v in results["components"][s.name].get("sparsity", {}).items() if k != "layers"},
+        } for s in specs if s.name in results["components"]},
         "session_options": profile.session_options, "gates": asdict(profile.gates),
         "files": files, "pruning": record, "validation": results,
     }
@@ -268,16 +269,33 @@ def write_report(staging: Path, profile: TargetProfile, results: dict) -> None:
              "| gate | value | limit | result |", "|---|---|---|---|"]
     for g in results["gates"]:
         lines.append(f"| {g['name']} | {g['value']:.6g} | {g['op']} {g['limit']:g} | {'pass' if g['passed'] else 'FAIL'} |")
-    lines += ["", "## Components vs PyTorch (sample inputs)", "",
-              "| component | output | cosine | rel. L2 | max abs | median ms | p90 ms | pruned zeros (torch → export) |",
-              "|---|---|---|---|---|---|---|---|"]
+    if any("outputs" in c for c in results["components"].values()):
+        lines += ["", "## Components vs PyTorch (sample inputs)", "",
+                  "| component | output | cosine | rel. L2 | max abs | median ms | p90 ms | pruned zeros (torch → export) |",
+                  "|---|---|---|---|---|---|---|---|"]
     for name, comp in results["components"].items():
+        if "outputs" not in comp:
+            continue
         sp = comp["sparsity"]
         zeros = (f"{sp['zero_fraction_torch']:.4f} → {sp['zero_fraction_onnx']:.4f}" if sp.get("pruned_layers") else "dense")
         for out, c in comp["outputs"].items():
             lat = comp["latency"]
             lines.append(f"| {name} | {out} | {c['cosine']:.7f} | {c['relative_l2']:.2e} | {c['max_abs']:.2e} | "
                          f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {zeros} |")
+    if "deployment_target" in results:
+        lines += ["", f"## Core ML packages (deployment target {results['deployment_target']}, "
+                  f"compression {results['compress'] or 'sparse only'})", "",
+                  "| component | package | package KB dense → sparse | weights KB dense → sparse (limit) | pruned sparsity "
+                  "| weights read back | IO | prediction |", "|---|---|---|---|---|---|---|---|"]
+        for name, comp in results["components"].items():
+            w = comp.get("weights")
+            wtxt = f"{w['checked'] - len(w['failed'])}/{w['checked']} exact" if w else "dense"
+            limit = f"{comp['size_limit_bytes'] / 1024:.0f}" if "size_limit_bytes" in comp else "-"
+            pred = comp["prediction"]
+            lines.append(f"| {name} | `{comp['package']}` | {comp['dense_bytes'] / 1024:.0f} → {comp['bytes'] / 1024:.0f} | "
+                         f"{comp['dense_weight_bytes'] / 1024:.0f} → {comp['weight_bytes'] / 1024:.0f} ({limit}) | "
+                         f"{comp['pruned_sparsity']:.3f} | {wtxt} | {'match' if comp['io']['passed'] else 'MISMATCH'} | "
+                         f"{pred['status']}{': ' + pred['reason'] if pred.get('reason') else ''} |")
     e2e = results.get("end_to_end")
     if e2e:
         lines += ["", "## End to end", "",
@@ -316,7 +334,8 @@ BUILDERS = {Format.ONNX: OnnxBundleBuilder}
 
 
 def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | None = None, overwrite: bool = False,
-                  zip_bundle: bool = False, force: bool = False, dense_model: Path | None = None) -> dict:
+                  zip_bundle: bool = False, force: bool = False, dense_model: Path | None = None,
+                  compress: str | None = None, deployment_target: str | None = None) -> dict:
     profile = load_profile(target)
     prec = Precision(precision) if precision else profile.precision
     out = Path(out)
@@ -324,12 +343,19 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
     pipe = load_pipeline(model_dir)
     dense_pipe = load_pipeline(dense_model) if dense_model else None
     record = read_pruning_record(Path(model_dir))
-    builder_cls = BUILDERS.get(profile.format)
-    if builder_cls is None:
-        from exporters import registry
+    if profile.format is Format.COREML:
+        from exporters.coreml import CoreMLBundleBuilder
 
-        builder_cls = registry.builder_for(profile.format)
-    builder = builder_cls(profile, prec)
+        builder = CoreMLBundleBuilder(profile, prec, compress, deployment_target)
+    elif compress or deployment_target:
+        raise UsageError("--compress and --deployment-target apply to Core ML targets (ios, macos) only")
+    else:
+        builder_cls = BUILDERS.get(profile.format)
+        if builder_cls is None:
+            from exporters import registry
+
+            builder_cls = registry.builder_for(profile.format)
+        builder = builder_cls(profile, prec)
     if hasattr(builder, "preflight"):
         builder.preflight(record, force)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))

@@ -22,10 +22,6 @@ def builder_for(fmt: Format):
         from exporters.tensorrt import TensorRTBundleBuilder
 
         return TensorRTBundleBuilder
-    if fmt is Format.COREML:
-        from exporters.coreml import CoreMLBundleBuilder
-
-        return CoreMLBundleBuilder
     raise BundleError(f"no builder for format {fmt.value}")
 
 

@@ -94,7 +94,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from exporters.bundle import export_bundle
 
     export_bundle(args.model, args.target, args.out, precision=args.precision, overwrite=args.overwrite,
-                  zip_bundle=args.zip, force=args.force, dense_model=args.dense)
+                  zip_bundle=args.zip, force=args.force, dense_model=args.dense, compress=args.compress,
+                  deployment_target=args.deployment_target)
     return 0
 
 
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--precision", choices=["fp32", "fp16"], help="override the target's precision")
     p.add_argument("--dense", type=Path, help="the dense model the pruned one came from (for the report)")
+    p.add_argument("--compress", choices=["palettize-4bit", "int8"], help="Core ML: compression on top of sparsity")
+    p.add_argument("--deployment-target", help="Core ML: e.g. iOS17, macOS14 (default from the target profile)")
     p.add_argument("--zip", action="store_true", help="also write BUNDLE.zip")
     p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
     p.add_argument("--overwrite", action="store_true")

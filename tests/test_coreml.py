@@ -1,0 +1,76 @@
+"""Core ML: conversion, sparse storage of exactly the OBS zeros, size, IO; prediction only on macOS."""
+
+import json
+import platform
+import shutil
+
+import pytest
+from conftest import error_line, run_cli
+
+from exporters.bundle import export_bundle
+from exporters.coreml import resolve_deployment_target, stored_weights
+from obsdiff.errors import UsageError
+from obsdiff.model_io import load_pipeline
+from obsdiff.prune import PruneConfig, prune
+
+
+@pytest.fixture(scope="module", params=["unstructured", "2:4"])
+def ios_bundle(request, tiny, tmp_path_factory):
+    """A tiny UNet pruned 50% (unstructured or 2:4) and exported for iOS."""
+    root = tmp_path_factory.mktemp(f"ios_{request.param.replace(':', '')}")
+    prune(tiny("sd"), root / "model", PruneConfig(pattern=request.param, sparsity=0.5, num_prompts=2, steps=2, packages=1))
+    export_bundle(root / "model", "ios", root / "bundle")
+    return root
+
+
+def test_sparse_unet_weights_and_size(ios_bundle):
+    manifest = json.loads((ios_bundle / "bundle" / "manifest.json").read_text())
+    results = manifest["validation"]
+    assert all(g["passed"] for g in results["gates"]), results["gates"]
+    unet = results["components"]["unet"]
+    assert unet["weights"]["checked"] > 100 and not unet["weights"]["failed"]  # (a)
+    assert unet["weight_bytes"] <= unet["size_limit_bytes"] < 0.7 * unet["dense_weight_bytes"]  # (b)
+    assert unet["io"]["passed"]  # (c)
+    for package in ("TextEncoder", "Unet", "VAEDecoder"):
+        assert (ios_bundle / "bundle" / "Resources" / f"{package}.mlpackage").is_dir()
+    for name in ("vocab.json", "merges.txt", "scheduler_config.json"):
+        assert (ios_bundle / "bundle" / "Resources" / name).is_file()
+
+
+def test_zero_positions_read_back_from_the_package(ios_bundle):
+    """Independent of the builder: decompress the stored sparse weights and compare with PyTorch."""
+    pipe = load_pipeline(ios_bundle / "model")
+    stored = stored_weights(ios_bundle / "bundle" / "Resources" / "Unet.mlpackage")
+    w = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight.detach().numpy()
+    got = stored["unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2_weight_to_fp16_sparsified"]
+    assert ((got == 0) == (w == 0)).all() and abs((got == 0).mean() - 0.5) < 0.02
+
+
+def test_prediction_is_skipped_with_a_reason_off_macos(ios_bundle):
+    manifest = json.loads((ios_bundle / "bundle" / "manifest.json").read_text())
+    pred = manifest["validation"]["components"]["unet"]["prediction"]
+    if platform.system() == "Darwin":
+        assert pred["status"] == "ran"
+    else:
+        assert pred["status"] == "skipped" and "macOS" in pred["reason"]
+        assert "Core ML prediction needs macOS" in (ios_bundle / "bundle" / "report.md").read_text()
+
+
+def test_validate_detects_a_missing_weight_file(ios_bundle, tmp_path):
+    assert run_cli("validate", ios_bundle / "bundle", check=True).returncode == 0
+    copy = tmp_path / "b"
+    shutil.copytree(ios_bundle / "bundle", copy)
+    (copy / "Resources" / "Unet.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").unlink()
+    proc = run_cli("validate", copy)
+    assert proc.returncode != 0 and "missing file Resources/Unet.mlpackage" in error_line(proc)
+
+
+def test_deployment_target_rules(tmp_path, ios_bundle):
+    assert resolve_deployment_target(None, "iOS17", None) == "iOS17"
+    assert resolve_deployment_target(None, "iOS17", "palettize-4bit") == "iOS18"  # raised automatically
+    with pytest.raises(UsageError, match="minimum is iOS18"):
+        resolve_deployment_target("iOS17", "iOS17", "int8")
+    proc = run_cli("export", ios_bundle / "model", "--target", "ios", "--out", tmp_path / "x",
+                   "--compress", "palettize-4bit", "--deployment-target", "iOS16")
+    assert proc.returncode != 0 and "the minimum is iOS18" in error_line(proc)
+    assert not (tmp_path / "x").exists()
