@@ -32,6 +32,11 @@ class CalibrationSettings:
     width: int | None = None
     seed: int = 0
     batch_size: int = 16
+    # Global index of each prompt: prompt i always draws its latents from seed + i, so a prompt set
+    # sharded across processes sees exactly the noise of a single-process run.
+    prompt_ids: list[int] | None = None
+    hessian_device: str | None = None  # None: where the activations are
+    hessian_dtype: torch.dtype = torch.float32
 
 
 class PackageHooks:
@@ -42,8 +47,10 @@ class PackageHooks:
     first call and checked on every later one.
     """
 
-    def __init__(self, layers: dict[str, nn.Module], ctx: StepContext, weighted: bool) -> None:
+    def __init__(self, layers: dict[str, nn.Module], ctx: StepContext, weighted: bool,
+                 hessian_device: str | None = None, hessian_dtype: torch.dtype = torch.float32) -> None:
         self.layers = layers
+        self.hessian_device, self.hessian_dtype = hessian_device, hessian_dtype
         self.ctx = ctx
         self.weighted = weighted
         self.accumulators: dict[str, HessianAccumulator] = {}
@@ -74,7 +81,8 @@ class PackageHooks:
                 raise CalibrationError(f"non-finite activations (NaN/Inf) entering layer {name}")
             acc = self.accumulators.get(name)
             if acc is None:
-                acc = self.accumulators[name] = HessianAccumulator(rows.shape[1])
+                acc = self.accumulators[name] = HessianAccumulator(rows.shape[1], self.hessian_device or rows.device,
+                                                                    self.hessian_dtype)
             acc.add(rows, self.ctx.alpha() if self.weighted else 1.0, self.ctx.step if self.weighted else None)
 
         return hook
@@ -96,7 +104,7 @@ class PackageHooks:
         return self.accumulators[owner]
 
 
-def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+def _batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -104,7 +112,8 @@ def _batches(items: list[str], size: int) -> Iterator[list[str]]:
 def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decode: bool,
                  after_batch: Callable[[torch.Tensor], None] | None = None, desc: str = "calibrate") -> None:
     """Generate every calibration prompt once, with hooks wherever the caller placed them."""
-    batches = list(_batches(settings.prompts, settings.batch_size))
+    ids = settings.prompt_ids if settings.prompt_ids is not None else list(range(len(settings.prompts)))
+    batches = list(zip(_batches(settings.prompts, settings.batch_size), _batches(ids, settings.batch_size)))
     bar = tqdm(total=len(batches) * settings.steps, desc=desc, unit="step", mininterval=2, leave=False)
     pipe.set_progress_bar_config(disable=True)
 
@@ -119,10 +128,10 @@ def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decod
     if settings.width:
         extra["width"] = settings.width
     try:
-        for b, prompts in enumerate(batches):
+        for prompts, prompt_ids in batches:
             ctx.step = 0
             out = pipe(prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                       generator=torch.Generator().manual_seed(settings.seed + b),
+                       generator=[torch.Generator().manual_seed(settings.seed + i) for i in prompt_ids],
                        output_type="pt" if decode else "latent", callback_on_step_end=on_step_end, **extra)
             ctx.step = None
             if after_batch is not None:

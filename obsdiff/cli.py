@@ -53,10 +53,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, weighting=args.weighting, alpha_min=args.alpha_min,
         alpha_max=args.alpha_max, packages=args.packages, damp=args.damp, blocks=args.blocks, seed=args.seed,
-        batch_size=args.batch_size, head_sparsity=args.head_sparsity, ffn_sparsity=args.ffn_sparsity,
+        batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, head_sparsity=args.head_sparsity, ffn_sparsity=args.ffn_sparsity,
         compensate=not args.no_compensate,
     )
-    record = prune(args.model, args.out, config, resume=args.resume, overwrite=args.overwrite)
+    from obsdiff.distributed import init_world, shutdown
+
+    world = init_world()
+    try:
+        record = prune(args.model, args.out, config, resume=args.resume, overwrite=args.overwrite, world=world,
+                       device=args.device, hessian_device=args.hessian_device)
+    finally:
+        shutdown(world)
+    if not world.is_main:
+        return 0
     for name, comp in record["components"].items():
         log.info("%s: %d layers pruned, sparsity %.3f over %d weights, %d skipped", name, comp["pruned_layers"],
                  comp["sparsity_of_pruned_layers"], comp["pruned_weights"], len(comp["skipped"]))
@@ -160,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted prune into the same --out")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", help="where the pipeline runs (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--hessian-device", help="where Hessians accumulate, e.g. cpu to keep them off the GPU "
+                   "(default: with the activations)")
+    p.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
+                   help="float64 makes results independent of batching and of the number of processes")
     p.add_argument("--head-sparsity", type=float, help="structured: fraction of heads removed")
     p.add_argument("--ffn-sparsity", type=float, help="structured: fraction of FFN neurons removed")
     p.add_argument("--no-compensate", action="store_true", help="structured: remove without OBS update")

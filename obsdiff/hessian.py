@@ -94,14 +94,16 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class HessianAccumulator:
     """Running α-weighted mean of 2·XXᵀ in float32, plus which steps contributed."""
 
-    def __init__(self, columns: int) -> None:
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32)
+    def __init__(self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        # float32 at least, whatever the model dtype; float64 makes the sum independent of its order
+        # (how prompts were batched or sharded), at twice the memory and, on most GPUs, far less speed.
+        self.hessian = torch.zeros(columns, columns, dtype=dtype, device=device)
         self.weight_sum = 0.0
         self.rows = 0
         self.steps_seen: Counter[int | None] = Counter()
 
     def add(self, rows: torch.Tensor, alpha: float, step: int | None = None) -> None:
-        rows = rows.detach().float()
+        rows = rows.detach().to(self.hessian.device, self.hessian.dtype)
         n = rows.shape[0]
         new_sum = self.weight_sum + alpha * n
         self.hessian *= self.weight_sum / new_sum
@@ -110,11 +112,10 @@ class HessianAccumulator:
         self.rows += n
         self.steps_seen[step] += 1
 
-    def add_sum(self, hessian_sum: torch.Tensor, weight_sum: float) -> None:
-        """Merge an un-normalised Σ α·2XXᵀ from elsewhere (another process)."""
-        new_sum = self.weight_sum + weight_sum
-        self.hessian = (self.hessian * self.weight_sum + hessian_sum) / new_sum
-        self.weight_sum = new_sum
+    def set_sum(self, hessian_sum: torch.Tensor, weight_sum: float) -> None:
+        """Replace the statistic by an un-normalised Σ α·2XXᵀ and its Σ α·B (after an all-reduce)."""
+        self.hessian = hessian_sum / weight_sum
+        self.weight_sum = weight_sum
 
     def unnormalised(self) -> torch.Tensor:
         return self.hessian * self.weight_sum

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from obsdiff import __version__
 from obsdiff.adapters import Skipped, TargetLayer, adapter_for, find_targets
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
-from obsdiff.errors import UsageError
+from obsdiff.distributed import World, all_reduce_hessians, barrier, broadcast_layer, device_for, fault_point, init_world
+from obsdiff.errors import ObsdiffError, UsageError
 from obsdiff.hessian import StepContext, Weighting, timestep_weights
 from obsdiff.layers import column_permutation, permute_hessian, reduction_size, set_weight_matrix, weight_matrix
 from obsdiff.model_io import PRUNING_JSON, copy_tree_linked, load_pipeline, pipeline_components
@@ -65,6 +66,7 @@ class PruneConfig:
     blocks: str | None = None
     seed: int = 0
     batch_size: int = 16
+    hessian_dtype: str = "float32"  # "float64": the sum no longer depends on batching or sharding
     # structured pruning (obsdiff.structured)
     head_sparsity: float | None = None
     ffn_sparsity: float | None = None
@@ -103,6 +105,8 @@ class PruneConfig:
             raise UsageError("--steps, --num-prompts and --batch-size must be ≥ 1")
         if not 0 <= self.damp < 1:
             raise UsageError("--damp must be in [0, 1)")
+        if self.hessian_dtype not in ("float32", "float64"):
+            raise UsageError("--hessian-dtype must be float32 or float64")
         if self.alpha_min <= 0 or self.alpha_max <= 0:
             raise UsageError("--alpha-min and --alpha-max must be positive")
 
@@ -206,10 +210,14 @@ class Pruner:
     """Runs one prune; ``stop_after_packages`` lets tests interrupt it the way a crash would."""
 
     def __init__(self, model_dir: Path, out_dir: Path, config: PruneConfig, *, resume: bool = False,
-                 overwrite: bool = False, stop_after_packages: int | None = None) -> None:
+                 overwrite: bool = False, stop_after_packages: int | None = None, world: World | None = None,
+                 device: str | None = None, hessian_device: str | None = None) -> None:
         config.validate()
         self.model_dir, self.out_dir, self.config = Path(model_dir), Path(out_dir), config
         self.resume, self.overwrite, self.stop_after = resume, overwrite, stop_after_packages
+        self.world = world or init_world()
+        self.device = device_for(self.world, device)
+        self.hessian_device = hessian_device
         if self.out_dir.exists() and not overwrite:
             raise UsageError(f"{self.out_dir} already exists (pass --overwrite to replace it)")
         if not self.out_dir.parent.exists():
@@ -220,7 +228,11 @@ class Pruner:
         started = time.time()
         prompts = read_prompts(config, self.model_dir) if config.needs_calibration else []
         prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-        pipe = load_pipeline(self.model_dir)
+        world = self.world
+        if prompts and -(-len(prompts) // config.batch_size) < world.size:
+            raise UsageError(f"{len(prompts)} prompts in batches of {config.batch_size} give fewer batches than "
+                             f"the {world.size} processes")
+        pipe = load_pipeline(self.model_dir).to(self.device)
         components = pipeline_components(pipe)
         unknown = [c for c in config.components if c not in components]
         if unknown:
@@ -238,12 +250,17 @@ class Pruner:
             for name in progress.done:
                 load_model(components[name], str(partial / f"{name}.safetensors"))
             log.info("resuming: %s", ", ".join(f"{c} {n} package(s) done" for c, n in progress.done.items()))
-        else:
+        elif world.is_main:
             shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True, exist_ok=True)
+        if world.is_main:
+            partial.mkdir(parents=True, exist_ok=True)
+        barrier(world)
 
-        settings = CalibrationSettings(prompts, config.steps, config.guidance, config.height, config.width,
-                                       config.seed, config.batch_size)
+        my_prompts, my_ids = world.shard(prompts, config.batch_size)
+        settings = CalibrationSettings(my_prompts, config.steps, config.guidance, config.height, config.width,
+                                       config.seed, config.batch_size, prompt_ids=my_ids,
+                                       hessian_device=self.hessian_device,
+                                       hessian_dtype=getattr(torch, config.hessian_dtype))
         ran = 0
         try:
             for name, (adapter, packages, _skipped) in plans.items():
@@ -255,18 +272,26 @@ class Pruner:
                     log.info("%s package %d/%d: %d layers", name, p + 1, len(packages), len(package))
                     self._run_package(pipe, name, adapter, package, p, settings, progress)
                     progress.done[name] = p + 1
-                    _save_progress(partial, progress, components)
+                    if world.is_main:
+                        _save_progress(partial, progress, components)
                     ran += 1
+                    fault_point(world, ran)
         except KeyboardInterrupt:
             log.warning("interrupted; rerun with --resume to continue from %s", partial)
             raise
+        except ObsdiffError:  # bad input or data: nothing to resume
+            if world.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         except Exception:
-            shutil.rmtree(partial, ignore_errors=True)
+            log.error("prune failed; finished packages are kept in %s: rerun with --resume", partial)
             raise
 
         record = self._record(plans, progress, prompts, prompts_sha, time.time() - started)
-        self._write_output(pipe, record)
-        shutil.rmtree(partial, ignore_errors=True)
+        if world.is_main:
+            self._write_output(pipe, record)
+            shutil.rmtree(partial, ignore_errors=True)
+        barrier(world)
         return record
 
     def _plan(self, name: str, module) -> tuple:
@@ -295,25 +320,31 @@ class Pruner:
             t0 = time.time()
             weights = timestep_weights(config.weighting, config.steps, config.alpha_min, config.alpha_max)
             ctx = StepContext(weights if adapter.denoiser else [])
-            hooks = PackageHooks({t.name: t.module for t in package}, ctx, weighted=adapter.denoiser)
+            hooks = PackageHooks({t.name: t.module for t in package}, ctx, weighted=adapter.denoiser,
+                                 hessian_device=settings.hessian_device, hessian_dtype=settings.hessian_dtype)
             module = pipe.components[component]
             after_batch = _vae_encoder_feed(module) if component == "vae" else None
             with hooks, torch.no_grad():
                 run_pipeline(pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
                              desc=f"calibrate {component} {index + 1}")
+            all_reduce_hessians(self.world, hooks.accumulators)
             progress.timings["calibration_s"] = progress.timings.get("calibration_s", 0) + time.time() - t0
         t0 = time.time()
-        for t in tqdm(package, desc=f"solve {component} {index + 1}", leave=False, mininterval=2):
-            hessian = None
-            if hooks is not None:
-                hessian = permute_hessian(hooks.hessian(t.name).hessian, column_permutation(t.module))
-            result = _solve(config, pattern, weight_matrix(t.module), hessian)
-            set_weight_matrix(t.module, result.weight)
-            progress.layers.append(asdict(LayerRecord(
-                name=f"{component}.{t.name}", kind=type(t.module).__name__, shape=list(t.module.weight.shape),
-                package=index, sparsity=float((t.module.weight == 0).float().mean()),
-                error=_finite(result.error), relative_error=_finite(result.relative_error),
-                damp=result.damp if config.method is Method.OBS_DIFF else None)))
+        for i, t in enumerate(tqdm(package, desc=f"solve {component} {index + 1}", leave=False, mininterval=2)):
+            owner = self.world.owner(i)
+            record = None
+            if self.world.rank == owner:
+                hessian = None
+                if hooks is not None:
+                    hessian = permute_hessian(hooks.hessian(t.name).hessian, column_permutation(t.module))
+                result = _solve(config, pattern, weight_matrix(t.module), hessian)
+                set_weight_matrix(t.module, result.weight)
+                record = asdict(LayerRecord(
+                    name=f"{component}.{t.name}", kind=type(t.module).__name__, shape=list(t.module.weight.shape),
+                    package=index, sparsity=float((t.module.weight == 0).float().mean()),
+                    error=_finite(result.error), relative_error=_finite(result.relative_error),
+                    damp=result.damp if config.method is Method.OBS_DIFF else None))
+            progress.layers.append(broadcast_layer(self.world, t.module, record, owner))
         progress.timings["solve_s"] = progress.timings.get("solve_s", 0) + time.time() - t0
 
     def _record(self, plans: dict, progress: Progress, prompts: list[str], prompts_sha: str, seconds: float) -> dict:

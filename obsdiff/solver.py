@@ -84,7 +84,7 @@ def _mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern, p
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
     k = int(round(scores.numel() * sparsity))
     idx = scores.flatten().topk(k, largest=False).indices
-    return torch.zeros(scores.numel(), dtype=torch.bool).scatter_(0, idx, True).reshape(rows, cols)
+    return torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device).scatter_(0, idx, True).reshape(rows, cols)
 
 
 def _finish(weight: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor | None,
@@ -117,7 +117,7 @@ def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pa
 def _inverse_cholesky(h: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹, raising λ tenfold on failure; never falls back silently."""
     mean_diag = h.diagonal().mean().item()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(max_retries + 1):
         lam = damp * (10**attempt) * mean_diag
         try:
