@@ -53,7 +53,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, weighting=args.weighting, alpha_min=args.alpha_min,
         alpha_max=args.alpha_max, packages=args.packages, damp=args.damp, blocks=args.blocks, seed=args.seed,
-        batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, head_sparsity=args.head_sparsity, ffn_sparsity=args.ffn_sparsity,
+        batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, head_sparsity=args.head_sparsity,
+        ffn_sparsity=args.ffn_sparsity,
         compensate=not args.no_compensate,
     )
     from obsdiff.distributed import init_world, shutdown
