@@ -77,8 +77,8 @@ class StructuredLayout:
 
     attentions: str = r"(.*\.)?attn\d?"
     ffns: tuple[tuple[str, str, bool], ...] = field(default_factory=tuple)  # (up, down, gated)
-    skip_blocks: str | None = None  # blocks left whole, with the reason in ``skip_reason``
-    skip_reason: str = ""
+    skip_attr: str | None = None  # a block whose attribute of this name is true is left whole ...
+    skip_reason: str = ""  # ... for this reason
 
 
 UNET = Adapter(
@@ -107,7 +107,7 @@ SD3 = Adapter(
     structured=StructuredLayout(
         attentions=r"attn2?",
         ffns=((r"ff\.net\.0\.proj", r"ff\.net\.2", False), (r"ff_context\.net\.0\.proj", r"ff_context\.net\.2", False)),
-        skip_blocks=r"context_pre_only",
+        skip_attr="context_pre_only",
         skip_reason="context_pre_only block: its text stream ends there, removing heads would break its to_add_out",
     ),
 )

@@ -68,8 +68,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not world.is_main:
         return 0
     for name, comp in record["components"].items():
-        log.info("%s: %d layers pruned, sparsity %.3f over %d weights, %d skipped", name, comp["pruned_layers"],
-                 comp["sparsity_of_pruned_layers"], comp["pruned_weights"], len(comp["skipped"]))
+        if "units" in comp:
+            log.info("%s: %d/%d heads and %d/%d FFN neurons removed; parameters %d → %d, FLOPs/forward %.3g → %.3g",
+                     name, comp["heads_removed"], comp["heads_total"], comp["ffn_neurons_removed"],
+                     comp["ffn_neurons_total"], comp["params_before"], comp["params_after"], comp["flops_before"],
+                     comp["flops_after"])
+        else:
+            log.info("%s: %d layers pruned, sparsity %.3f over %d weights, %d skipped", name, comp["pruned_layers"],
+                     comp["sparsity_of_pruned_layers"], comp["pruned_weights"], len(comp["skipped"]))
     log.info("wrote %s in %.1f s", args.out, record["timings"]["total_s"])
     return 0
 

@@ -164,6 +164,16 @@ def split_packages(targets: list[TargetLayer], packages: int) -> list[list[Targe
     return [g for g in groups if g]
 
 
+def _split_units(units: list, packages: int) -> list[list]:
+    """Structured units in block order, as contiguous groups of whole blocks."""
+    blocks: dict[str, list] = {}
+    for u in units:
+        blocks.setdefault(u.block, []).append(u)
+    names = list(blocks)
+    per = max(1, -(-len(names) // packages))
+    return [[u for b in names[i : i + per] for u in blocks[b]] for i in range(0, len(names), per)]
+
+
 @dataclass
 class LayerRecord:
     name: str
@@ -238,6 +248,7 @@ class Pruner:
         if unknown:
             raise UsageError(f"unknown component {', '.join(unknown)}; this pipeline has {', '.join(components)}")
         plans = {name: self._plan(name, components[name]) for name in config.components}
+        self._costs_before = {n: self._cost(pipe, n) for n in config.components} if config.pattern == "structured" else {}
 
         partial = _partial_dir(self.out_dir)
         fingerprint = config.fingerprint(prompts_sha)
@@ -248,6 +259,11 @@ class Pruner:
                 raise UsageError(f"--resume: {partial} was made with other settings or prompts; remove it or drop --resume")
             progress = saved
             for name in progress.done:
+                if config.pattern == "structured":
+                    from obsdiff.structured import apply_shapes, shapes_from_records
+
+                    apply_shapes(components[name], shapes_from_records(
+                        [r for r in progress.layers if r.get("component") == name]))
                 load_model(components[name], str(partial / f"{name}.safetensors"))
             log.info("resuming: %s", ", ".join(f"{c} {n} package(s) done" for c, n in progress.done.items()))
         elif world.is_main:
@@ -287,7 +303,8 @@ class Pruner:
             log.error("prune failed; finished packages are kept in %s: rerun with --resume", partial)
             raise
 
-        record = self._record(plans, progress, prompts, prompts_sha, time.time() - started)
+        costs_after = {n: self._cost(pipe, n) for n in config.components} if config.pattern == "structured" else {}
+        record = self._record(plans, progress, prompts, prompts_sha, time.time() - started, costs_after)
         if world.is_main:
             self._write_output(pipe, record)
             shutil.rmtree(partial, ignore_errors=True)
@@ -296,6 +313,14 @@ class Pruner:
 
     def _plan(self, name: str, module) -> tuple:
         adapter = adapter_for(module)
+        if self.config.pattern == "structured":
+            from obsdiff.structured import find_units
+
+            plan = find_units(module, adapter)
+            if not plan.units:
+                raise UsageError(f"component {name} has no attention heads or FFN neurons to remove")
+            skipped = [Skipped(b, r) for b, r in plan.skipped]
+            return adapter, _split_units(plan.units, self.config.packages), skipped
         all_blocks = [b for b, _ in adapter.block_modules(module)]
         targets, skipped = find_targets(module, adapter, block_filter(self.config.blocks, all_blocks))
         pattern = Pattern.parse(self.config.pattern)
@@ -311,24 +336,50 @@ class Pruner:
             raise UsageError(f"component {name} has no layer that fits pattern {pattern}")
         return adapter, split_packages(fit, self.config.packages), skipped
 
+    def _calibrate(self, pipe, component: str, adapter, layers: dict, index: int,
+                   settings: CalibrationSettings, progress: Progress) -> PackageHooks | None:
+        """Hook one package's layers, run the pipeline over this rank's prompts, sum Hessians over ranks."""
+        config = self.config
+        if not config.needs_calibration:
+            return None
+        t0 = time.time()
+        weights = timestep_weights(config.weighting, config.steps, config.alpha_min, config.alpha_max)
+        ctx = StepContext(weights if adapter.denoiser else [])
+        hooks = PackageHooks(layers, ctx, weighted=adapter.denoiser, hessian_device=settings.hessian_device,
+                             hessian_dtype=settings.hessian_dtype)
+        module = pipe.components[component]
+        after_batch = _vae_encoder_feed(module) if component == "vae" else None
+        with hooks, torch.no_grad():
+            run_pipeline(pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
+                         desc=f"calibrate {component} {index + 1}")
+        all_reduce_hessians(self.world, hooks.accumulators)
+        progress.timings["calibration_s"] = progress.timings.get("calibration_s", 0) + time.time() - t0
+        return hooks
+
+    def _run_structured_package(self, pipe, component: str, adapter, package: list, index: int,
+                                settings: CalibrationSettings, progress: Progress) -> None:
+        from obsdiff.structured import AttentionUnit, prune_attention, prune_ffn
+
+        layers = {n: m for unit in package for n, m in unit.down_layers().items()}
+        hooks = self._calibrate(pipe, component, adapter, layers, index, settings, progress)
+        t0 = time.time()
+        module = pipe.components[component]
+        for unit in tqdm(package, desc=f"shrink {component} {index + 1}", leave=False, mininterval=2):
+            hessians = {n: hooks.hessian(n).hessian if hooks else None for n in unit.down_layers()}
+            if isinstance(unit, AttentionUnit):
+                record = prune_attention(unit, hessians, self.config)
+            else:
+                record = prune_ffn(unit, next(iter(hessians.values())), self.config, module)
+            progress.layers.append({**record, "component": component, "package": index})
+        progress.timings["solve_s"] = progress.timings.get("solve_s", 0) + time.time() - t0
+
     def _run_package(self, pipe, component: str, adapter, package: list[TargetLayer], index: int,
                      settings: CalibrationSettings, progress: Progress) -> None:
         config = self.config
+        if config.pattern == "structured":
+            return self._run_structured_package(pipe, component, adapter, package, index, settings, progress)
         pattern = Pattern.parse(config.pattern)
-        hooks = None
-        if config.needs_calibration:
-            t0 = time.time()
-            weights = timestep_weights(config.weighting, config.steps, config.alpha_min, config.alpha_max)
-            ctx = StepContext(weights if adapter.denoiser else [])
-            hooks = PackageHooks({t.name: t.module for t in package}, ctx, weighted=adapter.denoiser,
-                                 hessian_device=settings.hessian_device, hessian_dtype=settings.hessian_dtype)
-            module = pipe.components[component]
-            after_batch = _vae_encoder_feed(module) if component == "vae" else None
-            with hooks, torch.no_grad():
-                run_pipeline(pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
-                             desc=f"calibrate {component} {index + 1}")
-            all_reduce_hessians(self.world, hooks.accumulators)
-            progress.timings["calibration_s"] = progress.timings.get("calibration_s", 0) + time.time() - t0
+        hooks = self._calibrate(pipe, component, adapter, {t.name: t.module for t in package}, index, settings, progress)
         t0 = time.time()
         for i, t in enumerate(tqdm(package, desc=f"solve {component} {index + 1}", leave=False, mininterval=2)):
             owner = self.world.owner(i)
@@ -347,10 +398,53 @@ class Pruner:
             progress.layers.append(broadcast_layer(self.world, t.module, record, owner))
         progress.timings["solve_s"] = progress.timings.get("solve_s", 0) + time.time() - t0
 
-    def _record(self, plans: dict, progress: Progress, prompts: list[str], prompts_sha: str, seconds: float) -> dict:
+    def _cost(self, pipe, name: str) -> dict:
+        """Parameters and per-forward FLOPs of a component, on the inputs of one real pipeline call."""
+        from obsdiff.structured import count_params, forward_flops
+
+        module = pipe.components[name]
+        if not hasattr(self, "_replay"):
+            self._replay = {}
+        if name not in self._replay:
+            captured: list = []
+            handle = module.register_forward_pre_hook(
+                lambda mod, args, kwargs: captured.append((args, kwargs)) if not captured else None, with_kwargs=True)
+            extra = {k: v for k, v in (("height", self.config.height), ("width", self.config.width)) if v}
+            try:
+                with torch.no_grad():
+                    pipe("a handwritten digit five", num_inference_steps=1, output_type="latent", **extra)
+            finally:
+                handle.remove()
+            self._replay[name] = captured[0]
+        args, kwargs = self._replay[name]
+        return {"params": count_params(module), "flops": forward_flops(module, lambda: module(*args, **kwargs))}
+
+    def _record(self, plans: dict, progress: Progress, prompts: list[str], prompts_sha: str, seconds: float,
+                costs_after: dict | None = None) -> dict:
         config = self.config
         per_component = {}
+        structured = {}
         for name, (adapter, packages, skipped) in plans.items():
+            if config.pattern == "structured":
+                from obsdiff.structured import shapes_from_records
+
+                recs = [r for r in progress.layers if r.get("component") == name]
+                before, after = self._costs_before[name], costs_after[name]
+                structured[name] = shapes_from_records(recs)
+                per_component[name] = {
+                    "adapter": adapter.family, "packages": [[getattr(u, "path", getattr(u, "down_path", "")) for u in p]
+                                                           for p in packages],
+                    "units": len(recs),
+                    "heads_removed": sum(r["before"] - r["after"] for r in recs if r["kind"] == "heads"),
+                    "heads_total": sum(r["before"] for r in recs if r["kind"] == "heads"),
+                    "ffn_neurons_removed": sum(r["before"] - r["after"] for r in recs if r["kind"] == "ffn"),
+                    "ffn_neurons_total": sum(r["before"] for r in recs if r["kind"] == "ffn"),
+                    "params_before": before["params"], "params_after": after["params"],
+                    "params_removed": before["params"] - after["params"],
+                    "flops_before": before["flops"], "flops_after": after["flops"],
+                    "skipped": [{"name": f"{name}.{s.name}", "reason": s.reason} for s in skipped],
+                }
+                continue
             layers = [r for r in progress.layers if r["name"].startswith(name + ".")]
             pruned = sum(r["shape"][0] * _prod(r["shape"][1:]) for r in layers)
             zeros = sum(r["sparsity"] * r["shape"][0] * _prod(r["shape"][1:]) for r in layers)
@@ -367,6 +461,7 @@ class Pruner:
                             "timestep_weights": timestep_weights(config.weighting, config.steps, config.alpha_min,
                                                                  config.alpha_max) if prompts else None},
             "components": per_component, "layers": progress.layers,
+            **({"structured": {"components": structured}} if structured else {}),
             "timings": {**progress.timings, "total_s": seconds},
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
