@@ -117,7 +117,9 @@ def pruned_weights(pipe, record: dict | None, source: str) -> dict[str, torch.Te
     if not record:
         return {}
     module = getattr(pipe, source)
-    names = [layer["name"].split(".", 1)[1] for layer in record.get("layers", []) if layer["name"].startswith(source + ".")]
+    # Structured records describe removed heads/neurons, not zeros: nothing sparse to carry through export.
+    names = [layer["name"].split(".", 1)[1] for layer in record.get("layers", [])
+             if "name" in layer and layer["name"].startswith(source + ".")]
     modules = dict(module.named_modules())
     return {n: modules[n].weight for n in names if n in modules}
 

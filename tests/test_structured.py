@@ -131,3 +131,17 @@ def test_structured_record_lists_shapes_for_the_loader(structured_30):
     shapes = on_disk["structured"]["components"]["unet"]
     assert shapes["attention_heads"] and shapes["ffn"]
     assert all(entry["gated"] for entry in shapes["ffn"])  # GEGLU: both halves of the up projection shrank
+
+
+def test_structured_model_exports_to_onnx(structured_30, tmp_path):
+    """Shapes changed by structured pruning go through the same exporter and gates."""
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    from exporters.bundle import export_bundle
+
+    out, record = structured_30
+    manifest = export_bundle(out, "cpu", tmp_path / "b")
+    assert all(g["passed"] for g in manifest["validation"]["gates"])
+    image = ORTStableDiffusionPipeline.from_pretrained(tmp_path / "b")(
+        "a handwritten digit one", num_inference_steps=5, height=16, width=16, output_type="np").images
+    assert torch.isfinite(torch.from_numpy(image)).all()
