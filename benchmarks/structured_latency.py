@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
             result["models"][name] = {"params": count_params(unet), "flops": forward_flops(unet, lambda u=unet: u(*inputs))}
         feeds = {"sample": inputs[0].numpy(), "timestep": inputs[1].numpy(), "encoder_hidden_states": inputs[2].numpy()}
         times: dict[str, list[float]] = {n: [] for n in sessions}
-        for name, sess in sessions.items():  # warm-up
+        for sess in sessions.values():  # warm-up
             sess.run(None, feeds)
         for _ in range(args.runs):  # interleaved
             for name, sess in sessions.items():

@@ -44,3 +44,14 @@ def evaluate_pipeline(pipe, judge_dir: Path, settings: EvalSettings) -> dict:
     scores = score_images(load_judge(judge_dir), images, digits)
     return {**scores, "samples": settings.samples, "steps": settings.steps, "guidance": settings.guidance,
             "seed": settings.seed}
+
+
+@torch.no_grad()
+def final_latents(pipe, count: int, steps: int = 25, guidance: float = 5.0, seed: int = 0) -> torch.Tensor:
+    """Final denoised latents from fixed initial noise: comparable across dense and pruned models."""
+    scale = pipe.vae_scale_factor
+    size = pipe.unet.config.sample_size
+    start = torch.randn((count, pipe.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
+    out = pipe([prompt_for(i % 10) for i in range(count)], latents=start, num_inference_steps=steps,
+               guidance_scale=guidance, output_type="latent", height=size * scale, width=size * scale)
+    return out.images.float()
