@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from exporters.components import ComponentSpec, pipeline_dims, specs_for
-from exporters.profiles import Format, Precision, TargetProfile, load_profile
+from exporters.profiles import Precision, TargetProfile, load_profile
 from exporters.validate import (
     compare_outputs,
     digit_prompts,
@@ -332,9 +332,6 @@ def write_report(staging: Path, profile: TargetProfile, results: dict) -> None:
     (staging / "validation.json").write_text(json.dumps(results, indent=2))
 
 
-BUILDERS = {Format.ONNX: OnnxBundleBuilder}
-
-
 def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | None = None, overwrite: bool = False,
                   zip_bundle: bool = False, force: bool = False, dense_model: Path | None = None,
                   compress: str | None = None, deployment_target: str | None = None) -> dict:
@@ -345,19 +342,9 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
     pipe = load_pipeline(model_dir)
     dense_pipe = load_pipeline(dense_model) if dense_model else None
     record = read_pruning_record(Path(model_dir))
-    if profile.format is Format.COREML:
-        from exporters.coreml import CoreMLBundleBuilder
+    from exporters.registry import make_builder
 
-        builder = CoreMLBundleBuilder(profile, prec, compress, deployment_target)
-    elif compress or deployment_target:
-        raise UsageError("--compress and --deployment-target apply to Core ML targets (ios, macos) only")
-    else:
-        builder_cls = BUILDERS.get(profile.format)
-        if builder_cls is None:
-            from exporters import registry
-
-            builder_cls = registry.builder_for(profile.format)
-        builder = builder_cls(profile, prec)
+    builder = make_builder(profile, prec, compress, deployment_target)
     if hasattr(builder, "preflight"):
         builder.preflight(record, force)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))

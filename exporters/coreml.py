@@ -24,7 +24,7 @@ import torch
 
 from exporters.components import ComponentSpec, pipeline_dims, specs_for
 from exporters.profiles import Precision, TargetProfile
-from obsdiff.errors import BundleError, ExportError, UsageError
+from obsdiff.errors import BundleError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -291,9 +291,3 @@ def revalidate_coreml(bundle: Path, manifest: dict) -> dict:
             raise BundleError(f"{bundle}: {name} inputs {got} do not match the manifest {want}")
         results[name] = {"inputs": got}
     return results
-
-
-def check_component_names(specs) -> None:
-    unknown = [s.name for s in specs if s.name not in PACKAGE_NAMES]
-    if unknown:
-        raise ExportError(f"no Core ML package name for {', '.join(unknown)}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters.profiles import Format
-from obsdiff.errors import BundleError, GateError
+from obsdiff.errors import GateError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -17,12 +17,21 @@ _ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(flo
                "tensor(float16)": np.float16}
 
 
-def builder_for(fmt: Format):
-    if fmt is Format.TENSORRT:
+def make_builder(profile, precision, compress: str | None = None, deployment_target: str | None = None):
+    """The bundle builder for a target's format (Core ML alone takes compression options)."""
+    if profile.format is Format.COREML:
+        from exporters.coreml import CoreMLBundleBuilder
+
+        return CoreMLBundleBuilder(profile, precision, compress, deployment_target)
+    if compress or deployment_target:
+        raise UsageError("--compress and --deployment-target apply to Core ML targets (ios, macos) only")
+    if profile.format is Format.TENSORRT:
         from exporters.tensorrt import TensorRTBundleBuilder
 
-        return TensorRTBundleBuilder
-    raise BundleError(f"no builder for format {fmt.value}")
+        return TensorRTBundleBuilder(profile, precision)
+    from exporters.bundle import OnnxBundleBuilder
+
+    return OnnxBundleBuilder(profile, precision)
 
 
 def revalidate_onnx(bundle: Path, manifest: dict) -> dict:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from exporters.bundle import export_bundle
-from exporters.profiles import load_profile
+from exporters.profiles import Format, load_profile
 from obsdiff.errors import UsageError
 from obsdiff.prune import PruneConfig, prune
 
@@ -30,7 +30,7 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
             sparsity = defaults.sparsity
         config = PruneConfig(pattern=pattern, sparsity=sparsity, components=defaults.components,
                              num_prompts=defaults.num_prompts, steps=defaults.steps)
-        if hasattr(profile, "backend") and profile.format.value == "tensorrt":
+        if profile.format is Format.TENSORRT:
             from exporters.tensorrt import check_pattern_for_tensorrt
 
             check_pattern_for_tensorrt(pattern, force)

@@ -101,21 +101,19 @@ def build_script(specs: tuple[ComponentSpec, ...], dims: dict[str, int], profile
     return "\n".join(lines) + "\n"
 
 
-class _CapturingLogger:
+def _capturing_logger():
     """A TensorRT ILogger that keeps every message (the sparsity lines come at VERBOSE)."""
+    import tensorrt as trt
 
-    def __new__(cls):
-        import tensorrt as trt
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.lines: list[str] = []
 
-        class Logger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.lines: list[str] = []
+        def log(self, severity, msg) -> None:
+            self.lines.append(msg)
 
-            def log(self, severity, msg) -> None:  # noqa: D401 - TensorRT's callback
-                self.lines.append(msg)
-
-        return Logger()
+    return Logger()
 
 
 def build_engine(onnx_path: Path, engine_path: Path, spec: ComponentSpec, dims: dict[str, int], profile: TargetProfile,
@@ -123,7 +121,7 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: ComponentSpec, dims: 
     """TensorRT Python API: FP16 + SPARSE_WEIGHTS, static optimization profile, timing cache, layer info."""
     import tensorrt as trt
 
-    logger = _CapturingLogger()
+    logger = _capturing_logger()
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)

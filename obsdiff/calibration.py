@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -139,23 +138,3 @@ def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decod
     finally:
         ctx.step = None
         bar.close()
-
-
-@contextmanager
-def capture_rows(module: nn.Module, limit: int = 4096) -> Iterator[list[torch.Tensor]]:
-    """Collect up to ``limit`` input rows of one layer (for tests and the benchmark)."""
-    captured: list[torch.Tensor] = []
-    count = [0]
-
-    def hook(mod: nn.Module, args: tuple) -> None:
-        if count[0] >= limit:
-            return
-        rows = layer_rows(mod, args[0]).detach().float()[: limit - count[0]]
-        captured.append(rows)
-        count[0] += rows.shape[0]
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()

@@ -228,6 +228,8 @@ class Pruner:
         self.world = world or init_world()
         self.device = device_for(self.world, device)
         self.hessian_device = hessian_device
+        self._replay: dict[str, tuple] = {}  # one captured denoiser call per component, for FLOP counts
+        self._costs_before: dict[str, dict] = {}
         if self.out_dir.exists() and not overwrite:
             raise UsageError(f"{self.out_dir} already exists (pass --overwrite to replace it)")
         if not self.out_dir.parent.exists():
@@ -403,8 +405,6 @@ class Pruner:
         from obsdiff.structured import count_params, forward_flops
 
         module = pipe.components[name]
-        if not hasattr(self, "_replay"):
-            self._replay = {}
         if name not in self._replay:
             captured: list = []
             handle = module.register_forward_pre_hook(

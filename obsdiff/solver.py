@@ -185,9 +185,10 @@ class GroupResult:
     relative_error: float
 
 
-def _inverse(h: torch.Tensor, damp: float, max_retries: int = 3) -> torch.Tensor:
+def damped_inverse(h: torch.Tensor, damp: float, max_retries: int = 3) -> torch.Tensor:
+    """(H + λI)⁻¹ with the solver's damping rule (λ = damp · mean diag H, raised on failure)."""
     upper, _ = _inverse_cholesky(h, damp, max_retries)
-    return upper.T @ upper  # (Uᵀ U) = H⁻¹ from the upper Cholesky factor of H⁻¹
+    return upper.T @ upper
 
 
 def group_obs_scores(weight: torch.Tensor, hinv: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tensor:
@@ -220,7 +221,7 @@ def remove_column_groups(weight: torch.Tensor, hessian: torch.Tensor | None, gro
         h = hessian.float().clone()
         dead = h.diagonal() == 0
         h[dead, dead] = 1
-        hinv = _inverse(h, damp)
+        hinv = damped_inverse(h, damp)
     alive = list(range(len(groups)))
     removed: list[int] = []
     if method == "l1" and forced is None:

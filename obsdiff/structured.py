@@ -192,7 +192,7 @@ def _count(total: int, fraction: float, keep_min: int, what: str, where: str) ->
 
 
 def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None], config) -> dict:
-    from obsdiff.solver import remove_column_groups
+    from obsdiff.solver import damped_inverse, group_obs_scores, remove_column_groups
 
     heads, d = unit.heads, unit.head_dim
     n = _count(heads, config.head_sparsity, 1, "heads", unit.path)
@@ -204,9 +204,7 @@ def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None
     if n and len(downs) > 1 and method == "obs":  # MMDiT: fuse the image and text rankings
         ranks = []
         for name, layer in downs.items():
-            from obsdiff.solver import _inverse, group_obs_scores
-
-            hinv = _inverse(hessians[name].float(), config.damp)
+            hinv = damped_inverse(hessians[name].float(), config.damp)
             scores = group_obs_scores(layer.weight.detach().float(), hinv, [torch.tensor(g) for g in groups])
             ranks.append(scores.argsort().argsort())
         fused = sum(1.0 / (RRF_K + r.float()) for r in ranks)
