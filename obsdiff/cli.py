@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from obsdiff import __version__
-from obsdiff.errors import ObsdiffError, UsageError
+from obsdiff.errors import ObsdiffError
 
 log = logging.getLogger("obsdiff")
 
@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers", "coremltools", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # diffusers warns at import that optimum-onnx also registers as "optimum"; it is expected with these pins.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         return args.func(args)
     except ObsdiffError as exc:
@@ -250,5 +252,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"obsdiff: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
-
-__all__ = ["main", "UsageError"]
