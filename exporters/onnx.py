@@ -140,20 +140,15 @@ def match_weights(initializers: dict[str, np.ndarray], weights: dict[str, torch.
     found: dict[str, str | None] = {}
     for wname, w in weights.items():
         ref = w.detach().float().numpy()
-        found[wname] = None
-        for cand in by_size.get(ref.size, []):
-            arr = initializers[cand].astype(np.float32)
-            if arr.shape == ref.shape and np.array_equal(arr, ref.astype(arr.dtype).astype(np.float32)):
-                found[wname] = cand
-            elif ref.ndim == 2 and arr.shape == ref.T.shape and np.array_equal(arr, ref.T.astype(arr.dtype).astype(np.float32)):
-                found[wname] = cand
-            elif arr.shape == ref.shape and _same_zeros(arr, ref):
-                found[wname] = cand
-            elif ref.ndim == 2 and arr.shape == ref.T.shape and _same_zeros(arr, ref.T):
-                found[wname] = cand
-            if found[wname]:
-                break
+        layouts = [ref, ref.T] if ref.ndim == 2 else [ref]
+        found[wname] = next((cand for cand in by_size.get(ref.size, []) for layout in layouts
+                             if _same_weight(initializers[cand].astype(np.float32), layout)), None)
     return found
+
+
+def _same_weight(arr: np.ndarray, ref: np.ndarray) -> bool:
+    """Equal (fp32 export), or the same zeros and values within fp16 rounding (fp16 export)."""
+    return arr.shape == ref.shape and (np.array_equal(arr, ref) or _same_zeros(arr, ref))
 
 
 def _same_zeros(arr: np.ndarray, ref: np.ndarray) -> bool:
