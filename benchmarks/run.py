@@ -139,6 +139,7 @@ def interleaved(dense_bundle: Path, pruned_bundle: Path, runs: int = 30, pipelin
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     from exporters.bundle import load_reference, ort_session
+    from exporters.validate import interleaved_ms
 
     bundles = {"dense": dense_bundle, "pruned": pruned_bundle}
     feeds, _ = load_reference(dense_bundle / "reference", "unet")
@@ -149,17 +150,8 @@ def interleaved(dense_bundle: Path, pruned_bundle: Path, runs: int = 30, pipelin
         p.set_progress_bar_config(disable=True)
 
     def timed(fns: dict, n: int) -> dict:
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for fn in fns.values():
-            fn()
-        for _ in range(n):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                samples[k].append((time.perf_counter() - t0) * 1000)
-        med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
-        p90 = {k: sorted(v)[min(len(v) - 1, int(0.9 * len(v)))] for k, v in samples.items()}
-        return {"median_ms": med, "p90_ms": p90, "pruned_over_dense": med["pruned"] / med["dense"], "runs": n}
+        result = interleaved_ms(fns, n)
+        return {**result, "pruned_over_dense": result["median_ms"]["pruned"] / result["median_ms"]["dense"], "runs": n}
 
     return {
         "unet": timed({n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()}, runs),

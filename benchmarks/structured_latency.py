@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from exporters.components import UNetWrapper
+from exporters.validate import interleaved_ms
 from obsdiff.adapters import UNET
 from obsdiff.prune import Method, PruneConfig
 from obsdiff.structured import AttentionUnit, count_params, find_units, forward_flops, prune_attention, prune_ffn
@@ -77,16 +76,9 @@ def main(argv=None) -> dict:
             sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             result["models"][name] = {"params": count_params(unet), "flops": forward_flops(unet, lambda u=unet: u(*inputs))}
         feeds = {"sample": inputs[0].numpy(), "timestep": inputs[1].numpy(), "encoder_hidden_states": inputs[2].numpy()}
-        times: dict[str, list[float]] = {n: [] for n in sessions}
-        for sess in sessions.values():  # warm-up
-            sess.run(None, feeds)
-        for _ in range(args.runs):  # interleaved
-            for name, sess in sessions.items():
-                t0 = time.perf_counter()
-                sess.run(None, feeds)
-                times[name].append((time.perf_counter() - t0) * 1000)
+        timed = interleaved_ms({n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()}, args.runs)
     for name in sessions:
-        result["models"][name]["median_ms"] = statistics.median(times[name])
+        result["models"][name]["median_ms"] = timed["median_ms"][name]
     dense, pruned = result["models"]["dense"], result["models"]["pruned"]
     result["flop_reduction"] = dense["flops"] / pruned["flops"]
     result["speedup"] = dense["median_ms"] / pruned["median_ms"]

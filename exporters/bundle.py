@@ -27,6 +27,7 @@ from exporters.profiles import Precision, TargetProfile, load_profile
 from exporters.validate import (
     compare_outputs,
     digit_prompts,
+    gate,
     initial_latents,
     psnr,
     reference_io,
@@ -179,19 +180,19 @@ class OnnxBundleBuilder:
                     "sparsity": sparsity_report(pipe, record, spec, staging / spec.name / "model.onnx", self.precision)}
             results["components"][spec.name] = comp
             worst = min(o["cosine"] for o in comp["outputs"].values())
-            results["gates"].append(_gate(f"{spec.name} cosine", worst, ">=", profile.gates.min_cosine))
+            results["gates"].append(gate(f"{spec.name} cosine", worst, ">=", profile.gates.min_cosine))
             if comp["sparsity"].get("pruned_layers"):
-                results["gates"].append(_gate(f"{spec.name} pruned zeros survive export",
+                results["gates"].append(gate(f"{spec.name} pruned zeros survive export",
                                               float(comp["sparsity"]["zeros_preserved"]), ">=", 1.0))
             budget = profile.gates.max_latency_ms.get(spec.name)
             if budget:
-                results["gates"].append(_gate(f"{spec.name} median latency ms", comp["latency"]["median_ms"], "<=", budget))
+                results["gates"].append(gate(f"{spec.name} median latency ms", comp["latency"]["median_ms"], "<=", budget))
         results["end_to_end"] = self._end_to_end(pipe, dense_pipe, staging)
-        results["gates"].append(_gate("image PSNR dB", results["end_to_end"]["psnr_db"], ">=",
+        results["gates"].append(gate("image PSNR dB", results["end_to_end"]["psnr_db"], ">=",
                                       profile.gates.min_psnr(self.precision)))
         budget = profile.gates.max_latency_ms.get("pipeline")
         if budget:
-            results["gates"].append(_gate("pipeline median latency ms", results["end_to_end"]["latency_onnx"]["median_ms"],
+            results["gates"].append(gate("pipeline median latency ms", results["end_to_end"]["latency_onnx"]["median_ms"],
                                           "<=", budget))
         return results
 
@@ -218,11 +219,6 @@ class OnnxBundleBuilder:
             "latency_onnx": timings_ms(lambda: one(ort_pipe), warmup=1, runs=5),
             "latency_pytorch": timings_ms(lambda: one(pipe), warmup=1, runs=5),
         }
-
-
-def _gate(name: str, value: float, op: str, limit: float) -> dict:
-    ok = value >= limit if op == ">=" else value <= limit
-    return {"name": name, "value": value, "op": op, "limit": limit, "passed": bool(ok)}
 
 
 def convert_to_ort(folder: Path) -> None:

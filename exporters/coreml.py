@@ -197,6 +197,7 @@ class CoreMLBundleBuilder:
 
     def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
         from exporters.bundle import pruned_weights
+        from exporters.validate import gate
 
         profile = self.profile
         dims = pipeline_dims(pipe, profile.shapes)
@@ -223,18 +224,17 @@ class CoreMLBundleBuilder:
                         "dense_bytes": package_size(dense_path), "bytes": package_size(final),
                         "dense_weight_bytes": weight_blob_size(dense_path), "weight_bytes": weight_blob_size(final),
                         "pruned_sparsity": sparsity, "io": check_io(final, spec, dims)}
-                results["gates"].append(_gate(f"{spec.name} IO matches the description", comp["io"]["passed"]))
+                results["gates"].append(gate(f"{spec.name} IO matches the description", float(comp["io"]["passed"]),
+                                             ">=", 1.0))
                 if weights:
-                    comp["weights"] = check_weights(final, _wrapper_attr(spec), weights, exact_values=not self.compress)
-                    results["gates"].append(_gate(f"{spec.name} pruned weights read back exactly",
-                                                  not comp["weights"]["failed"]))
+                    comp["weights"] = check_weights(final, spec.source, weights, exact_values=not self.compress)
+                    results["gates"].append(gate(f"{spec.name} pruned weights read back exactly",
+                                                 float(not comp["weights"]["failed"]), ">=", 1.0))
                     if not self.compress:
                         mask_bytes = sum(w.numel() for w in weights.values()) / 8
                         comp["size_limit_bytes"] = ((1 - sparsity) + SIZE_SLACK) * comp["dense_weight_bytes"] + mask_bytes
-                        results["gates"].append({
-                            "name": f"{spec.name} weight bytes ≤ (1−s)·dense + 5% + mask", "value": comp["weight_bytes"],
-                            "op": "<=", "limit": comp["size_limit_bytes"],
-                            "passed": comp["weight_bytes"] <= comp["size_limit_bytes"]})
+                        results["gates"].append(gate(f"{spec.name} weight bytes ≤ (1−s)·dense + 5% + mask",
+                                                     comp["weight_bytes"], "<=", comp["size_limit_bytes"]))
                 results["components"][spec.name] = comp
                 results["components"][spec.name]["prediction"] = self._predict(final, pipe, spec, dims)
         pipe.tokenizer.save_pretrained(staging / "_tok")
@@ -266,18 +266,9 @@ class CoreMLBundleBuilder:
         return {"status": "ran", "psnr_db": scores, "latency": timings_ms(lambda: model.predict(feeds))}
 
 
-def _wrapper_attr(spec: ComponentSpec) -> str:
-    """The attribute name the wrapper holds its module under (the prefix of Core ML's const names)."""
-    return {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}[spec.name]
-
-
 def _zero_fraction(weights: dict[str, torch.Tensor]) -> float:
     total = sum(w.numel() for w in weights.values())
     return sum(float((w == 0).sum()) for w in weights.values()) / total if total else 0.0
-
-
-def _gate(name: str, ok: bool) -> dict:
-    return {"name": name, "value": float(ok), "op": ">=", "limit": 1.0, "passed": bool(ok)}
 
 
 def revalidate_coreml(bundle: Path, manifest: dict) -> dict:

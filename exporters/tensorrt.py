@@ -166,6 +166,7 @@ class TensorRTBundleBuilder:
 
     def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
         from exporters.bundle import OnnxBundleBuilder
+        from exporters.validate import gate
 
         results = OnnxBundleBuilder(self.profile, self.precision).build(pipe, staging, dense_pipe=dense_pipe, record=record)
         specs = specs_for(pipe)
@@ -175,9 +176,8 @@ class TensorRTBundleBuilder:
             report = two_of_four_report(pipe, record, spec, staging / spec.name / "model.onnx")
             if report["targeted"]:
                 results["sparsity_2of4"][spec.name] = report
-                results["gates"].append({"name": f"{spec.name} targeted layers 2:4 (checker and polygraphy)",
-                                         "value": float(report["both"]), "op": ">=", "limit": float(report["targeted"]),
-                                         "passed": report["both"] == report["targeted"]})
+                results["gates"].append(gate(f"{spec.name} targeted layers 2:4 (checker and polygraphy)",
+                                             float(report["both"]), ">=", float(report["targeted"])))
         self._write_device_files(staging, specs, dims)
         results["engines"] = self._maybe_build_engines(staging, specs, dims)
         results.setdefault("notes", []).append(

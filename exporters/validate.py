@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from exporters.components import ComponentSpec
+from exporters.device.validate_on_device import timings
 from obsdiff.digits import prompt_for
 
 log = logging.getLogger(__name__)
@@ -45,17 +46,29 @@ def psnr(reference: np.ndarray, candidate: np.ndarray, peak: float = 1.0) -> flo
     return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
+def gate(name: str, value: float, op: str, limit: float) -> dict:
+    """One validation gate; a failed one keeps the bundle from being published."""
+    ok = value >= limit if op == ">=" else value <= limit
+    return {"name": name, "value": value, "op": op, "limit": limit, "passed": bool(ok)}
+
+
 def timings_ms(fn: Callable[[], object], warmup: int = 3, runs: int = 20) -> dict[str, float]:
-    for _ in range(warmup):
+    """Median and p90 after warm-up: the device validator's own loop, so host and device time alike."""
+    return {**timings(fn, warmup, runs), "runs": runs}
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, dict[str, float]]:
+    """Several candidates (dense, pruned) timed alternately, so drift on the machine hits them equally."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
         fn()
-    samples = []
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000)
-    samples.sort()
-    return {"median_ms": statistics.median(samples), "p90_ms": samples[min(len(samples) - 1, int(0.9 * len(samples)))],
-            "runs": runs}
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append((time.perf_counter() - t0) * 1000)
+    return {"median_ms": {k: statistics.median(v) for k, v in samples.items()},
+            "p90_ms": {k: sorted(v)[min(len(v) - 1, int(0.9 * len(v)))] for k, v in samples.items()}}
 
 
 @torch.no_grad()

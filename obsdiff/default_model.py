@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "digits-sd"
 DEFAULT_JUDGE_DIR = REPO_ROOT / "models" / "digits-judge"
+DIGIT_PROMPTS = REPO_ROOT / "calibration_data" / "digits.txt"
+MODEL_PROMPTS = "calibration_prompts.txt"  # a model folder may ship its own calibration prompts (see prune)
 
 TEXT_CONFIG = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                    max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
@@ -178,6 +180,7 @@ def train_default_model(out_dir: Path, judge_dir: Path, vae_steps: int, unet_ste
             "final_denoising_loss": loss, "train_images": len(images), "judge_train_images": len(train_idx),
             "minutes": (time.time() - started) / 60}
     (staging / "training.json").write_text(json.dumps(info, indent=2))
+    shutil.copy(DIGIT_PROMPTS, staging / MODEL_PROMPTS)  # prune's default prompts for this model
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return info

@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 import resource
 import shutil
 import time
@@ -25,18 +26,18 @@ from tqdm import tqdm
 from obsdiff import __version__
 from obsdiff.adapters import Skipped, TargetLayer, adapter_for, find_targets
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
+from obsdiff.default_model import MODEL_PROMPTS
 from obsdiff.distributed import World, all_reduce_hessians, barrier, broadcast_layer, device_for, fault_point, init_world
 from obsdiff.errors import ObsdiffError, UsageError
 from obsdiff.hessian import StepContext, Weighting, timestep_weights
 from obsdiff.layers import column_permutation, permute_hessian, reduction_size, set_weight_matrix, weight_matrix
 from obsdiff.model_io import PRUNING_JSON, copy_tree_linked, load_pipeline, pipeline_components
-from obsdiff.solver import Pattern, SolveResult, magnitude_prune, obs_prune, wanda_prune
+from obsdiff.solver import Pattern, SolveResult, finite_or_none, magnitude_prune, obs_prune, wanda_prune
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GENERAL_PROMPTS = REPO_ROOT / "calibration_data" / "general.txt"
-MODEL_PROMPTS = "calibration_prompts.txt"  # a model folder may ship its own calibration prompts
 
 
 class Method(str, enum.Enum):
@@ -208,10 +209,10 @@ def _partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(f".{out_dir.name}.obsdiff-partial")
 
 
-def _save_progress(partial: Path, progress: Progress, components: dict) -> None:
+def _save_progress(partial: Path, progress: Progress, name: str, component) -> None:
+    """The component whose package just finished (the others are unchanged since their last save)."""
     tmp = partial / "progress.json.tmp"
-    for name in progress.done:
-        save_model(components[name], str(partial / f"{name}.safetensors"))  # handles tied weights (T5)
+    save_model(component, str(partial / f"{name}.safetensors"))  # handles tied weights (T5)
     tmp.write_text(json.dumps(asdict(progress)))
     tmp.replace(partial / "progress.json")
 
@@ -291,7 +292,7 @@ class Pruner:
                     self._run_package(pipe, name, adapter, package, p, settings, progress)
                     progress.done[name] = p + 1
                     if world.is_main:
-                        _save_progress(partial, progress, components)
+                        _save_progress(partial, progress, name, components[name])
                     ran += 1
                     fault_point(world, ran)
         except KeyboardInterrupt:
@@ -395,7 +396,7 @@ class Pruner:
                 record = asdict(LayerRecord(
                     name=f"{component}.{t.name}", kind=type(t.module).__name__, shape=list(t.module.weight.shape),
                     package=index, sparsity=float((t.module.weight == 0).float().mean()),
-                    error=_finite(result.error), relative_error=_finite(result.relative_error),
+                    error=finite_or_none(result.error), relative_error=finite_or_none(result.relative_error),
                     damp=result.damp if config.method is Method.OBS_DIFF else None))
             progress.layers.append(broadcast_layer(self.world, t.module, record, owner))
         progress.timings["solve_s"] = progress.timings.get("solve_s", 0) + time.time() - t0
@@ -446,8 +447,8 @@ class Pruner:
                 }
                 continue
             layers = [r for r in progress.layers if r["name"].startswith(name + ".")]
-            pruned = sum(r["shape"][0] * _prod(r["shape"][1:]) for r in layers)
-            zeros = sum(r["sparsity"] * r["shape"][0] * _prod(r["shape"][1:]) for r in layers)
+            pruned = sum(math.prod(r["shape"]) for r in layers)
+            zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers)
             per_component[name] = {
                 "adapter": adapter.family, "packages": [[t.name for t in p] for p in packages],
                 "pruned_layers": len(layers), "pruned_weights": pruned,
@@ -489,17 +490,6 @@ def _vae_encoder_feed(vae):
         vae.encode(images.to(vae.dtype) * 2 - 1)
 
     return feed
-
-
-def _prod(xs: list[int]) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
-
-
-def _finite(x: float) -> float | None:
-    return None if x != x or x in (float("inf"), float("-inf")) else x
 
 
 def prune(model_dir: Path, out_dir: Path, config: PruneConfig, **kwargs) -> dict:

@@ -53,6 +53,11 @@ class SolveResult:
     damp: float  # damping actually used (after retries)
 
 
+def finite_or_none(x: float) -> float | None:
+    """Errors go to JSON: NaN (no Hessian) and ±inf become null."""
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
 def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
     """‖(W − Ŵ)X‖² and its ratio to ‖WX‖², both per calibration row, from H = 2·E[XXᵀ]."""
     delta = (weight - pruned).double()

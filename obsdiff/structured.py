@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from obsdiff.errors import UsageError
+from obsdiff.solver import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,9 @@ def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None
     keep = [h for h in range(heads) if h not in set(forced)]
     shrink_attention(unit.module, keep)
     return {"unit": unit.path, "kind": "heads", "before": heads, "after": len(keep), "head_dim": d,
-            "removed": sorted(forced), "layers": {k: {"error": _finite(v.error), "relative_error": _finite(v.relative_error)}
-                                                  for k, v in results.items()}}
+            "removed": sorted(forced),
+            "layers": {k: {"error": finite_or_none(v.error), "relative_error": finite_or_none(v.relative_error)}
+                       for k, v in results.items()}}
 
 
 def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config, component: nn.Module) -> dict:
@@ -239,12 +241,8 @@ def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config, component: nn
     keep = [q for q in range(inner) if q not in set(res.removed)]
     shrink_ffn(unit, keep, component)
     return {"unit": unit.down_path, "up": unit.up_path, "kind": "ffn", "before": inner, "after": len(keep),
-            "gated": unit.gated, "layers": {unit.down_path: {"error": _finite(res.error),
-                                                             "relative_error": _finite(res.relative_error)}}}
-
-
-def _finite(x: float) -> float | None:
-    return None if x != x or math.isinf(x) else x
+            "gated": unit.gated, "layers": {unit.down_path: {"error": finite_or_none(res.error),
+                                                             "relative_error": finite_or_none(res.relative_error)}}}
 
 
 def shapes_from_records(records: list[dict]) -> dict:
