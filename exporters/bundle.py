@@ -220,6 +220,31 @@ class OnnxBundleBuilder:
             "latency_pytorch": timings_ms(lambda: one(pipe), warmup=1, runs=5),
         }
 
+    def report_sections(self, results: dict) -> list[str]:
+        """Components vs PyTorch and the end-to-end comparison."""
+        lines = ["", "## Components vs PyTorch (sample inputs)", "",
+                 "| component | output | cosine | rel. L2 | max abs | median ms | p90 ms | pruned zeros (torch → export) |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for name, comp in results["components"].items():
+            sp = comp["sparsity"]
+            zeros = (f"{sp['zero_fraction_torch']:.4f} → {sp['zero_fraction_onnx']:.4f}" if sp.get("pruned_layers") else "dense")
+            for out, c in comp["outputs"].items():
+                lat = comp["latency"]
+                lines.append(f"| {name} | {out} | {c['cosine']:.7f} | {c['relative_l2']:.2e} | {c['max_abs']:.2e} | "
+                             f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {zeros} |")
+        e2e = results["end_to_end"]
+        lines += ["", "## End to end", "",
+                  f"{len(e2e['prompts'])} prompts, {e2e['steps']} steps, guidance {e2e['guidance']}, seed {e2e['seed']}, "
+                  f"{e2e['scheduler']}; same initial latents for every row.", "",
+                  f"- exported vs pruned PyTorch: **{e2e['psnr_db']:.2f} dB** PSNR"]
+        if e2e.get("psnr_dense_vs_pruned_db") is not None:
+            lines.append(f"- pruned vs dense PyTorch: {e2e['psnr_dense_vs_pruned_db']:.2f} dB PSNR (what pruning changed)")
+        lines += ["", "| pipeline (1 prompt) | median ms | p90 ms |", "|---|---|---|",
+                  f"| exported | {e2e['latency_onnx']['median_ms']:.1f} | {e2e['latency_onnx']['p90_ms']:.1f} |",
+                  f"| PyTorch | {e2e['latency_pytorch']['median_ms']:.1f} | {e2e['latency_pytorch']['p90_ms']:.1f} |",
+                  "", "![dense PyTorch, pruned PyTorch, exported](images.png)"]
+        return lines
+
 
 def convert_to_ort(folder: Path) -> None:
     """ONNX Runtime's own converter: ``model.ort`` beside each ``model.onnx`` and the operator config."""
@@ -262,66 +287,13 @@ def write_manifest(staging: Path, profile: TargetProfile, precision: Precision, 
     return manifest
 
 
-def write_report(staging: Path, profile: TargetProfile, results: dict) -> None:
+def write_report(staging: Path, profile: TargetProfile, results: dict, sections: list[str]) -> None:
+    """report.md: the gates, then the builder's own sections, then notes; validation.json beside it."""
     lines = [f"# obsdiff bundle: target `{profile.name}`", "", profile.description, "", "## Gates", "",
              "| gate | value | limit | result |", "|---|---|---|---|"]
     for g in results["gates"]:
         lines.append(f"| {g['name']} | {g['value']:.6g} | {g['op']} {g['limit']:g} | {'pass' if g['passed'] else 'FAIL'} |")
-    if any("outputs" in c for c in results["components"].values()):
-        lines += ["", "## Components vs PyTorch (sample inputs)", "",
-                  "| component | output | cosine | rel. L2 | max abs | median ms | p90 ms | pruned zeros (torch → export) |",
-                  "|---|---|---|---|---|---|---|---|"]
-    for name, comp in results["components"].items():
-        if "outputs" not in comp:
-            continue
-        sp = comp["sparsity"]
-        zeros = (f"{sp['zero_fraction_torch']:.4f} → {sp['zero_fraction_onnx']:.4f}" if sp.get("pruned_layers") else "dense")
-        for out, c in comp["outputs"].items():
-            lat = comp["latency"]
-            lines.append(f"| {name} | {out} | {c['cosine']:.7f} | {c['relative_l2']:.2e} | {c['max_abs']:.2e} | "
-                         f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {zeros} |")
-    if "deployment_target" in results:
-        lines += ["", f"## Core ML packages (deployment target {results['deployment_target']}, "
-                  f"compression {results['compress'] or 'sparse only'})", "",
-                  "| component | package | package KB dense → sparse | weights KB dense → sparse (limit) | pruned sparsity "
-                  "| weights read back | IO | prediction |", "|---|---|---|---|---|---|---|---|"]
-        for name, comp in results["components"].items():
-            w = comp.get("weights")
-            wtxt = f"{w['checked'] - len(w['failed'])}/{w['checked']} exact" if w else "dense"
-            limit = f"{comp['size_limit_bytes'] / 1024:.0f}" if "size_limit_bytes" in comp else "-"
-            pred = comp["prediction"]
-            lines.append(f"| {name} | `{comp['package']}` | {comp['dense_bytes'] / 1024:.0f} → {comp['bytes'] / 1024:.0f} | "
-                         f"{comp['dense_weight_bytes'] / 1024:.0f} → {comp['weight_bytes'] / 1024:.0f} ({limit}) | "
-                         f"{comp['pruned_sparsity']:.3f} | {wtxt} | {'match' if comp['io']['passed'] else 'MISMATCH'} | "
-                         f"{pred['status']}{': ' + pred['reason'] if pred.get('reason') else ''} |")
-    e2e = results.get("end_to_end")
-    if e2e:
-        lines += ["", "## End to end", "",
-                  f"{len(e2e['prompts'])} prompts, {e2e['steps']} steps, guidance {e2e['guidance']}, seed {e2e['seed']}, "
-                  f"{e2e['scheduler']}; same initial latents for every row.", "",
-                  f"- exported vs pruned PyTorch: **{e2e['psnr_db']:.2f} dB** PSNR"]
-        if e2e.get("psnr_dense_vs_pruned_db") is not None:
-            lines.append(f"- pruned vs dense PyTorch: {e2e['psnr_dense_vs_pruned_db']:.2f} dB PSNR (what pruning changed)")
-        lines += ["", "| pipeline (1 prompt) | median ms | p90 ms |", "|---|---|---|",
-                  f"| exported | {e2e['latency_onnx']['median_ms']:.1f} | {e2e['latency_onnx']['p90_ms']:.1f} |",
-                  f"| PyTorch | {e2e['latency_pytorch']['median_ms']:.1f} | {e2e['latency_pytorch']['p90_ms']:.1f} |",
-                  "", "![dense PyTorch, pruned PyTorch, exported](images.png)"]
-    for comp, rep in results.get("sparsity_2of4", {}).items():
-        lines += ["", f"## 2:4 sparsity of `{comp}` (TensorRT's axis: Conv input channels, MatMul/Gemm K)", "",
-                  f"{rep['targeted']} layers targeted by the prune: {rep['checker']} 2:4 by our checker, "
-                  f"{rep['polygraphy']} by `polygraphy inspect sparsity`, {rep['both']} by both.", "",
-                  "| layer | ONNX op | initializer | checker | polygraphy |", "|---|---|---|---|---|"]
-        for name, layer in rep["layers"].items():
-            lines.append(f"| {name} | {layer['op']} | {layer['initializer']} | {'2:4' if layer['checker'] else 'no'} | "
-                         f"{'2:4' if layer['polygraphy'] else 'no'} |")
-        if rep["dense"]:
-            lines += ["", "Left dense (listed by the prune): " + ", ".join(f"`{n}`" for n in rep["dense"])]
-    engines = results.get("engines")
-    if engines:
-        lines += ["", "## TensorRT engines", "", f"Status: **{engines['status']}**" +
-                  (f" — {engines['reason']}" if engines.get("reason") else "")]
-        for comp, info in engines.get("components", {}).items():
-            lines.append(f"- {comp}: {len(info['picked'])} layers picked sparse of {len(info['eligible'])} eligible")
+    lines += sections
     for note in results.get("notes", []):
         lines += ["", f"> {note}"]
     (staging / "report.md").write_text("\n".join(lines) + "\n")
@@ -350,7 +322,7 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
         dims = pipeline_dims(pipe, profile.shapes)
         if record:
             (staging / "pruning.json").write_text(json.dumps(record, indent=2))
-        write_report(staging, profile, results)
+        write_report(staging, profile, results, builder.report_sections(results))
         manifest = write_manifest(staging, profile, prec, Path(model_dir), specs, dims, record, results)
         failed = [g for g in results["gates"] if not g["passed"]]
         if failed:

@@ -250,6 +250,24 @@ class CoreMLBundleBuilder:
                                 "beside it.")
         return results
 
+    def report_sections(self, results: dict) -> list[str]:
+        """Sizes dense vs sparse, the weight read-back, IO, and prediction (macOS only)."""
+        lines: list[str] = []
+        lines += ["", f"## Core ML packages (deployment target {results['deployment_target']}, "
+                  f"compression {results['compress'] or 'sparse only'})", "",
+                  "| component | package | package KB dense → sparse | weights KB dense → sparse (limit) | pruned sparsity "
+                  "| weights read back | IO | prediction |", "|---|---|---|---|---|---|---|---|"]
+        for name, comp in results["components"].items():
+            w = comp.get("weights")
+            wtxt = f"{w['checked'] - len(w['failed'])}/{w['checked']} exact" if w else "dense"
+            limit = f"{comp['size_limit_bytes'] / 1024:.0f}" if "size_limit_bytes" in comp else "-"
+            pred = comp["prediction"]
+            lines.append(f"| {name} | `{comp['package']}` | {comp['dense_bytes'] / 1024:.0f} → {comp['bytes'] / 1024:.0f} | "
+                         f"{comp['dense_weight_bytes'] / 1024:.0f} → {comp['weight_bytes'] / 1024:.0f} ({limit}) | "
+                         f"{comp['pruned_sparsity']:.3f} | {wtxt} | {'match' if comp['io']['passed'] else 'MISMATCH'} | "
+                         f"{pred['status']}{': ' + pred['reason'] if pred.get('reason') else ''} |")
+        return lines
+
     def _predict(self, path: Path, pipe, spec: ComponentSpec, dims: dict[str, int]) -> dict:
         if platform.system() != "Darwin":
             return {"status": "skipped", "reason": "Core ML prediction needs macOS; conversion and weight checks ran here"}

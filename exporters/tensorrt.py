@@ -185,6 +185,29 @@ class TensorRTBundleBuilder:
             "(logs/*.sparsity.txt after build_engines.sh).")
         return results
 
+    def report_sections(self, results: dict) -> list[str]:
+        """The ONNX sections, then which targeted layers are 2:4, then the engines' status."""
+        from exporters.bundle import OnnxBundleBuilder
+
+        lines = OnnxBundleBuilder(self.profile, self.precision).report_sections(results)
+        for comp, rep in results.get("sparsity_2of4", {}).items():
+            lines += ["", f"## 2:4 sparsity of `{comp}` (TensorRT's axis: Conv input channels, MatMul/Gemm K)", "",
+                      f"{rep['targeted']} layers targeted by the prune: {rep['checker']} 2:4 by our checker, "
+                      f"{rep['polygraphy']} by `polygraphy inspect sparsity`, {rep['both']} by both.", "",
+                      "| layer | ONNX op | initializer | checker | polygraphy |", "|---|---|---|---|---|"]
+            for name, layer in rep["layers"].items():
+                lines.append(f"| {name} | {layer['op']} | {layer['initializer']} | {'2:4' if layer['checker'] else 'no'} | "
+                             f"{'2:4' if layer['polygraphy'] else 'no'} |")
+            if rep["dense"]:
+                lines += ["", "Left dense (listed by the prune): " + ", ".join(f"`{n}`" for n in rep["dense"])]
+        engines = results.get("engines")
+        if engines:
+            lines += ["", "## TensorRT engines", "", f"Status: **{engines['status']}**" +
+                      (f" — {engines['reason']}" if engines.get("reason") else "")]
+            for comp, info in engines.get("components", {}).items():
+                lines.append(f"- {comp}: {len(info['picked'])} layers picked sparse of {len(info['eligible'])} eligible")
+        return lines
+
     def _write_device_files(self, staging: Path, specs: tuple[ComponentSpec, ...], dims: dict[str, int]) -> None:
         script = staging / "build_engines.sh"
         script.write_text(build_script(specs, dims, self.profile))
