@@ -2,7 +2,12 @@
 
 Every exporter (ONNX, TensorRT profiles, Core ML input types) and every validator reads these and
 nothing else. Names follow optimum's ONNX configs, so optimum's ORT pipelines load our bundles.
-Symbolic dims are resolved from the component's own config and the target's shapes.
+Symbolic dims are resolved from the pipeline's own configs and the target's shapes
+(``pipeline_dims``); per-encoder sizes are namespaced (``text_encoder_2.hidden``).
+
+Families: Stable Diffusion 1.x/2.x, SDXL and SD3. The set of descriptions for a pipeline is built
+from its configs, because the text encoders' outputs depend on them (SDXL and SD3 read a
+penultimate hidden state, so every ``hidden_states.i`` is an output, as in optimum).
 """
 
 from __future__ import annotations
@@ -16,18 +21,23 @@ from torch import nn
 from exporters.profiles import Shapes
 from obsdiff.errors import ExportError
 
+# Which role each component plays; target profiles choose components by role (Core ML ships no VAE encoder).
+TEXT_ENCODER, DENOISER, VAE_DECODER, VAE_ENCODER = "text_encoder", "denoiser", "vae_decoder", "vae_encoder"
+
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: torch.dtype
     dims: tuple[str | int, ...]  # ints are fixed, strings are symbols resolved per pipeline
+    high: str | None = None  # integer inputs: the symbol of their exclusive upper bound (a vocabulary size)
 
 
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str  # folder name in the bundle (optimum's layout)
     source: str  # pipeline attribute it wraps
+    role: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     wrapper: Callable[[nn.Module], nn.Module]
@@ -53,45 +63,93 @@ class ComponentSpec:
         for t in self.inputs:
             shape = self.resolve(dims, t)
             if t.dtype in (torch.int64, torch.int32):
-                out[t.name] = torch.randint(0, dims["vocab"], shape, generator=g, dtype=t.dtype)
+                out[t.name] = torch.randint(0, dims[t.high or "vocab"], shape, generator=g, dtype=t.dtype)
             elif t.name == "timestep":
-                out[t.name] = torch.tensor(float(dims["timestep"]), dtype=t.dtype).reshape(shape)
+                out[t.name] = torch.full(shape, float(dims["timestep"]), dtype=t.dtype)
             else:
                 out[t.name] = torch.randn(shape, generator=g, dtype=t.dtype)
         return out
 
 
 # ---- wrappers: small explicit modules, one job each (no patched forwards) -----------------------
+# Each keeps the wrapped module as ``model``, so traced weight names start with ``WRAPPED_ATTR``.
+
+WRAPPED_ATTR = "model"
 
 
 class TextEncoderWrapper(nn.Module):
+    """CLIP text model: last hidden state and pooled output (SD 1.x/2.x)."""
+
     def __init__(self, text_encoder: nn.Module) -> None:
         super().__init__()
-        self.text_encoder = text_encoder
+        self.model = text_encoder
 
     def forward(self, input_ids: torch.Tensor):
-        out = self.text_encoder(input_ids, return_dict=False)
+        out = self.model(input_ids, return_dict=False)
         return out[0], out[1]
+
+
+class TextEncoderHiddenStatesWrapper(nn.Module):
+    """CLIP (with or without projection): its two outputs, then every hidden state (SDXL and SD3 read the penultimate)."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.model = text_encoder
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.model(input_ids, output_hidden_states=True, return_dict=False)
+        return (out[0], out[1], *out[2])
+
+
+class T5EncoderWrapper(nn.Module):
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.model = text_encoder
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids, return_dict=False)[0]
 
 
 class UNetWrapper(nn.Module):
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
-        self.unet = unet
+        self.model = unet
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class SDXLUNetWrapper(nn.Module):
+    """SDXL's UNet takes the pooled text embedding and the size/crop ids as added conditions."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.model = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+
+
+class SD3TransformerWrapper(nn.Module):
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.model = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.model(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
 
 
 class VAEDecoderWrapper(nn.Module):
-    """Decodes already-scaled latents (the pipeline divides by scaling_factor first)."""
+    """Decodes already-scaled latents (the pipeline divides by scaling_factor, adds shift_factor, first)."""
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
-        self.vae = vae
+        self.model = vae
 
     def forward(self, latent_sample: torch.Tensor):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
+        return self.model.decode(latent_sample, return_dict=False)[0]
 
 
 class VAEEncoderWrapper(nn.Module):
@@ -99,68 +157,127 @@ class VAEEncoderWrapper(nn.Module):
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
-        self.vae = vae
+        self.model = vae
 
     def forward(self, sample: torch.Tensor):
-        return self.vae.encode(sample, return_dict=False)[0].parameters
+        return self.model.encode(sample, return_dict=False)[0].parameters
 
 
-SD_COMPONENTS: tuple[ComponentSpec, ...] = (
-    ComponentSpec(
-        "text_encoder", "text_encoder",
-        inputs=(TensorSpec("input_ids", torch.int64, ("batch", "sequence")),),
-        outputs=(TensorSpec("last_hidden_state", torch.float32, ("batch", "sequence", "text_hidden")),
-                 TensorSpec("pooler_output", torch.float32, ("batch", "text_hidden"))),
-        wrapper=TextEncoderWrapper,
-    ),
-    ComponentSpec(
-        "unet", "unet",
-        inputs=(TensorSpec("sample", torch.float32, ("unet_batch", "latent_channels", "latent_height", "latent_width")),
-                TensorSpec("timestep", torch.float32, ()),
-                TensorSpec("encoder_hidden_states", torch.float32, ("unet_batch", "sequence", "text_hidden"))),
-        outputs=(TensorSpec("out_sample", torch.float32,
-                            ("unet_batch", "latent_channels", "latent_height", "latent_width")),),
-        wrapper=UNetWrapper, dynamic=("unet_batch",),
-    ),
-    ComponentSpec(
-        "vae_decoder", "vae",
-        inputs=(TensorSpec("latent_sample", torch.float32, ("batch", "latent_channels", "latent_height", "latent_width")),),
-        outputs=(TensorSpec("sample", torch.float32, ("batch", "image_channels", "height", "width")),),
-        wrapper=VAEDecoderWrapper,
-    ),
-    ComponentSpec(
-        "vae_encoder", "vae",
-        inputs=(TensorSpec("sample", torch.float32, ("batch", "image_channels", "height", "width")),),
-        outputs=(TensorSpec("latent_parameters", torch.float32,
-                            ("batch", "latent_parameters", "latent_height", "latent_width")),),
-        wrapper=VAEEncoderWrapper,
-    ),
-)
+# ---- descriptions ------------------------------------------------------------------------------------
 
-PIPELINE_SPECS: dict[str, tuple[ComponentSpec, ...]] = {
-    "StableDiffusionPipeline": SD_COMPONENTS,
+_F32, _I64 = torch.float32, torch.int64
+_LATENT = ("unet_batch", "latent_channels", "latent_height", "latent_width")
+
+
+def _ids(name: str) -> TensorSpec:
+    return TensorSpec("input_ids", _I64, ("batch", f"{name}.sequence"), high=f"{name}.vocab")
+
+
+def _clip(name: str, module: nn.Module, hidden_states: bool) -> ComponentSpec:
+    """A CLIP text encoder; with ``hidden_states`` every layer's output too (optimum's SDXL/SD3 configs)."""
+    seq, hid = f"{name}.sequence", f"{name}.hidden"
+    projected = "WithProjection" in type(module).__name__
+    first = (TensorSpec("text_embeds", _F32, ("batch", f"{name}.projection")) if projected
+             else TensorSpec("last_hidden_state", _F32, ("batch", seq, hid)))
+    second = (TensorSpec("last_hidden_state", _F32, ("batch", seq, hid)) if projected
+              else TensorSpec("pooler_output", _F32, ("batch", hid)))
+    states = tuple(TensorSpec(f"hidden_states.{i}", _F32, ("batch", seq, hid))
+                   for i in range(module.config.num_hidden_layers + 1)) if hidden_states else ()
+    return ComponentSpec(name, name, TEXT_ENCODER, inputs=(_ids(name),), outputs=(first, second, *states),
+                         wrapper=TextEncoderHiddenStatesWrapper if hidden_states else TextEncoderWrapper)
+
+
+def _t5(name: str) -> ComponentSpec:
+    return ComponentSpec(name, name, TEXT_ENCODER, inputs=(_ids(name),),
+                         outputs=(TensorSpec("last_hidden_state", _F32, ("batch", f"{name}.sequence", f"{name}.hidden")),),
+                         wrapper=T5EncoderWrapper)
+
+
+def _vae() -> tuple[ComponentSpec, ComponentSpec]:
+    decoder = ComponentSpec(
+        "vae_decoder", "vae", VAE_DECODER,
+        inputs=(TensorSpec("latent_sample", _F32, ("batch", "latent_channels", "latent_height", "latent_width")),),
+        outputs=(TensorSpec("sample", _F32, ("batch", "image_channels", "height", "width")),),
+        wrapper=VAEDecoderWrapper)
+    encoder = ComponentSpec(
+        "vae_encoder", "vae", VAE_ENCODER,
+        inputs=(TensorSpec("sample", _F32, ("batch", "image_channels", "height", "width")),),
+        outputs=(TensorSpec("latent_parameters", _F32, ("batch", "latent_parameters", "latent_height", "latent_width")),),
+        wrapper=VAEEncoderWrapper)
+    return decoder, encoder
+
+
+def _sd_specs(pipe) -> tuple[ComponentSpec, ...]:
+    unet = ComponentSpec(
+        "unet", "unet", DENOISER,
+        inputs=(TensorSpec("sample", _F32, _LATENT), TensorSpec("timestep", _F32, ()),
+                TensorSpec("encoder_hidden_states", _F32, ("unet_batch", "text_encoder.sequence", "text_encoder.hidden"))),
+        outputs=(TensorSpec("out_sample", _F32, _LATENT),),
+        wrapper=UNetWrapper, dynamic=("unet_batch",))
+    return (_clip("text_encoder", pipe.text_encoder, hidden_states=False), unet, *_vae())
+
+
+def _sdxl_specs(pipe) -> tuple[ComponentSpec, ...]:
+    unet = ComponentSpec(
+        "unet", "unet", DENOISER,
+        inputs=(TensorSpec("sample", _F32, _LATENT), TensorSpec("timestep", _F32, ()),
+                TensorSpec("encoder_hidden_states", _F32, ("unet_batch", "text_encoder.sequence", "cross_attention")),
+                TensorSpec("text_embeds", _F32, ("unet_batch", "text_encoder_2.projection")),
+                TensorSpec("time_ids", _F32, ("unet_batch", 6))),
+        outputs=(TensorSpec("out_sample", _F32, _LATENT),),
+        wrapper=SDXLUNetWrapper, dynamic=("unet_batch",))
+    encoders = [_clip(n, getattr(pipe, n), hidden_states=True) for n in ("text_encoder", "text_encoder_2")
+                if getattr(pipe, n, None) is not None]
+    return (*encoders, unet, *_vae())
+
+
+def _sd3_specs(pipe) -> tuple[ComponentSpec, ...]:
+    transformer = ComponentSpec(
+        "transformer", "transformer", DENOISER,
+        inputs=(TensorSpec("hidden_states", _F32, _LATENT),
+                TensorSpec("encoder_hidden_states", _F32, ("unet_batch", "joint_sequence", "joint_attention")),
+                TensorSpec("pooled_projections", _F32, ("unet_batch", "pooled_projection")),
+                TensorSpec("timestep", _F32, ("unet_batch",))),
+        outputs=(TensorSpec("out_hidden_states", _F32, _LATENT),),
+        wrapper=SD3TransformerWrapper, dynamic=("unet_batch",))
+    encoders = [_clip(n, getattr(pipe, n), hidden_states=True) for n in ("text_encoder", "text_encoder_2")]
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        encoders.append(_t5("text_encoder_3"))
+    return (*encoders, transformer, *_vae())
+
+
+PIPELINE_SPECS: dict[str, Callable[[object], tuple[ComponentSpec, ...]]] = {
+    "StableDiffusionPipeline": _sd_specs,
+    "StableDiffusionXLPipeline": _sdxl_specs,
+    "StableDiffusion3Pipeline": _sd3_specs,
 }
+
+# SD3 tokenizes for T5 to this length (its __call__ default) and pads the joint sequence to it even without a T5.
+SD3_T5_SEQUENCE = 256
 
 
 def specs_for(pipe) -> tuple[ComponentSpec, ...]:
     name = type(pipe).__name__
     if name not in PIPELINE_SPECS:
         raise ExportError(f"no component description for {name} yet; supported: {', '.join(PIPELINE_SPECS)}")
-    return PIPELINE_SPECS[name]
+    return PIPELINE_SPECS[name](pipe)
+
+
+def denoiser(pipe) -> nn.Module:
+    """The UNet or the transformer."""
+    module = getattr(pipe, "unet", None)
+    return module if module is not None else pipe.transformer
 
 
 def pipeline_dims(pipe, shapes: Shapes) -> dict[str, int]:
-    """Every symbol of the SD component descriptions, from the pipeline's configs and the target shapes."""
+    """Every symbol of the descriptions, from the pipeline's configs and the target shapes."""
     scale = pipe.vae_scale_factor
     if shapes.height % scale or shapes.width % scale:
         raise ExportError(f"image size {shapes.height}×{shapes.width} is not a multiple of the VAE factor {scale}")
-    return {
+    dims = {
         "batch": shapes.batch,
         "unet_batch": 2 * shapes.batch,  # classifier-free guidance
-        "sequence": pipe.tokenizer.model_max_length,
-        "vocab": pipe.text_encoder.config.vocab_size,
-        "text_hidden": pipe.text_encoder.config.hidden_size,
-        "latent_channels": pipe.unet.config.in_channels,
+        "latent_channels": denoiser(pipe).config.in_channels,
         "latent_parameters": 2 * pipe.vae.config.latent_channels,
         "latent_height": shapes.height // scale,
         "latent_width": shapes.width // scale,
@@ -169,3 +286,21 @@ def pipeline_dims(pipe, shapes: Shapes) -> dict[str, int]:
         "width": shapes.width,
         "timestep": 500,
     }
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(pipe, name, None)
+        if encoder is None:
+            continue
+        config = encoder.config
+        tokenizer = getattr(pipe, "tokenizer" + name[len("text_encoder"):])
+        dims[f"{name}.vocab"] = config.vocab_size
+        dims[f"{name}.hidden"] = getattr(config, "hidden_size", None) or config.d_model
+        dims[f"{name}.projection"] = getattr(config, "projection_dim", 0)
+        dims[f"{name}.sequence"] = SD3_T5_SEQUENCE if name == "text_encoder_3" else tokenizer.model_max_length
+    config = denoiser(pipe).config
+    if "cross_attention_dim" in config:
+        dims["cross_attention"] = config.cross_attention_dim
+    if "joint_attention_dim" in config:
+        dims["joint_attention"] = config.joint_attention_dim
+        dims["pooled_projection"] = config.pooled_projection_dim
+        dims["joint_sequence"] = dims["text_encoder.sequence"] + SD3_T5_SEQUENCE
+    return dims

@@ -1,7 +1,9 @@
 """Core ML exporter: traced PyTorch → mlprogram (fp16) → pruned weights stored sparsely, for app bundles.
 
-Layout (Apple's Swift Stable Diffusion names): ``Resources/TextEncoder.mlpackage``, ``Unet.mlpackage``,
-``VAEDecoder.mlpackage``, ``vocab.json``, ``merges.txt``, ``scheduler_config.json``, plus the shared
+Layout (Apple's Swift Stable Diffusion names): ``Resources/TextEncoder.mlpackage`` (SDXL and SD3 add
+``TextEncoder2``, SD3 with T5 ``TextEncoderT5``), ``Unet.mlpackage`` or, for SD3,
+``MultiModalDiffusionTransformer.mlpackage``, ``VAEDecoder.mlpackage``, ``vocab.json``, ``merges.txt``
+(plus ``tokenizer.json`` and ``tokenizer_config.json`` for T5), ``scheduler_config.json``, and the shared
 ``manifest.json``. Inputs and outputs keep the names of the component descriptions (the same as the
 ONNX bundles), with fixed shapes from the target profile.
 
@@ -22,14 +24,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.components import ComponentSpec, pipeline_dims, specs_for
+from exporters.components import (
+    DENOISER,
+    TEXT_ENCODER,
+    VAE_DECODER,
+    VAE_ENCODER,
+    WRAPPED_ATTR,
+    ComponentSpec,
+    pipeline_dims,
+    specs_for,
+)
 from exporters.profiles import Precision, TargetProfile
 from obsdiff.errors import BundleError, UsageError
 
 log = logging.getLogger(__name__)
 
 RESOURCES = "Resources"
-PACKAGE_NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
+PACKAGE_NAMES = {"text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "text_encoder_3": "TextEncoderT5",
+                 "unet": "Unet", "transformer": "MultiModalDiffusionTransformer", "vae_decoder": "VAEDecoder",
+                 "vae_encoder": "VAEEncoder"}
+ROLES = (TEXT_ENCODER, DENOISER, VAE_DECODER, VAE_ENCODER)
 ZERO_THRESHOLD = 1e-12
 # Minimum deployment targets (coremltools): sparse storage iOS16/macOS13; sparse + palettize/int8 iOS18/macOS15.
 MIN_TARGET = {None: {"iOS": 16, "macOS": 13}, "palettize-4bit": {"iOS": 18, "macOS": 15},
@@ -59,6 +73,11 @@ def resolve_deployment_target(requested: str | None, default: str, compress: str
     return f"{family}{minimum}"
 
 
+def feature_name(name: str) -> str:
+    """Core ML feature names are identifiers: optimum's ``hidden_states.0`` becomes ``hidden_states_0``."""
+    return name.replace(".", "_")
+
+
 def _ct_target(name: str):
     import coremltools as ct
 
@@ -78,7 +97,7 @@ def convert_component(pipe, spec: ComponentSpec, dims: dict[str, int], deploymen
         traced = torch.jit.trace(wrapper, tuple(sample.values()), strict=False)
     inputs = [ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.int32 if v.dtype == torch.int32 else np.float32)
               for k, v in sample.items()]
-    outputs = [ct.TensorType(name=t.name) for t in spec.outputs]
+    outputs = [ct.TensorType(name=feature_name(t.name)) for t in spec.outputs]
     model = ct.convert(traced, inputs=inputs, outputs=outputs, convert_to="mlprogram",
                        minimum_deployment_target=_ct_target(deployment_target),
                        compute_precision=ct.precision.FLOAT16 if precision is Precision.FP16 else ct.precision.FLOAT32,
@@ -87,7 +106,7 @@ def convert_component(pipe, spec: ComponentSpec, dims: dict[str, int], deploymen
     for t in spec.inputs:
         model.input_description[t.name] = f"{t.name} {tuple(spec.resolve(dims, t)) or (1,)}"
     for t in spec.outputs:
-        model.output_description[t.name] = f"{t.name} {tuple(spec.resolve(dims, t))}"
+        model.output_description[feature_name(t.name)] = f"{t.name} {tuple(spec.resolve(dims, t))}"
     return model
 
 
@@ -184,7 +203,7 @@ def check_io(path: Path, spec: ComponentSpec, dims: dict[str, int]) -> dict:
     got_in = {i.name: list(i.type.multiArrayType.shape) for i in mlspec.description.input}
     got_out = [o.name for o in mlspec.description.output]
     want_in = {t.name: list(spec.resolve(dims, t)) or [1] for t in spec.inputs}
-    want_out = [t.name for t in spec.outputs]
+    want_out = [feature_name(t.name) for t in spec.outputs]
     return {"inputs": got_in, "outputs": got_out, "passed": got_in == want_in and got_out == want_out}
 
 
@@ -201,8 +220,12 @@ class CoreMLBundleBuilder:
 
         profile = self.profile
         dims = pipeline_dims(pipe, profile.shapes)
-        wanted = profile.backend.get("components", ["text_encoder", "unet", "vae_decoder"])
-        specs = [s for s in specs_for(pipe) if s.name in wanted]
+        wanted = profile.backend.get("components", [TEXT_ENCODER, DENOISER, VAE_DECODER])
+        unknown = sorted(set(wanted) - set(ROLES))
+        if unknown:
+            raise UsageError(f"target {profile.name}: [coreml] components are roles ({', '.join(ROLES)}); "
+                             f"unknown: {', '.join(unknown)}")
+        specs = [s for s in specs_for(pipe) if s.role in wanted]
         resources = staging / RESOURCES
         resources.mkdir(parents=True)
         results: dict = {"deployment_target": self.deployment_target, "compress": self.compress, "components": {},
@@ -227,27 +250,21 @@ class CoreMLBundleBuilder:
                 results["gates"].append(gate(f"{spec.name} IO matches the description", float(comp["io"]["passed"]),
                                              ">=", 1.0))
                 if weights:
-                    comp["weights"] = check_weights(final, spec.source, weights, exact_values=not self.compress)
+                    comp["weights"] = check_weights(final, WRAPPED_ATTR, weights, exact_values=not self.compress)
                     results["gates"].append(gate(f"{spec.name} pruned weights read back exactly",
                                                  float(not comp["weights"]["failed"]), ">=", 1.0))
                     if not self.compress:
-                        mask_bytes = sum(w.numel() for w in weights.values()) / 8
-                        comp["size_limit_bytes"] = ((1 - sparsity) + SIZE_SLACK) * comp["dense_weight_bytes"] + mask_bytes
+                        comp.update(size_limit(weights, comp["dense_weight_bytes"], self.precision))
                         results["gates"].append(gate(f"{spec.name} weight bytes ≤ (1−s)·dense + 5% + mask",
                                                      comp["weight_bytes"], "<=", comp["size_limit_bytes"]))
                 results["components"][spec.name] = comp
                 results["components"][spec.name]["prediction"] = self._predict(final, pipe, spec, dims)
-        pipe.tokenizer.save_pretrained(staging / "_tok")
-        for name in ("vocab.json", "merges.txt"):
-            shutil.move(str(staging / "_tok" / name), resources / name)
-        shutil.rmtree(staging / "_tok")
-        pipe.scheduler.save_config(staging / "_sched")
-        shutil.move(str(staging / "_sched" / "scheduler_config.json"), resources / "scheduler_config.json")
-        shutil.rmtree(staging / "_sched")
-        results["notes"].append("Size gate on the weight blob: Core ML stores one mask bit per pruned weight (1/16 of its "
-                                "fp16 size), so the gate allows that on top of (1 − s) × dense + 5%. The program text "
-                                "(model.mlmodel) is fixed-size and does not shrink with sparsity; package totals are shown "
-                                "beside it.")
+        _copy_tokenizer_files(pipe, staging, resources)
+        results["notes"].append(
+            "Size gate on the weight blob: Core ML stores one mask bit per pruned weight (1/16 of its fp16 size), so "
+            "the gate allows that on top of (1 − s) × dense + 5%, where s is the share of the dense weight blob that "
+            "the pruned zeros free (layers kept dense count in full). The program text (model.mlmodel) is fixed-size "
+            "and does not shrink with sparsity; package totals are shown beside it.")
         return results
 
     def report_sections(self, results: dict) -> list[str]:
@@ -255,8 +272,8 @@ class CoreMLBundleBuilder:
         lines: list[str] = []
         lines += ["", f"## Core ML packages (deployment target {results['deployment_target']}, "
                   f"compression {results['compress'] or 'sparse only'})", "",
-                  "| component | package | package KB dense → sparse | weights KB dense → sparse (limit) | pruned sparsity "
-                  "| weights read back | IO | prediction |", "|---|---|---|---|---|---|---|---|"]
+                  "| component | package | package KB dense → sparse | weights KB dense → sparse (limit) | sparsity "
+                  "(pruned layers / whole blob) | weights read back | IO | prediction |", "|---|---|---|---|---|---|---|---|"]
         for name, comp in results["components"].items():
             w = comp.get("weights")
             wtxt = f"{w['checked'] - len(w['failed'])}/{w['checked']} exact" if w else "dense"
@@ -264,7 +281,8 @@ class CoreMLBundleBuilder:
             pred = comp["prediction"]
             lines.append(f"| {name} | `{comp['package']}` | {comp['dense_bytes'] / 1024:.0f} → {comp['bytes'] / 1024:.0f} | "
                          f"{comp['dense_weight_bytes'] / 1024:.0f} → {comp['weight_bytes'] / 1024:.0f} ({limit}) | "
-                         f"{comp['pruned_sparsity']:.3f} | {wtxt} | {'match' if comp['io']['passed'] else 'MISMATCH'} | "
+                         f"{comp['pruned_sparsity']:.3f} / {comp.get('component_sparsity', 0.0):.3f} | {wtxt} | "
+                         f"{'match' if comp['io']['passed'] else 'MISMATCH'} | "
                          f"{pred['status']}{': ' + pred['reason'] if pred.get('reason') else ''} |")
         return lines
 
@@ -280,8 +298,40 @@ class CoreMLBundleBuilder:
         feeds = {k: (v.reshape(1) if v.ndim == 0 else v).astype(np.int32 if k == "input_ids" else np.float32)
                  for k, v in inputs.items()}
         got = model.predict(feeds)
-        scores = {k: psnr(ref[k], np.asarray(got[k]), peak=float(ref[k].max() - ref[k].min()) or 1.0) for k in ref}
+        scores = {k: psnr(ref[k], np.asarray(got[feature_name(k)]), peak=float(ref[k].max() - ref[k].min()) or 1.0) for k in ref}
         return {"status": "ran", "psnr_db": scores, "latency": timings_ms(lambda: model.predict(feeds))}
+
+
+def size_limit(weights: dict[str, torch.Tensor], dense_weight_bytes: int, precision: Precision) -> dict:
+    """(b) on the weight blob: (1 − s)·dense + 5% + one mask bit per sparse-stored weight.
+
+    s is the share of the dense blob that the OBS zeros free, so layers kept dense (embeddings, AdaLN
+    modulation, first and last layers) count at full size, as they are stored.
+    """
+    element = 2 if precision is Precision.FP16 else 4
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    share = min(1.0, zeros * element / dense_weight_bytes)
+    mask_bytes = sum(w.numel() for w in weights.values()) / 8
+    return {"component_sparsity": share,
+            "size_limit_bytes": ((1 - share) + SIZE_SLACK) * dense_weight_bytes + mask_bytes}
+
+
+def _copy_tokenizer_files(pipe, staging: Path, resources: Path) -> None:
+    """CLIP's BPE files (shared by SDXL's and SD3's two CLIP encoders), T5's tokenizer files, the scheduler config."""
+    wanted = [(pipe.tokenizer, ("vocab.json", "merges.txt"))]
+    if getattr(pipe, "tokenizer_3", None) is not None:
+        wanted.append((pipe.tokenizer_3, ("tokenizer.json", "tokenizer_config.json")))
+    scratch = staging / "_files"
+    for tokenizer, names in wanted:
+        tokenizer.save_pretrained(scratch)
+        for name in names:
+            if not (scratch / name).is_file():
+                raise BundleError(f"{type(tokenizer).__name__} wrote no {name}, which the app bundle needs")
+            shutil.move(str(scratch / name), resources / name)
+        shutil.rmtree(scratch)
+    pipe.scheduler.save_config(scratch)
+    shutil.move(str(scratch / "scheduler_config.json"), resources / "scheduler_config.json")
+    shutil.rmtree(scratch)
 
 
 def _zero_fraction(weights: dict[str, torch.Tensor]) -> float:

@@ -29,7 +29,7 @@ TWO_GB = 2 * 1024**3
 def _write_pipeline_files(pipe, out_dir: Path, specs: tuple[ComponentSpec, ...]) -> None:
     """model_index.json, tokenizer, scheduler and each component's config, as optimum lays them out."""
     pipe.save_config(out_dir)
-    for name in ("tokenizer", "tokenizer_2", "scheduler"):
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"):
         comp = getattr(pipe, name, None)
         if comp is not None:
             comp.save_pretrained(out_dir / name)

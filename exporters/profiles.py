@@ -48,7 +48,7 @@ class Gates:
 class PruneDefaults:
     pattern: str = "unstructured"
     sparsity: float | None = 0.5
-    components: tuple[str, ...] = ("unet",)
+    components: tuple[str, ...] = ("denoiser",)
     num_prompts: int = 64
     steps: int = 25
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.components import ComponentSpec
+from exporters.components import ComponentSpec, denoiser
 from exporters.device.validate_on_device import timings
 from obsdiff.digits import prompt_for
 
@@ -92,7 +92,7 @@ def digit_prompts(count: int) -> list[str]:
 
 def initial_latents(pipe, count: int, height: int, width: int, seed: int) -> torch.Tensor:
     scale = pipe.vae_scale_factor
-    shape = (count, pipe.unet.config.in_channels, height // scale, width // scale)
+    shape = (count, denoiser(pipe).config.in_channels, height // scale, width // scale)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 

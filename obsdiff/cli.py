@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="obs-diff", choices=["obs-diff", "wanda", "magnitude", "l1"])
     p.add_argument("--pattern", default="unstructured", help="unstructured, N:M (2:4, 4:8) or structured")
     p.add_argument("--sparsity", type=float, help="fraction removed (default 0.5; N/M for N:M)")
-    p.add_argument("--components", type=_components_arg, default=("unet",),
-                   help="comma-separated: unet, transformer, text_encoder, text_encoder_2, vae")
+    p.add_argument("--components", type=_components_arg, default=("denoiser",),
+                   help="comma-separated: denoiser (the UNet or transformer; default), unet, transformer, text_encoder, "
+                   "text_encoder_2, text_encoder_3, vae")
     p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: the model's "
                    "calibration_prompts.txt, else calibration_data/general.txt)")
     p.add_argument("--num-prompts", type=int, default=100)

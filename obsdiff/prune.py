@@ -16,7 +16,7 @@ import math
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,12 +47,15 @@ class Method(str, enum.Enum):
     L1 = "l1"  # structured baseline only
 
 
+DENOISER = "denoiser"  # alias: the pipeline's UNet or transformer
+
+
 @dataclass
 class PruneConfig:
     method: Method = Method.OBS_DIFF
     pattern: str = "unstructured"
     sparsity: float | None = None  # None: 0.5, or N/M for an N:M pattern
-    components: tuple[str, ...] = ("unet",)
+    components: tuple[str, ...] = (DENOISER,)
     prompts_file: Path | None = None
     num_prompts: int = 100
     steps: int = 25
@@ -217,6 +220,12 @@ def _save_progress(partial: Path, progress: Progress, name: str, component) -> N
     tmp.replace(partial / "progress.json")
 
 
+def resolve_components(requested: tuple[str, ...], available: dict) -> tuple[str, ...]:
+    """Replace the ``denoiser`` alias by ``unet`` or ``transformer``, whichever the pipeline has."""
+    denoiser = next((n for n in ("unet", "transformer") if n in available), DENOISER)
+    return tuple(dict.fromkeys(denoiser if c == DENOISER else c for c in requested))
+
+
 class Pruner:
     """Runs one prune; ``stop_after_packages`` lets tests interrupt it the way a crash would."""
 
@@ -247,6 +256,7 @@ class Pruner:
                              f"the {world.size} processes")
         pipe = load_pipeline(self.model_dir).to(self.device)
         components = pipeline_components(pipe)
+        config = self.config = replace(config, components=resolve_components(config.components, components))
         unknown = [c for c in config.components if c not in components]
         if unknown:
             raise UsageError(f"unknown component {', '.join(unknown)}; this pipeline has {', '.join(components)}")

@@ -42,7 +42,7 @@ def test_zero_positions_read_back_from_the_package(ios_bundle):
     pipe = load_pipeline(ios_bundle / "model")
     stored = stored_weights(ios_bundle / "bundle" / "Resources" / "Unet.mlpackage")
     w = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight.detach().numpy()
-    got = stored["unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2_weight_to_fp16_sparsified"]
+    got = stored["model_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2_weight_to_fp16_sparsified"]
     assert ((got == 0) == (w == 0)).all() and abs((got == 0).mean() - 0.5) < 0.02
 
 
@@ -74,3 +74,27 @@ def test_deployment_target_rules(tmp_path, ios_bundle):
                    "--compress", "palettize-4bit", "--deployment-target", "iOS16")
     assert proc.returncode != 0 and "the minimum is iOS18" in error_line(proc)
     assert not (tmp_path / "x").exists()
+
+
+def test_sd3_app_bundle_with_t5(tiny, tmp_path):
+    """The transformer family: Apple's SD3 resource names, the T5 tokenizer files, (a) (b) (c) on the transformer.
+
+    Most of the tiny transformer stays dense (AdaLN modulation, embedders), so (b) uses the share of the weight
+    blob the zeros free, not the pruned layers' sparsity.
+    """
+    prune(tiny("sd3", t5=True), tmp_path / "model", PruneConfig(sparsity=0.5, num_prompts=2, steps=2, packages=1))
+    manifest = export_bundle(tmp_path / "model", "ios", tmp_path / "bundle")
+    results = manifest["validation"]
+    assert all(g["passed"] for g in results["gates"]), results["gates"]
+    resources = tmp_path / "bundle" / "Resources"
+    for package in ("TextEncoder", "TextEncoder2", "TextEncoderT5", "MultiModalDiffusionTransformer", "VAEDecoder"):
+        assert (resources / f"{package}.mlpackage").is_dir(), package
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "scheduler_config.json"):
+        assert (resources / name).is_file(), name
+    transformer = results["components"]["transformer"]
+    assert transformer["weights"]["checked"] > 10 and not transformer["weights"]["failed"]
+    assert 0.1 < transformer["component_sparsity"] < transformer["pruned_sparsity"]
+    assert transformer["weight_bytes"] <= transformer["size_limit_bytes"] < transformer["dense_weight_bytes"]
+    # every CLIP hidden state is an output (SD3 reads the penultimate), with Core ML-safe names
+    outputs = results["components"]["text_encoder"]["io"]["outputs"]
+    assert outputs[:2] == ["text_embeds", "last_hidden_state"] and outputs[-1] == "hidden_states_2"

@@ -14,6 +14,7 @@ from exporters.onnx import export_onnx, match_weights, onnx_initializers
 from exporters.profiles import Precision, Shapes, load_profile
 from obsdiff.errors import BundleError
 from obsdiff.model_io import load_pipeline
+from obsdiff.prune import PruneConfig, prune
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +109,13 @@ def test_fp16_export_keeps_fidelity_and_zeros(pruned_24, tmp_path):
     assert any(v.dtype == np.float16 for v in inits.values())
 
 
-def test_torch_exporter_writes_the_same_layout(tiny, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_torch_exporter_writes_the_same_layout(family, tiny, tmp_path):
     """The fallback path (torch.onnx.export from the component description) gives loadable files."""
     from exporters.bundle import ort_session, run_session
     from exporters.validate import Comparison, reference_io
 
-    pipe = load_pipeline(tiny("sd"))
+    pipe = load_pipeline(tiny(family))
     specs = specs_for(pipe)
     dims = pipeline_dims(pipe, Shapes())
     paths = export_onnx(pipe, tmp_path, specs, dims, exporter="torch", precision=Precision.FP32)
@@ -123,6 +125,33 @@ def test_torch_exporter_writes_the_same_layout(tiny, tmp_path):
         got = run_session(ort_session(paths[spec.name]), inputs, spec)
         for name in ref:
             assert Comparison.of(ref[name], got[name]).cosine > 0.99999
+
+
+@pytest.mark.parametrize("family,kwargs,denoiser", [("sdxl", {}, "unet"), ("sd3", {"t5": True}, "transformer")])
+def test_sdxl_and_sd3_cpu_bundles(family, kwargs, denoiser, tiny, tmp_path):
+    """Pruned with the default component (the denoiser alias), exported through optimum, run end to end by
+    optimum's own ORT pipeline for that family; every text encoder's hidden states are outputs."""
+    prune(tiny(family, **kwargs), tmp_path / "model", PruneConfig(num_prompts=2, steps=2, packages=1))
+    record = json.loads((tmp_path / "model" / "pruning.json").read_text())
+    assert list(record["components"]) == [denoiser]
+    manifest = export_bundle(tmp_path / "model", "cpu", tmp_path / "bundle")
+    results = manifest["validation"]
+    assert all(g["passed"] for g in results["gates"]), results["gates"]
+    sparsity = results["components"][denoiser]["sparsity"]
+    assert sparsity["pruned_layers"] > 10 and sparsity["matched_in_onnx"] == sparsity["pruned_layers"]
+    assert sparsity["zero_fraction_onnx"] == sparsity["zero_fraction_torch"] and abs(sparsity["zero_fraction_torch"] - 0.5) < 0.01
+    assert results["end_to_end"]["psnr_db"] >= 40
+    encoders = [n for n in manifest["components"] if n.startswith("text_encoder")]
+    assert encoders == ["text_encoder", "text_encoder_2"] + (["text_encoder_3"] if family == "sd3" else [])
+    outputs = [o["name"] for o in manifest["components"]["text_encoder_2"]["outputs"]]
+    assert outputs[0] == "text_embeds" and outputs[-1] == "hidden_states.2"
+    validate_bundle_on_disk(tmp_path / "bundle")
+
+
+def test_unsupported_family_is_one_line(tiny, tmp_path):
+    proc = run_cli("export", tiny("flux"), "--target", "cpu", "--out", tmp_path / "x")
+    assert proc.returncode != 0
+    assert "no component description for FluxPipeline yet" in error_line(proc) and not (tmp_path / "x").exists()
 
 
 def test_export_bad_inputs(pruned_24, default_model, tmp_path):

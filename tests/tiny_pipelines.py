@@ -72,7 +72,15 @@ def tiny_sdxl(folder: Path) -> Path:
     return folder
 
 
-def tiny_sd3(folder: Path) -> Path:
+def _tiny_t5(tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer.get_vocab()), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0))
+
+
+def tiny_sd3(folder: Path, t5: bool = False) -> Path:
+    """SD3 with two CLIP encoders; ``t5`` adds the third (T5) encoder."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -94,19 +102,21 @@ def tiny_sd3(folder: Path) -> Path:
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer)), tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None,
     )
+    if t5:
+        t5_tok = _t5_tokenizer(folder / "_t5")
+        pipe.register_modules(text_encoder_3=_tiny_t5(t5_tok), tokenizer_3=t5_tok)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
 def tiny_flux(folder: Path, head_dim: int = 16) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(folder / "_tok")
     t5_tok = _t5_tokenizer(folder / "_t5")
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok.get_vocab()), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                 num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0))
+    t5 = _tiny_t5(t5_tok)
     rope = (head_dim // 4, head_dim // 4, head_dim // 2)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
