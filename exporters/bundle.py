@@ -204,13 +204,15 @@ class OnnxBundleBuilder:
         ort_pipe.set_progress_bar_config(disable=True)
         prompts = digit_prompts(10)
         latents = initial_latents(pipe, len(prompts), shapes.height, shapes.width, seed=0)
-        run = lambda p: run_pipeline_images(p, prompts, latents, shapes.steps, shapes.guidance)  # noqa: E731
+        run = lambda p: run_pipeline_images(p, prompts, latents, shapes.steps, shapes.guidance,  # noqa: E731
+                                            shapes.height, shapes.width)
         torch_images, onnx_images = run(pipe), run(ort_pipe)
         rows = {"pruned PyTorch": torch_images, "exported": onnx_images}
         if dense_pipe is not None:
             rows = {"dense PyTorch": run(dense_pipe), **rows}
         save_image_grid(rows, staging / "images.png")
-        one = lambda p: run_pipeline_images(p, prompts[:1], latents[:1], shapes.steps, shapes.guidance)  # noqa: E731
+        one = lambda p: run_pipeline_images(p, prompts[:1], latents[:1], shapes.steps, shapes.guidance,  # noqa: E731
+                                            shapes.height, shapes.width)
         return {
             "prompts": prompts, "steps": shapes.steps, "guidance": shapes.guidance, "seed": 0,
             "scheduler": type(pipe.scheduler).__name__,

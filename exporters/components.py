@@ -5,7 +5,7 @@ nothing else. Names follow optimum's ONNX configs, so optimum's ORT pipelines lo
 Symbolic dims are resolved from the pipeline's own configs and the target's shapes
 (``pipeline_dims``); per-encoder sizes are namespaced (``text_encoder_2.hidden``).
 
-Families: Stable Diffusion 1.x/2.x, SDXL and SD3. The set of descriptions for a pipeline is built
+Families: Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux. The set of descriptions for a pipeline is built
 from its configs, because the text encoders' outputs depend on them (SDXL and SD3 read a
 penultimate hidden state, so every ``hidden_states.i`` is an output, as in optimum).
 """
@@ -141,6 +141,19 @@ class SD3TransformerWrapper(nn.Module):
                                 pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
 
 
+class FluxTransformerWrapper(nn.Module):
+    """Flux: packed latents, rotary position ids for image and text tokens; guidance only where distilled in."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.model = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
+        return self.model(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
+                          guidance=guidance, return_dict=False)[0]
+
+
 class VAEDecoderWrapper(nn.Module):
     """Decodes already-scaled latents (the pipeline divides by scaling_factor, adds shift_factor, first)."""
 
@@ -196,7 +209,7 @@ def _t5(name: str) -> ComponentSpec:
 def _vae() -> tuple[ComponentSpec, ComponentSpec]:
     decoder = ComponentSpec(
         "vae_decoder", "vae", VAE_DECODER,
-        inputs=(TensorSpec("latent_sample", _F32, ("batch", "latent_channels", "latent_height", "latent_width")),),
+        inputs=(TensorSpec("latent_sample", _F32, ("batch", "vae_latent_channels", "latent_height", "latent_width")),),
         outputs=(TensorSpec("sample", _F32, ("batch", "image_channels", "height", "width")),),
         wrapper=VAEDecoderWrapper)
     encoder = ComponentSpec(
@@ -246,14 +259,34 @@ def _sd3_specs(pipe) -> tuple[ComponentSpec, ...]:
     return (*encoders, transformer, *_vae())
 
 
+def _flux_specs(pipe) -> tuple[ComponentSpec, ...]:
+    """Flux runs without classifier-free guidance, so the transformer's batch is the prompt batch."""
+    inputs = [TensorSpec("hidden_states", _F32, ("batch", "packed_latents", "latent_channels")),
+              TensorSpec("encoder_hidden_states", _F32, ("batch", "text_encoder_2.sequence", "joint_attention")),
+              TensorSpec("pooled_projections", _F32, ("batch", "pooled_projection")),
+              TensorSpec("timestep", _F32, ("batch",)),
+              TensorSpec("img_ids", _I64, ("packed_latents", 3), high="latent_height"),  # rotary positions (optimum: int64)
+              TensorSpec("txt_ids", _I64, ("text_encoder_2.sequence", 3), high="latent_height")]
+    if pipe.transformer.config.guidance_embeds:
+        inputs.append(TensorSpec("guidance", _F32, ("batch",)))
+    transformer = ComponentSpec(
+        "transformer", "transformer", DENOISER, inputs=tuple(inputs),
+        outputs=(TensorSpec("out_hidden_states", _F32, ("batch", "packed_latents", "latent_channels")),),
+        wrapper=FluxTransformerWrapper)
+    return (_clip("text_encoder", pipe.text_encoder, hidden_states=False), _t5("text_encoder_2"), transformer, *_vae())
+
+
 PIPELINE_SPECS: dict[str, Callable[[object], tuple[ComponentSpec, ...]]] = {
     "StableDiffusionPipeline": _sd_specs,
     "StableDiffusionXLPipeline": _sdxl_specs,
     "StableDiffusion3Pipeline": _sd3_specs,
+    "FluxPipeline": _flux_specs,
 }
 
-# SD3 tokenizes for T5 to this length (its __call__ default) and pads the joint sequence to it even without a T5.
-SD3_T5_SEQUENCE = 256
+# T5 prompt length each family's __call__ uses by default; SD3 pads the joint sequence to it even without a T5.
+T5_SEQUENCE = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+# A mid-schedule timestep for sample inputs: UNets and SD3 take 0..1000, Flux takes t/1000.
+SAMPLE_TIMESTEP = {"FluxPipeline": 0.5}
 
 
 def specs_for(pipe) -> tuple[ComponentSpec, ...]:
@@ -269,22 +302,32 @@ def denoiser(pipe) -> nn.Module:
     return module if module is not None else pipe.transformer
 
 
+def packed(pipe) -> bool:
+    """Flux packs 2×2 latent patches into tokens, so its latents are (batch, tokens, 4·channels)."""
+    return type(pipe).__name__ == "FluxPipeline"
+
+
 def pipeline_dims(pipe, shapes: Shapes) -> dict[str, int]:
     """Every symbol of the descriptions, from the pipeline's configs and the target shapes."""
-    scale = pipe.vae_scale_factor
+    family = type(pipe).__name__
+    scale = pipe.vae_scale_factor * (2 if packed(pipe) else 1)
     if shapes.height % scale or shapes.width % scale:
-        raise ExportError(f"image size {shapes.height}×{shapes.width} is not a multiple of the VAE factor {scale}")
+        raise ExportError(f"image size {shapes.height}×{shapes.width} is not a multiple of {scale} "
+                          f"(the VAE factor{' × 2 for packed latents' if packed(pipe) else ''})")
+    latent_h, latent_w = shapes.height // pipe.vae_scale_factor, shapes.width // pipe.vae_scale_factor
     dims = {
         "batch": shapes.batch,
         "unet_batch": 2 * shapes.batch,  # classifier-free guidance
         "latent_channels": denoiser(pipe).config.in_channels,
+        "vae_latent_channels": pipe.vae.config.latent_channels,
         "latent_parameters": 2 * pipe.vae.config.latent_channels,
-        "latent_height": shapes.height // scale,
-        "latent_width": shapes.width // scale,
+        "latent_height": latent_h,
+        "latent_width": latent_w,
+        "packed_latents": (latent_h // 2) * (latent_w // 2),
         "image_channels": pipe.vae.config.in_channels,
         "height": shapes.height,
         "width": shapes.width,
-        "timestep": 500,
+        "timestep": SAMPLE_TIMESTEP.get(family, 500),
     }
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         encoder = getattr(pipe, name, None)
@@ -292,15 +335,17 @@ def pipeline_dims(pipe, shapes: Shapes) -> dict[str, int]:
             continue
         config = encoder.config
         tokenizer = getattr(pipe, "tokenizer" + name[len("text_encoder"):])
+        t5 = config.model_type == "t5"
         dims[f"{name}.vocab"] = config.vocab_size
-        dims[f"{name}.hidden"] = getattr(config, "hidden_size", None) or config.d_model
+        dims[f"{name}.hidden"] = config.d_model if t5 else config.hidden_size
         dims[f"{name}.projection"] = getattr(config, "projection_dim", 0)
-        dims[f"{name}.sequence"] = SD3_T5_SEQUENCE if name == "text_encoder_3" else tokenizer.model_max_length
+        dims[f"{name}.sequence"] = T5_SEQUENCE[family] if t5 else tokenizer.model_max_length
     config = denoiser(pipe).config
     if "cross_attention_dim" in config:
         dims["cross_attention"] = config.cross_attention_dim
     if "joint_attention_dim" in config:
         dims["joint_attention"] = config.joint_attention_dim
         dims["pooled_projection"] = config.pooled_projection_dim
-        dims["joint_sequence"] = dims["text_encoder.sequence"] + SD3_T5_SEQUENCE
+    if family == "StableDiffusion3Pipeline":
+        dims["joint_sequence"] = dims["text_encoder.sequence"] + T5_SEQUENCE[family]
     return dims

@@ -1,11 +1,12 @@
 """Core ML exporter: traced PyTorch → mlprogram (fp16) → pruned weights stored sparsely, for app bundles.
 
 Layout (Apple's Swift Stable Diffusion names): ``Resources/TextEncoder.mlpackage`` (SDXL and SD3 add
-``TextEncoder2``, SD3 with T5 ``TextEncoderT5``), ``Unet.mlpackage`` or, for SD3,
-``MultiModalDiffusionTransformer.mlpackage``, ``VAEDecoder.mlpackage``, ``vocab.json``, ``merges.txt``
-(plus ``tokenizer.json`` and ``tokenizer_config.json`` for T5), ``scheduler_config.json``, and the shared
-``manifest.json``. Inputs and outputs keep the names of the component descriptions (the same as the
-ONNX bundles), with fixed shapes from the target profile.
+``TextEncoder2``; a T5 encoder is ``TextEncoderT5``), ``Unet.mlpackage`` or, for SD3,
+``MultiModalDiffusionTransformer.mlpackage`` (Flux: ``FluxTransformer.mlpackage``, our name, as Apple ships
+no Flux pipeline), ``VAEDecoder.mlpackage``, ``vocab.json``, ``merges.txt`` (plus ``tokenizer.json`` and
+``tokenizer_config.json`` for T5), ``scheduler_config.json``, and the shared ``manifest.json``. Inputs and
+outputs keep the names of the component descriptions (the same as the ONNX bundles; ``.`` becomes ``_``),
+with fixed shapes from the target profile.
 
 Sparse storage uses coremltools' own threshold pruner at |w| ≤ 1e-12, so exactly the OBS zeros become
 the sparse mask (iOS 16+). ``compress`` adds palettization or int8 on top, which needs iOS 18.
@@ -43,6 +44,8 @@ RESOURCES = "Resources"
 PACKAGE_NAMES = {"text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "text_encoder_3": "TextEncoderT5",
                  "unet": "Unet", "transformer": "MultiModalDiffusionTransformer", "vae_decoder": "VAEDecoder",
                  "vae_encoder": "VAEEncoder"}
+T5_PACKAGE = "TextEncoderT5"
+FLUX_PACKAGE = "FluxTransformer"  # Apple's package has no Flux pipeline, so this name is ours
 ROLES = (TEXT_ENCODER, DENOISER, VAE_DECODER, VAE_ENCODER)
 ZERO_THRESHOLD = 1e-12
 # Minimum deployment targets (coremltools): sparse storage iOS16/macOS13; sparse + palettize/int8 iOS18/macOS15.
@@ -237,7 +240,7 @@ class CoreMLBundleBuilder:
                 model = convert_component(pipe, spec, dims, self.deployment_target, self.precision)
                 dense_path = Path(tmp) / f"{spec.name}.mlpackage"
                 model.save(str(dense_path))
-                final = resources / f"{PACKAGE_NAMES[spec.name]}.mlpackage"
+                final = resources / f"{package_name(pipe, spec)}.mlpackage"
                 sparsity = _zero_fraction(weights)
                 if weights:
                     sparsify(model, min_sparsity=min(0.3, 0.9 * sparsity), compress=self.compress).save(str(final))
@@ -316,11 +319,26 @@ def size_limit(weights: dict[str, torch.Tensor], dense_weight_bytes: int, precis
             "size_limit_bytes": ((1 - share) + SIZE_SLACK) * dense_weight_bytes + mask_bytes}
 
 
+def _is_t5(module) -> bool:
+    return getattr(getattr(module, "config", None), "model_type", None) == "t5"
+
+
+def package_name(pipe, spec: ComponentSpec) -> str:
+    """Apple's resource name; a T5 encoder is ``TextEncoderT5`` whichever slot it fills (SD3's third, Flux's second)."""
+    module = getattr(pipe, spec.source)
+    if spec.role == TEXT_ENCODER and _is_t5(module):
+        return T5_PACKAGE
+    if spec.role == DENOISER and type(module).__name__ == "FluxTransformer2DModel":
+        return FLUX_PACKAGE
+    return PACKAGE_NAMES[spec.name]
+
+
 def _copy_tokenizer_files(pipe, staging: Path, resources: Path) -> None:
     """CLIP's BPE files (shared by SDXL's and SD3's two CLIP encoders), T5's tokenizer files, the scheduler config."""
     wanted = [(pipe.tokenizer, ("vocab.json", "merges.txt"))]
-    if getattr(pipe, "tokenizer_3", None) is not None:
-        wanted.append((pipe.tokenizer_3, ("tokenizer.json", "tokenizer_config.json")))
+    for suffix in ("_2", "_3"):
+        if _is_t5(getattr(pipe, "text_encoder" + suffix, None)):
+            wanted.append((getattr(pipe, "tokenizer" + suffix), ("tokenizer.json", "tokenizer_config.json")))
     scratch = staging / "_files"
     for tokenizer, names in wanted:
         tokenizer.save_pretrained(scratch)

@@ -8,9 +8,11 @@ export copies weights bit for bit, and fp16 rounds only non-zero values.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,26 @@ def _write_pipeline_files(pipe, out_dir: Path, specs: tuple[ComponentSpec, ...])
             module.config.save_pretrained(folder)
 
 
+@contextlib.contextmanager
+def _decomposed_rms_norm() -> Iterator[None]:
+    """torch.onnx's TorchScript exporter has no ``aten::rms_norm`` at opset 17 (Flux's q/k norms use it), so
+    while tracing, RMSNorm runs as its own arithmetic — the same thing optimum's exporter does."""
+    import torch.nn.functional as F
+
+    def rms_norm(input, normalized_shape, weight=None, eps=None):
+        eps = torch.finfo(input.dtype).eps if eps is None else eps
+        dims = tuple(range(-len(normalized_shape), 0))
+        out = input * torch.rsqrt(input.pow(2).mean(dim=dims, keepdim=True) + eps)
+        return out * weight if weight is not None else out
+
+    saved = F.rms_norm
+    F.rms_norm = rms_norm
+    try:
+        yield
+    finally:
+        F.rms_norm = saved
+
+
 def _export_with_torch(pipe, out_dir: Path, specs: tuple[ComponentSpec, ...], dims: dict[str, int]) -> None:
     _write_pipeline_files(pipe, out_dir, specs)
     for spec in specs:
@@ -50,7 +72,7 @@ def _export_with_torch(pipe, out_dir: Path, specs: tuple[ComponentSpec, ...], di
         sample = spec.sample_inputs(dims)
         path = out_dir / spec.name / "model.onnx"
         log.info("torch.onnx.export %s", spec.name)
-        with torch.no_grad():
+        with torch.no_grad(), _decomposed_rms_norm():
             torch.onnx.export(
                 wrapper, tuple(sample.values()), str(path), input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.components import ComponentSpec, denoiser
+from exporters.components import ComponentSpec, denoiser, packed
 from exporters.device.validate_on_device import timings
 from obsdiff.digits import prompt_for
 
@@ -91,16 +91,21 @@ def digit_prompts(count: int) -> list[str]:
 
 
 def initial_latents(pipe, count: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """The starting noise every compared pipeline gets: (N, C, h, w), or Flux's packed (N, tokens, 4·C)."""
     scale = pipe.vae_scale_factor
-    shape = (count, denoiser(pipe).config.in_channels, height // scale, width // scale)
+    channels = denoiser(pipe).config.in_channels
+    if packed(pipe):
+        shape = (count, (height // scale // 2) * (width // scale // 2), channels)
+    else:
+        shape = (count, channels, height // scale, width // scale)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def run_pipeline_images(pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float) -> np.ndarray:
+def run_pipeline_images(pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float,
+                        height: int, width: int) -> np.ndarray:
     """Images (N, H, W, C) in [0, 1] from a diffusers or optimum ORT pipeline with fixed latents."""
     out = pipe(prompts, latents=latents.clone(), num_inference_steps=steps, guidance_scale=guidance,
-               height=latents.shape[-2] * pipe.vae_scale_factor, width=latents.shape[-1] * pipe.vae_scale_factor,
-               output_type="np")
+               height=height, width=width, output_type="np")
     return np.asarray(out.images, dtype=np.float32)
 
 

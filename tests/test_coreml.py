@@ -76,25 +76,29 @@ def test_deployment_target_rules(tmp_path, ios_bundle):
     assert not (tmp_path / "x").exists()
 
 
-def test_sd3_app_bundle_with_t5(tiny, tmp_path):
-    """The transformer family: Apple's SD3 resource names, the T5 tokenizer files, (a) (b) (c) on the transformer.
+@pytest.mark.parametrize("family,kwargs,packages", [
+    ("sd3", {"t5": True}, ("TextEncoder", "TextEncoder2", "TextEncoderT5", "MultiModalDiffusionTransformer", "VAEDecoder")),
+    ("flux", {}, ("TextEncoder", "TextEncoderT5", "FluxTransformer", "VAEDecoder")),
+])
+def test_transformer_app_bundles(family, kwargs, packages, tiny, tmp_path):
+    """Transformer families: Apple's resource names (a T5 is TextEncoderT5 whichever slot it fills), the T5
+    tokenizer files, and (a) (b) (c) on the transformer.
 
-    Most of the tiny transformer stays dense (AdaLN modulation, embedders), so (b) uses the share of the weight
+    Much of a tiny transformer stays dense (AdaLN modulation, embedders), so (b) uses the share of the weight
     blob the zeros free, not the pruned layers' sparsity.
     """
-    prune(tiny("sd3", t5=True), tmp_path / "model", PruneConfig(sparsity=0.5, num_prompts=2, steps=2, packages=1))
+    prune(tiny(family, **kwargs), tmp_path / "model", PruneConfig(sparsity=0.5, num_prompts=2, steps=2, packages=1))
     manifest = export_bundle(tmp_path / "model", "ios", tmp_path / "bundle")
     results = manifest["validation"]
     assert all(g["passed"] for g in results["gates"]), results["gates"]
     resources = tmp_path / "bundle" / "Resources"
-    for package in ("TextEncoder", "TextEncoder2", "TextEncoderT5", "MultiModalDiffusionTransformer", "VAEDecoder"):
-        assert (resources / f"{package}.mlpackage").is_dir(), package
+    assert sorted(p.stem for p in resources.glob("*.mlpackage")) == sorted(packages)
     for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "scheduler_config.json"):
         assert (resources / name).is_file(), name
     transformer = results["components"]["transformer"]
     assert transformer["weights"]["checked"] > 10 and not transformer["weights"]["failed"]
     assert 0.1 < transformer["component_sparsity"] < transformer["pruned_sparsity"]
     assert transformer["weight_bytes"] <= transformer["size_limit_bytes"] < transformer["dense_weight_bytes"]
-    # every CLIP hidden state is an output (SD3 reads the penultimate), with Core ML-safe names
-    outputs = results["components"]["text_encoder"]["io"]["outputs"]
-    assert outputs[:2] == ["text_embeds", "last_hidden_state"] and outputs[-1] == "hidden_states_2"
+    if family == "sd3":  # every CLIP hidden state is an output (SD3 reads the penultimate), with Core ML-safe names
+        outputs = results["components"]["text_encoder"]["io"]["outputs"]
+        assert outputs[:2] == ["text_embeds", "last_hidden_state"] and outputs[-1] == "hidden_states_2"

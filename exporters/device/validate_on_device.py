@@ -121,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                          **timings(lambda r=runner, f=feeds: r(f), args.warmup, args.runs)})
             if not ok:
                 failed.append(f"{name}.{out}")
-    print(f"{'component':<14}{'output':<20}{'cosine':>10}{'PSNR dB':>10}{'median ms':>11}{'p90 ms':>9}  gate")
+    cw = max([len("component"), *(len(r["component"]) for r in rows)]) + 2
+    ow = max([len("output"), *(len(r["output"]) for r in rows)]) + 2
+    print(f"{'component':<{cw}}{'output':<{ow}}{'cosine':>10}{'PSNR dB':>10}{'median ms':>11}{'p90 ms':>9}  gate")
     for r in rows:
-        print(f"{r['component']:<14}{r['output']:<20}{r['cosine']:>10.6f}{r['psnr_db']:>10.2f}"
+        print(f"{r['component']:<{cw}}{r['output']:<{ow}}{r['cosine']:>10.6f}{r['psnr_db']:>10.2f}"
               f"{r['median_ms']:>11.3f}{r['p90_ms']:>9.3f}  {'pass' if r['passed'] else 'FAIL'}")
     result = {"runtime": args.runtime, "gates": gates, "rows": rows, "passed": not failed}
     (args.bundle / f"device_validation_{args.runtime}.json").write_text(json.dumps(result, indent=2))
