@@ -30,7 +30,7 @@ class TensorSpec:
     name: str
     dtype: torch.dtype
     dims: tuple[str | int, ...]  # ints are fixed, strings are symbols resolved per pipeline
-    high: str | None = None  # integer inputs: the symbol of their exclusive upper bound (a vocabulary size)
+    high: str | None = None  # integer inputs: the symbol of their exclusive upper bound (vocabulary, positions)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ class ComponentSpec:
         for t in self.inputs:
             shape = self.resolve(dims, t)
             if t.dtype in (torch.int64, torch.int32):
-                out[t.name] = torch.randint(0, dims[t.high or "vocab"], shape, generator=g, dtype=t.dtype)
+                if t.high is None:
+                    raise ExportError(f"{self.name}: integer input {t.name} has no upper bound in its description")
+                out[t.name] = torch.randint(0, dims[t.high], shape, generator=g, dtype=t.dtype)
             elif t.name == "timestep":
                 out[t.name] = torch.full(shape, float(dims["timestep"]), dtype=t.dtype)
             else:
@@ -128,7 +130,7 @@ class SDXLUNetWrapper(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         return self.model(sample, timestep, encoder_hidden_states, return_dict=False,
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+                          added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
 
 
 class SD3TransformerWrapper(nn.Module):
@@ -138,7 +140,7 @@ class SD3TransformerWrapper(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
         return self.model(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+                          pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
 
 
 class FluxTransformerWrapper(nn.Module):
@@ -327,7 +329,7 @@ def pipeline_dims(pipe, shapes: Shapes) -> dict[str, int]:
         "image_channels": pipe.vae.config.in_channels,
         "height": shapes.height,
         "width": shapes.width,
-        "timestep": SAMPLE_TIMESTEP.get(family, 500),
+        "timestep": SAMPLE_TIMESTEP.get(family, 500),  # not a size: the sample inputs' timestep (Flux: a float)
     }
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         encoder = getattr(pipe, name, None)
