@@ -145,3 +145,26 @@ def test_structured_model_exports_to_onnx(structured_30, tmp_path):
     image = ORTStableDiffusionPipeline.from_pretrained(tmp_path / "b")(
         "a handwritten digit one", num_inference_steps=5, height=16, width=16, output_type="np").images
     assert torch.isfinite(torch.from_numpy(image)).all()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_shrunk_transformer_families_export(family, tiny, tmp_path):
+    """A shrunk SDXL UNet or SD3 transformer passes the cpu gates, and its graph is smaller by what was removed."""
+    from exporters.bundle import export_bundle
+    from exporters.components import pipeline_dims, specs_for
+    from exporters.onnx import export_onnx, onnx_initializers
+    from exporters.profiles import Precision, Shapes
+
+    prune(tiny(family), tmp_path / "model", PruneConfig(pattern="structured", sparsity=0.3, num_prompts=2, steps=2,
+                                                       packages=1))
+    manifest = export_bundle(tmp_path / "model", "cpu", tmp_path / "b")
+    assert all(g["passed"] for g in manifest["validation"]["gates"]), manifest["validation"]["gates"]
+    dense = load_pipeline(tiny(family))
+    export_onnx(dense, tmp_path / "dense", specs_for(dense), pipeline_dims(dense, Shapes()), exporter="optimum",
+                precision=Precision.FP32)
+    name = DENOISER[family]
+    graph_size = lambda folder: sum(a.size for a in onnx_initializers(folder / name / "model.onnx").values())  # noqa: E731
+    removed = sum(p.numel() for p in getattr(dense, name).parameters()) - sum(
+        p.numel() for p in getattr(load_pipeline(tmp_path / "model"), name).parameters())
+    assert removed > 0.05 * sum(p.numel() for p in getattr(dense, name).parameters())
+    assert graph_size(tmp_path / "dense") - graph_size(tmp_path / "b") == removed
