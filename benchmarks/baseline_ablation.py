@@ -20,14 +20,11 @@ from pathlib import Path
 
 import torch
 
-from obsdiff.adapters import adapter_for, find_targets
-from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
-from obsdiff.default_model import DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
+from benchmarks.layer_errors import calibrate_dense_unet
+from obsdiff.default_model import DEFAULT_JUDGE_DIR
 from obsdiff.digits import prompt_for
 from obsdiff.evaluate import EvalSettings, evaluate_pipeline
-from obsdiff.hessian import StepContext, timestep_weights
 from obsdiff.layers import column_permutation, permute_hessian, set_weight_matrix, weight_matrix
-from obsdiff.model_io import load_pipeline
 from obsdiff.solver import Pattern, magnitude_prune, obs_prune, wanda_prune
 
 
@@ -68,13 +65,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
-    pipe = load_pipeline(DEFAULT_MODEL_DIR)
-    targets, _ = find_targets(pipe.unet, adapter_for(pipe.unet))
-    ctx = StepContext(timestep_weights("log-decrease", 25))
-    hooks = PackageHooks({t.name: t.module for t in targets}, ctx, weighted=True)
-    with hooks, torch.no_grad():
-        run_pipeline(pipe, CalibrationSettings([prompt_for(i % 10) for i in range(args.prompts)], batch_size=16), ctx,
-                     decode=False)
+    pipe, targets, hooks = calibrate_dense_unet(args.prompts)
     dense = {t.name: weight_matrix(t.module).clone() for t in targets}
     kinds = {t.name: layer_kind(t.name, t.module) for t in targets}
     settings = EvalSettings(samples=args.samples)

@@ -26,18 +26,25 @@ from obsdiff.model_io import load_pipeline
 from obsdiff.solver import Pattern, magnitude_prune, obs_prune, wanda_prune
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
+def calibrate_dense_unet(num_prompts: int) -> tuple:
+    """The default pipeline, its UNet target layers, and their Hessians from one dense calibration
+    (log-decrease weights, 25 steps, digit prompts): what the per-layer benchmarks compare methods on."""
     pipe = load_pipeline(DEFAULT_MODEL_DIR)
     targets, _ = find_targets(pipe.unet, adapter_for(pipe.unet))
     ctx = StepContext(timestep_weights("log-decrease", 25))
     hooks = PackageHooks({t.name: t.module for t in targets}, ctx, weighted=True)
     with hooks, torch.no_grad():
-        run_pipeline(pipe, CalibrationSettings([prompt_for(i % 10) for i in range(args.prompts)], batch_size=16), ctx,
+        run_pipeline(pipe, CalibrationSettings([prompt_for(i % 10) for i in range(num_prompts)], batch_size=16), ctx,
                      decode=False)
+    return pipe, targets, hooks
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    _, targets, hooks = calibrate_dense_unet(args.prompts)
     result = {}
     for pattern in ("unstructured", "2:4"):
         pat = Pattern.parse(pattern)

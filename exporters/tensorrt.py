@@ -158,17 +158,19 @@ class TensorRTBundleBuilder:
     """The ONNX bundle (fp16, ORT-validated) plus 2:4 checks, device scripts and, where possible, engines."""
 
     def __init__(self, profile: TargetProfile, precision: Precision) -> None:
+        from exporters.bundle import OnnxBundleBuilder
+
         self.profile, self.precision = profile, precision
+        self.onnx = OnnxBundleBuilder(profile, precision)
 
     def preflight(self, record: dict | None, force: bool) -> None:
         pattern = (record or {}).get("settings", {}).get("pattern")
         check_pattern_for_tensorrt(pattern, force)
 
     def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
-        from exporters.bundle import OnnxBundleBuilder
         from exporters.validate import gate
 
-        results = OnnxBundleBuilder(self.profile, self.precision).build(pipe, staging, dense_pipe=dense_pipe, record=record)
+        results = self.onnx.build(pipe, staging, dense_pipe=dense_pipe, record=record)
         specs = specs_for(pipe)
         dims = pipeline_dims(pipe, self.profile.shapes)
         results["sparsity_2of4"] = {}
@@ -187,9 +189,7 @@ class TensorRTBundleBuilder:
 
     def report_sections(self, results: dict) -> list[str]:
         """The ONNX sections, then which targeted layers are 2:4, then the engines' status."""
-        from exporters.bundle import OnnxBundleBuilder
-
-        lines = OnnxBundleBuilder(self.profile, self.precision).report_sections(results)
+        lines = self.onnx.report_sections(results)
         for comp, rep in results.get("sparsity_2of4", {}).items():
             lines += ["", f"## 2:4 sparsity of `{comp}` (TensorRT's axis: Conv input channels, MatMul/Gemm K)", "",
                       f"{rep['targeted']} layers targeted by the prune: {rep['checker']} 2:4 by our checker, "

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from exporters.components import ComponentSpec, denoiser, packed
+from exporters.device.validate_on_device import cosine as cosine_similarity
 from exporters.device.validate_on_device import timings
 from obsdiff.digits import prompt_for
 
@@ -35,10 +36,8 @@ class Comparison:
     def of(cls, reference: np.ndarray, candidate: np.ndarray) -> "Comparison":
         a = reference.astype(np.float64).ravel()
         b = candidate.astype(np.float64).ravel()
-        denom = np.linalg.norm(a) * np.linalg.norm(b)
-        cosine = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
         rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
-        return cls(cosine, rel, float(np.abs(a - b).max()))
+        return cls(cosine_similarity(a, b), rel, float(np.abs(a - b).max()))
 
 
 def psnr(reference: np.ndarray, candidate: np.ndarray, peak: float = 1.0) -> float:

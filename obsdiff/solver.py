@@ -233,8 +233,8 @@ def remove_column_groups(weight: torch.Tensor, hessian: torch.Tensor | None, gro
         norms = torch.stack([w[:, s].abs().sum() for s in idx])
         forced = norms.argsort()[:n_remove].tolist()
     while len(removed) < n_remove:
-        if forced is not None:
-            pick = [g for g in forced if g not in removed][: max(batch, n_remove)]
+        if forced is not None:  # a ranking made elsewhere: all of it in one compensated step
+            pick = forced[:n_remove]
         else:
             scores = group_obs_scores(w, hinv, [idx[g] for g in alive])
             pick = [alive[i] for i in scores.argsort()[: min(batch, n_remove - len(removed))].tolist()]

@@ -192,8 +192,19 @@ def _count(total: int, fraction: float, keep_min: int, what: str, where: str) ->
     return max(n, 0)
 
 
+def _head_scores(layer: nn.Linear, hessian: torch.Tensor | None, groups: list[list[int]], method: str,
+                 damp: float) -> torch.Tensor:
+    """Cost of removing each head from one output projection: OBS error, or L1 norm for the baseline."""
+    from obsdiff.solver import damped_inverse, group_obs_scores
+
+    w = layer.weight.detach().float()
+    if method == "l1":
+        return torch.stack([w[:, g].abs().sum() for g in groups])
+    return group_obs_scores(w, damped_inverse(hessian.float(), damp), [torch.tensor(g) for g in groups])
+
+
 def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None], config) -> dict:
-    from obsdiff.solver import damped_inverse, group_obs_scores, remove_column_groups
+    from obsdiff.solver import remove_column_groups
 
     heads, d = unit.heads, unit.head_dim
     n = _count(heads, config.head_sparsity, 1, "heads", unit.path)
@@ -201,29 +212,22 @@ def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None
     method = "l1" if config.method.value == "l1" else "obs"
     compensate = config.compensate and method == "obs"
     downs = unit.down_layers()
-    results = {}
-    if n and len(downs) > 1 and method == "obs":  # MMDiT: fuse the image and text rankings
-        ranks = []
-        for name, layer in downs.items():
-            hinv = damped_inverse(hessians[name].float(), config.damp)
-            scores = group_obs_scores(layer.weight.detach().float(), hinv, [torch.tensor(g) for g in groups])
-            ranks.append(scores.argsort().argsort())
+    forced = None
+    if n and len(downs) > 1:  # MMDiT: one head set for both streams, from the fused image and text rankings
+        ranks = [_head_scores(layer, hessians.get(name), groups, method, config.damp).argsort().argsort()
+                 for name, layer in downs.items()]
         fused = sum(1.0 / (RRF_K + r.float()) for r in ranks)
         forced = fused.argsort(descending=True)[:n].tolist()
-        for name, layer in downs.items():
-            results[name] = remove_column_groups(layer.weight.detach(), hessians[name], groups, n, compensate=compensate,
-                                                 damp=config.damp, forced=forced)
-    else:
-        for name, layer in downs.items():
-            results[name] = remove_column_groups(layer.weight.detach(), hessians.get(name), groups, n, method=method,
-                                                 compensate=compensate, damp=config.damp, batch=1)
-        forced = next(iter(results.values())).removed if results else []
+    results = {name: remove_column_groups(layer.weight.detach(), hessians.get(name), groups, n, method=method,
+                                          compensate=compensate, damp=config.damp, batch=1, forced=forced)
+               for name, layer in downs.items()}
+    removed = set(next(iter(results.values())).removed if results else [])
     for name, layer in downs.items():
         layer.weight.data.copy_(results[name].weight.to(layer.weight.dtype))
-    keep = [h for h in range(heads) if h not in set(forced)]
+    keep = [h for h in range(heads) if h not in removed]
     shrink_attention(unit.module, keep)
     return {"unit": unit.path, "kind": "heads", "before": heads, "after": len(keep), "head_dim": d,
-            "removed": sorted(forced),
+            "removed": sorted(removed),
             "layers": {k: {"error": finite_or_none(v.error), "relative_error": finite_or_none(v.relative_error)}
                        for k, v in results.items()}}
 
@@ -238,7 +242,8 @@ def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config, component: nn
                                compensate=config.compensate and method == "obs", damp=config.damp,
                                batch=max(1, math.ceil(n / FFN_BATCHES)))
     unit.down.weight.data.copy_(res.weight.to(unit.down.weight.dtype))
-    keep = [q for q in range(inner) if q not in set(res.removed)]
+    removed = set(res.removed)
+    keep = [q for q in range(inner) if q not in removed]
     shrink_ffn(unit, keep, component)
     return {"unit": unit.down_path, "up": unit.up_path, "kind": "ffn", "before": inner, "after": len(keep),
             "gated": unit.gated, "layers": {unit.down_path: {"error": finite_or_none(res.error),

@@ -168,3 +168,24 @@ def test_shrunk_transformer_families_export(family, tiny, tmp_path):
         p.numel() for p in getattr(load_pipeline(tmp_path / "model"), name).parameters())
     assert removed > 0.05 * sum(p.numel() for p in getattr(dense, name).parameters())
     assert graph_size(tmp_path / "dense") - graph_size(tmp_path / "b") == removed
+
+
+def test_joint_attention_drops_one_head_set_from_both_streams(tiny):
+    """MMDiT: image and text projections rank heads differently; the fused ranking removes the same heads from
+    both (L1 here, whose per-projection choices disagree), so no zeroed column of a kept head is left behind."""
+    from obsdiff.adapters import adapter_for
+    from obsdiff.structured import find_units
+
+    transformer = load_pipeline(tiny("sd3")).transformer
+    unit = next(u for u in find_units(transformer, adapter_for(transformer)).units
+                if isinstance(u, AttentionUnit) and u.joint)
+    d = unit.head_dim
+    text_out = unit.module.to_add_out.weight.data
+    text_out[:, :d] *= 0.01  # the text stream would drop heads 0 and 3, the image stream others
+    text_out[:, 3 * d :] *= 0.01
+    config = PruneConfig(method=Method.L1, pattern="structured", sparsity=0.5)
+    config.validate()
+    record = prune_attention(unit, {n: None for n in unit.down_layers()}, config)
+    assert record["after"] == 2 and unit.module.to_add_out.in_features == unit.module.to_out[0].in_features == 2 * d
+    for layer in (unit.module.to_out[0], unit.module.to_add_out):
+        assert not (layer.weight == 0).all(0).any()
