@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.layer_errors import calibrate_dense_unet
-from obsdiff.default_model import DEFAULT_JUDGE_DIR
-from obsdiff.digits import prompt_for
-from obsdiff.evaluate import EvalSettings, evaluate_pipeline
+from obsdiff.digits.data import prompt_for
+from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline
+from obsdiff.digits.train import DEFAULT_JUDGE_DIR
 from obsdiff.layers import column_permutation, permute_hessian, set_weight_matrix, weight_matrix
-from obsdiff.solver import Pattern, magnitude_prune, obs_prune, wanda_prune
+from obsdiff.solver import magnitude_prune, obs_prune, wanda_prune
+from obsdiff.sparsity import parse_sparsity
 
 
 def layer_kind(name: str, module: torch.nn.Module) -> str:
@@ -76,13 +77,13 @@ def main(argv=None) -> dict:
         names = [n for n, k in kinds.items() if k == kind]
         result["layers_per_kind"][kind] = {"layers": len(names), "weights": sum(dense[n].numel() for n in names)}
     for pattern in ("unstructured", "2:4"):
-        pat = Pattern.parse(pattern)
+        pat = parse_sparsity(pattern)
         solved = {}
         for t in targets:
             h = permute_hessian(hooks.hessian(t.name).hessian, column_permutation(t.module))
             w = dense[t.name]
-            solved[t.name] = {"magnitude": magnitude_prune(w, 0.5, pat, h), "wanda": wanda_prune(w, h, 0.5, pat),
-                              "obs-diff": obs_prune(w, h, 0.5, pat)}
+            solved[t.name] = {"magnitude": magnitude_prune(w, pat, h), "wanda": wanda_prune(w, h, pat),
+                              "obs-diff": obs_prune(w, h, pat)}
         variants = {"all magnitude": lambda n: "magnitude", "all wanda": lambda n: "wanda",
                     "all obs-diff": lambda n: "obs-diff"}
         for kind in result["layers_per_kind"]:

@@ -18,12 +18,13 @@ import torch
 
 from obsdiff.adapters import adapter_for, find_targets
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
-from obsdiff.default_model import DEFAULT_MODEL_DIR
-from obsdiff.digits import prompt_for
+from obsdiff.digits.data import prompt_for
+from obsdiff.digits.train import DEFAULT_MODEL_DIR
 from obsdiff.hessian import StepContext, timestep_weights
 from obsdiff.layers import column_permutation, permute_hessian, weight_matrix
 from obsdiff.model_io import load_pipeline
-from obsdiff.solver import Pattern, magnitude_prune, obs_prune, wanda_prune
+from obsdiff.solver import magnitude_prune, obs_prune, wanda_prune
+from obsdiff.sparsity import parse_sparsity
 
 
 def calibrate_dense_unet(num_prompts: int) -> tuple:
@@ -47,14 +48,14 @@ def main(argv=None) -> dict:
     _, targets, hooks = calibrate_dense_unet(args.prompts)
     result = {}
     for pattern in ("unstructured", "2:4"):
-        pat = Pattern.parse(pattern)
+        pat = parse_sparsity(pattern)
         rows = []
         for t in targets:
             h = permute_hessian(hooks.hessian(t.name).hessian, column_permutation(t.module))
             w = weight_matrix(t.module)
-            rows.append({"layer": t.name, "obs-diff": obs_prune(w, h, 0.5, pat).relative_error,
-                         "wanda": wanda_prune(w, h, 0.5, pat).relative_error,
-                         "magnitude": magnitude_prune(w, 0.5, pat, h).relative_error})
+            rows.append({"layer": t.name, "obs-diff": obs_prune(w, h, pat).relative_error,
+                         "wanda": wanda_prune(w, h, pat).relative_error,
+                         "magnitude": magnitude_prune(w, pat, h).relative_error})
         summary = {"layers": len(rows), "wanda_le_magnitude": sum(r["wanda"] <= r["magnitude"] for r in rows),
                    "median_obs_over_wanda": statistics.median(r["obs-diff"] / r["wanda"] for r in rows),
                    "obs_le_half_wanda": sum(r["obs-diff"] <= 0.5 * r["wanda"] for r in rows)}

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from obsdiff.default_model import DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
-from obsdiff.evaluate import EvalSettings, evaluate_pipeline, final_latents
+from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline, final_latents
+from obsdiff.digits.train import DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
 from obsdiff.model_io import load_pipeline
+from obsdiff.sparsity import NM, SparsitySpec, Structured, Unstructured
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,39 +32,51 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @dataclass(frozen=True)
 class Run:
     method: str
-    pattern: str
-    sparsity: float | None = None
+    spec: SparsitySpec
     weighting: str = "log-decrease"
     packages: int = 4
     group: str = "quality"
 
     @property
+    def pattern(self) -> str:
+        return str(self.spec)
+
+    @property
+    def sparsity(self) -> float | None:
+        """The fraction the label and the results table show (None for N:M, whose name says it)."""
+        if isinstance(self.spec, Structured):
+            return self.spec.heads
+        return self.spec.sparsity if isinstance(self.spec, Unstructured) else None
+
+    @property
     def label(self) -> str:
-        sp = f" {self.sparsity:g}" if self.sparsity is not None and self.pattern in ("unstructured", "structured") else ""
-        weighting = f" ({self.weighting})" if self.method == "obs-diff" and self.pattern != "structured" else ""
+        sp = f" {self.sparsity:g}" if self.sparsity is not None else ""
+        weighting = f" ({self.weighting})" if self.method == "obs-diff" and not isinstance(self.spec, Structured) else ""
         return f"{self.method}{weighting} {self.pattern}{sp}" + (f" P={self.packages}" if self.group == "packages" else "")
+
+    def cli_args(self) -> list[str]:
+        args = ["--method", self.method, "--pattern", self.pattern, "--weighting", self.weighting,
+                "--packages", str(self.packages)]
+        return args + (["--sparsity", str(self.sparsity)] if self.sparsity is not None else [])
 
 
 def plan(quick: bool) -> list[Run]:
     methods = [("magnitude", "log-decrease"), ("wanda", "log-decrease"), ("obs-diff", "uniform"), ("obs-diff", "log-decrease")]
-    patterns = [("unstructured", 0.5), ("2:4", None)] if quick else \
-        [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None), ("4:8", None)]
-    runs = [Run(m, p, s, w) for p, s in patterns for m, w in methods]
+    specs = [Unstructured(0.5), NM(2, 4)] if quick else \
+        [Unstructured(0.3), Unstructured(0.5), Unstructured(0.7), NM(2, 4), NM(4, 8)]
+    runs = [Run(m, spec, w) for spec in specs for m, w in methods]
     for s in ([0.3] if quick else [0.15, 0.3]):
-        runs += [Run("l1", "structured", s), Run("obs-diff", "structured", s)]
+        runs += [Run("l1", Structured(s, s)), Run("obs-diff", Structured(s, s))]
     if not quick:
-        runs += [Run("obs-diff", "unstructured", 0.5, w, group="weighting")
+        runs += [Run("obs-diff", Unstructured(0.5), w, group="weighting")
                  for w in ("linear-decrease", "linear-increase", "log-increase")]
-        runs += [Run("obs-diff", "unstructured", 0.5, packages=p, group="packages") for p in (1, 2, 8)]
+        runs += [Run("obs-diff", Unstructured(0.5), packages=p, group="packages") for p in (1, 2, 8)]
     return runs
 
 
 def prune_cli(run: Run, out: Path, num_prompts: int) -> dict:
-    cmd = [sys.executable, "-m", "obsdiff", "-q", "prune", str(DEFAULT_MODEL_DIR), "--out", str(out), "--method", run.method,
-           "--pattern", run.pattern, "--weighting", run.weighting, "--packages", str(run.packages),
+    cmd = [sys.executable, "-m", "obsdiff", "-q", "prune", str(DEFAULT_MODEL_DIR), "--out", str(out), *run.cli_args(),
            "--num-prompts", str(num_prompts)]
-    if run.sparsity is not None:
-        cmd += ["--sparsity", str(run.sparsity)]
     t0 = time.time()
     subprocess.run(cmd, check=True, capture_output=True)
     record = json.loads((out / "pruning.json").read_text())
@@ -110,9 +123,9 @@ def _scores(pipe, settings: EvalSettings) -> dict:
 
 def deployment(rows: list[dict], tmp: Path) -> dict:
     """cpu and android bundles of the dense and the 50% obs-diff model; Core ML sizes (ios)."""
-    from exporters.bundle import export_bundle
+    from obsdiff.exporters.bundle import export_bundle
 
-    pruned = next(r["path"] for r in rows if r["method"] == "obs-diff" and r["pattern"] == "unstructured"
+    pruned = next(r["path"] for r in rows if r["method"] == "obs-diff" and r["pattern"] == str(Unstructured(0.5))
                   and r.get("sparsity") == 0.5 and r.get("weighting") == "log-decrease" and r.get("group") == "quality")
     out: dict = {}
     for target in ("cpu", "android"):
@@ -138,8 +151,9 @@ def interleaved(dense_bundle: Path, pruned_bundle: Path, runs: int = 30, pipelin
     import numpy as np
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
-    from exporters.bundle import load_reference, ort_session
-    from exporters.validate import interleaved_ms
+    from obsdiff.exporters.artifacts import load_reference
+    from obsdiff.exporters.onnx import ort_session
+    from obsdiff.exporters.validate import interleaved_ms
 
     bundles = {"dense": dense_bundle, "pruned": pruned_bundle}
     feeds, _ = load_reference(dense_bundle / "reference", "unet")

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from exporters.components import UNetWrapper
-from exporters.validate import interleaved_ms
 from obsdiff.adapters import UNET
+from obsdiff.exporters.components import UNetWrapper
+from obsdiff.exporters.validate import interleaved_ms
 from obsdiff.prune import Method, PruneConfig
+from obsdiff.sparsity import Structured
 from obsdiff.structured import AttentionUnit, count_params, find_units, forward_flops, prune_attention, prune_ffn
 
 SD15_WIDTHS = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -37,7 +38,7 @@ def build_unet(layers_per_block: int, latent: int):
 
 
 def shrink(unet, sparsity: float) -> None:
-    config = PruneConfig(pattern="structured", sparsity=sparsity, method=Method.L1)
+    config = PruneConfig(sparsity=Structured(sparsity, sparsity), method=Method.L1)
     config.validate()
     for unit in find_units(unet, UNET).units:
         if isinstance(unit, AttentionUnit):
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 2
             sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            result["models"][name] = {"params": count_params(unet), "flops": forward_flops(unet, lambda u=unet: u(*inputs))}
+            result["models"][name] = {"params": count_params(unet), "flops": forward_flops(lambda u=unet: u(*inputs))}
         feeds = {"sample": inputs[0].numpy(), "timestep": inputs[1].numpy(), "encoder_hidden_states": inputs[2].numpy()}
         timed = interleaved_ms({n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()}, args.runs)
     for name in sessions:

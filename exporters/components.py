@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from exporters.profiles import Shapes
 from obsdiff.errors import ExportError
+from obsdiff.exporters.profiles import Shapes
 
 # Which role each component plays; target profiles choose components by role (Core ML ships no VAE encoder).
 TEXT_ENCODER, DENOISER, VAE_DECODER, VAE_ENCODER = "text_encoder", "denoiser", "vae_decoder", "vae_encoder"

@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.components import (
+from obsdiff.errors import BundleError, UsageError
+from obsdiff.exporters.artifacts import pruned_weights
+from obsdiff.exporters.builder import BundleBuilder
+from obsdiff.exporters.components import (
     DENOISER,
     TEXT_ENCODER,
     VAE_DECODER,
@@ -35,8 +38,8 @@ from exporters.components import (
     pipeline_dims,
     specs_for,
 )
-from exporters.profiles import Precision, TargetProfile
-from obsdiff.errors import BundleError, UsageError
+from obsdiff.exporters.profiles import Precision, TargetProfile
+from obsdiff.exporters.validate import gate, psnr, reference_io, timings_ms
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,13 @@ def weight_blob_size(path: Path) -> int:
 
 
 def load_program(path: Path):
-    """The MIL program of a saved mlpackage (works on Linux: no Core ML framework needed)."""
+    """The MIL program of a saved mlpackage (works on Linux: no Core ML framework needed).
+
+    Why not ``coremltools.optimize.coreml.get_weights_metadata``: it lists only plain ``const`` weights, and the
+    pruned weights are stored as ``constexpr_sparse_to_dense`` (or palettized/quantized constexpr) ops, which it
+    skips (coremltools 9.0, ``_post_training_quantization.get_weights_metadata``); so the program is loaded with
+    the same milproto loader that function uses, and coremltools itself materializes the constexpr values.
+    """
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_to_pymil
 
@@ -210,17 +219,18 @@ def check_io(path: Path, spec: ComponentSpec, dims: dict[str, int]) -> dict:
     return {"inputs": got_in, "outputs": got_out, "passed": got_in == want_in and got_out == want_out}
 
 
-class CoreMLBundleBuilder:
+class CoreMLBundleBuilder(BundleBuilder):
     def __init__(self, profile: TargetProfile, precision: Precision, compress: str | None = None,
                  deployment_target: str | None = None) -> None:
         self.profile, self.precision, self.compress = profile, precision, compress
         self.deployment_target = resolve_deployment_target(deployment_target, profile.backend.get(
             "deployment_target", "iOS17"), compress)
 
-    def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
-        from exporters.bundle import pruned_weights
-        from exporters.validate import gate
+    @classmethod
+    def revalidate(cls, bundle: Path, manifest: dict) -> dict:
+        return revalidate_coreml(bundle, manifest)
 
+    def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
         profile = self.profile
         dims = pipeline_dims(pipe, profile.shapes)
         wanted = profile.backend.get("components", [TEXT_ENCODER, DENOISER, VAE_DECODER])
@@ -246,7 +256,8 @@ class CoreMLBundleBuilder:
                     sparsify(model, min_sparsity=min(0.3, 0.9 * sparsity), compress=self.compress).save(str(final))
                 else:
                     shutil.copytree(dense_path, final)
-                comp = {"package": str(final.relative_to(staging)), "convert_s": time.time() - t0,
+                rel = str(final.relative_to(staging))
+                comp = {"file": rel, "package": rel, "convert_s": time.time() - t0,
                         "dense_bytes": package_size(dense_path), "bytes": package_size(final),
                         "dense_weight_bytes": weight_blob_size(dense_path), "weight_bytes": weight_blob_size(final),
                         "pruned_sparsity": sparsity, "io": check_io(final, spec, dims)}
@@ -298,14 +309,12 @@ class CoreMLBundleBuilder:
             return {"status": "skipped", "reason": "Core ML prediction needs macOS; conversion and weight checks ran here"}
         import coremltools as ct  # pragma: no cover - macOS only
 
-        from exporters.validate import psnr, reference_io, timings_ms
-
         model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[self.profile.backend.get("compute_units", "ALL")])
         inputs, ref = reference_io(pipe, spec, dims)
         feeds = {k: (v.reshape(1) if v.ndim == 0 else v).astype(np.int32 if v.dtype.kind == "i" else np.float32)
                  for k, v in inputs.items()}
         got = model.predict(feeds)
-        scores = {k: psnr(ref[k], np.asarray(got[feature_name(k)]), peak=float(ref[k].max() - ref[k].min()) or 1.0)
+        scores = {k: psnr(ref[k], np.asarray(got[feature_name(k)]))  # peak: the reference range
                   for k in ref}
         return {"status": "ran", "psnr_db": scores, "latency": timings_ms(lambda: model.predict(feeds))}
 

@@ -1,5 +1,7 @@
-"""ONNX exporter: optimum-onnx where it works, ``torch.onnx.export`` from the component description
-otherwise; both write optimum's diffusers layout (``unet/model.onnx``, ``model_index.json``, …).
+"""ONNX bundles (cpu, android, and the ONNX half of tensorrt): export, check, and re-validate.
+
+optimum-onnx's exporter where it works, ``torch.onnx.export`` from the component description otherwise;
+both write optimum's diffusers layout (``unet/model.onnx``, ``model_index.json``, …).
 
 fp16 converts the fp32 graphs' float tensors to float16 with ONNX Runtime's own converter and keeps
 fp32 inputs and outputs, so callers feed the same arrays. Pruned zeros are kept exactly: an fp32
@@ -11,16 +13,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from exporters.components import ComponentSpec
-from exporters.profiles import Precision
-from obsdiff.errors import ExportError
+from obsdiff.errors import BundleError, ExportError, GateError
+from obsdiff.exporters.artifacts import REFERENCE_DIR, load_reference, pruned_weights, save_reference
+from obsdiff.exporters.builder import BundleBuilder
+from obsdiff.exporters.components import ComponentSpec, pipeline_dims, specs_for
+from obsdiff.exporters.profiles import Precision, TargetProfile
+from obsdiff.exporters.validate import (
+    compare_outputs,
+    gate,
+    initial_latents,
+    psnr,
+    reference_io,
+    run_pipeline_images,
+    save_image_grid,
+    timings_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +193,182 @@ def _same_weight(arr: np.ndarray, ref: np.ndarray) -> bool:
 def _same_zeros(arr: np.ndarray, ref: np.ndarray) -> bool:
     """fp16 graphs: same zero positions and values within fp16 rounding."""
     return bool(np.array_equal(arr == 0, ref == 0) and np.allclose(arr, ref, rtol=1e-3, atol=1e-4))
+
+
+# ---- ONNX Runtime ----------------------------------------------------------------------------------
+
+
+def ort_session(path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=list(providers))
+    except Exception as exc:
+        raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+
+
+def run_session(session, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One run on the sample inputs (already in the description's dtypes); outputs as float32, by name."""
+    names = [o.name for o in session.get_outputs()]
+    outs = session.run(names, {i.name: inputs[i.name] for i in session.get_inputs()})
+    return {n: o.astype(np.float32) for n, o in zip(names, outs)}
+
+
+def component_model_file(bundle: Path, spec: ComponentSpec, profile: TargetProfile) -> Path:
+    """The file the device runs: ``model.ort`` for ORT-format targets, else ``model.onnx``."""
+    folder = bundle / spec.name
+    return folder / "model.ort" if profile.ort_format else folder / "model.onnx"
+
+
+def sparsity_report(pipe, record: dict | None, spec: ComponentSpec, onnx_path: Path, precision: Precision) -> dict:
+    """Per pruned layer: zero fraction in PyTorch and in the exported graph; zeros must survive."""
+    weights = pruned_weights(pipe, record, spec.source)
+    if not weights:
+        return {"pruned_layers": 0}
+    inits = onnx_initializers(onnx_path)
+    matched = match_weights(inits, weights)
+    layers, lost = {}, []
+    for name, w in weights.items():
+        torch_zero = int((w == 0).sum()) / w.numel()  # exact counts: float32 means differ in the last bit
+        onnx_name = matched[name]
+        onnx_zero = int((inits[onnx_name] == 0).sum()) / w.numel() if onnx_name else None
+        layers[name] = {"torch": torch_zero, "onnx": onnx_zero}
+        exact = onnx_zero is not None and (onnx_zero == torch_zero if precision is Precision.FP32 else onnx_zero >= torch_zero)
+        if not exact:
+            lost.append(name)
+    total = sum(w.numel() for w in weights.values())
+    return {
+        "pruned_layers": len(weights), "matched_in_onnx": sum(v is not None for v in matched.values()),
+        "zero_fraction_torch": sum(float((w == 0).sum()) for w in weights.values()) / total,
+        "zero_fraction_onnx": sum(layers[n]["onnx"] * weights[n].numel() for n in weights if layers[n]["onnx"] is not None) / total,
+        "zeros_preserved": not lost, "lost": lost, "layers": layers,
+    }
+
+
+class OnnxBundleBuilder(BundleBuilder):
+    """Export + validation for the ONNX-based formats (cpu, android; the ONNX half of tensorrt)."""
+
+    def __init__(self, profile: TargetProfile, precision: Precision, prompts: list[str]) -> None:
+        self.profile, self.precision, self.prompts = profile, precision, prompts
+
+    def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
+        profile = self.profile
+        specs = specs_for(pipe)
+        dims = pipeline_dims(pipe, profile.shapes)
+        t0 = time.time()
+        export_onnx(pipe, staging, specs, dims, exporter=profile.exporter, precision=self.precision)
+        export_s = time.time() - t0
+        if profile.ort_format:
+            convert_to_ort(staging)
+        results: dict = {"export_s": export_s, "components": {}, "gates": []}
+        for spec in specs:
+            inputs, ref_out = reference_io(pipe, spec, dims)
+            model_file = component_model_file(staging, spec, profile)
+            session = ort_session(model_file, profile.providers)
+            got = run_session(session, inputs)
+            save_reference(staging / REFERENCE_DIR, spec.name, inputs, ref_out, got)
+            comp = {"file": str(model_file.relative_to(staging)), "outputs": compare_outputs(ref_out, got),
+                    "latency": timings_ms(lambda s=session, i=inputs: run_session(s, i)),
+                    "sparsity": sparsity_report(pipe, record, spec, staging / spec.name / "model.onnx", self.precision)}
+            results["components"][spec.name] = comp
+            worst = min(o["cosine"] for o in comp["outputs"].values())
+            results["gates"].append(gate(f"{spec.name} cosine", worst, ">=", profile.gates.min_cosine))
+            if comp["sparsity"].get("pruned_layers"):
+                results["gates"].append(gate(f"{spec.name} pruned zeros survive export",
+                                              float(comp["sparsity"]["zeros_preserved"]), ">=", 1.0))
+            budget = profile.gates.max_latency_ms.get(spec.name)
+            if budget:
+                results["gates"].append(gate(f"{spec.name} median latency ms", comp["latency"]["median_ms"], "<=", budget))
+        results["end_to_end"] = self._end_to_end(pipe, dense_pipe, staging)
+        results["gates"].append(gate("image PSNR dB", results["end_to_end"]["psnr_db"], ">=",
+                                      profile.gates.min_psnr(self.precision)))
+        budget = profile.gates.max_latency_ms.get("pipeline")
+        if budget:
+            results["gates"].append(gate("pipeline median latency ms", results["end_to_end"]["latency_onnx"]["median_ms"],
+                                          "<=", budget))
+        return results
+
+    def _end_to_end(self, pipe, dense_pipe, staging: Path) -> dict:
+        from optimum.onnxruntime import ORTDiffusionPipeline  # picks the ORT pipeline named in model_index.json
+
+        shapes = self.profile.shapes
+        ort_pipe = ORTDiffusionPipeline.from_pretrained(staging, provider=self.profile.providers[0])
+        ort_pipe.set_progress_bar_config(disable=True)
+        prompts = self.prompts
+        latents = initial_latents(pipe, len(prompts), shapes.height, shapes.width, seed=0)
+        run = lambda p: run_pipeline_images(p, prompts, latents, shapes.steps, shapes.guidance,  # noqa: E731
+                                            shapes.height, shapes.width)
+        torch_images, onnx_images = run(pipe), run(ort_pipe)
+        rows = {"pruned PyTorch": torch_images, "exported": onnx_images}
+        if dense_pipe is not None:
+            rows = {"dense PyTorch": run(dense_pipe), **rows}
+        save_image_grid(rows, staging / "images.png")
+        one = lambda p: run_pipeline_images(p, prompts[:1], latents[:1], shapes.steps, shapes.guidance,  # noqa: E731
+                                            shapes.height, shapes.width)
+        return {
+            "prompts": prompts, "steps": shapes.steps, "guidance": shapes.guidance, "seed": 0,
+            "scheduler": type(pipe.scheduler).__name__,
+            "psnr_db": psnr(torch_images, onnx_images, peak=1.0),
+            "psnr_dense_vs_pruned_db": None if dense_pipe is None else psnr(rows["dense PyTorch"], torch_images, peak=1.0),
+            "latency_onnx": timings_ms(lambda: one(ort_pipe), warmup=1, runs=5),
+            "latency_pytorch": timings_ms(lambda: one(pipe), warmup=1, runs=5),
+        }
+
+    @classmethod
+    def revalidate(cls, bundle: Path, manifest: dict) -> dict:
+        return revalidate_onnx(bundle, manifest)
+
+    def report_sections(self, results: dict) -> list[str]:
+        """Components vs PyTorch and the end-to-end comparison."""
+        lines = ["", "## Components vs PyTorch (sample inputs)", "",
+                 "| component | output | cosine | rel. L2 | max abs | median ms | p90 ms | pruned zeros (torch → export) |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for name, comp in results["components"].items():
+            sp = comp["sparsity"]
+            zeros = (f"{sp['zero_fraction_torch']:.4f} → {sp['zero_fraction_onnx']:.4f}" if sp.get("pruned_layers") else "dense")
+            for out, c in comp["outputs"].items():
+                lat = comp["latency"]
+                lines.append(f"| {name} | {out} | {c['cosine']:.7f} | {c['relative_l2']:.2e} | {c['max_abs']:.2e} | "
+                             f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {zeros} |")
+        e2e = results["end_to_end"]
+        lines += ["", "## End to end", "",
+                  f"{len(e2e['prompts'])} prompts, {e2e['steps']} steps, guidance {e2e['guidance']}, seed {e2e['seed']}, "
+                  f"{e2e['scheduler']}; same initial latents for every row.", "",
+                  f"- exported vs pruned PyTorch: **{e2e['psnr_db']:.2f} dB** PSNR"]
+        if e2e.get("psnr_dense_vs_pruned_db") is not None:
+            lines.append(f"- pruned vs dense PyTorch: {e2e['psnr_dense_vs_pruned_db']:.2f} dB PSNR (what pruning changed)")
+        lines += ["", "| pipeline (1 prompt) | median ms | p90 ms |", "|---|---|---|",
+                  f"| exported | {e2e['latency_onnx']['median_ms']:.1f} | {e2e['latency_onnx']['p90_ms']:.1f} |",
+                  f"| PyTorch | {e2e['latency_pytorch']['median_ms']:.1f} | {e2e['latency_pytorch']['p90_ms']:.1f} |",
+                  "", "![dense PyTorch, pruned PyTorch, exported](images.png)"]
+        return lines
+
+
+def convert_to_ort(folder: Path) -> None:
+    """ONNX Runtime's own converter: ``model.ort`` beside each ``model.onnx`` and the operator config."""
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(folder),
+           "--optimization_style", "Fixed"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BundleError(f"ORT format conversion failed: {proc.stderr.strip().splitlines()[-1:]}")
+    configs = list(folder.glob("*.config"))
+    if not configs:
+        raise BundleError("ORT format conversion wrote no required-operators config")
+    configs[0].rename(folder / "required_operators.config")
+
+
+def revalidate_onnx(bundle: Path, manifest: dict) -> dict:
+    """Run every component's model file on its saved reference inputs; compare with PyTorch's outputs."""
+    min_cos = manifest["gates"]["min_cosine"]
+    results = {}
+    for name, comp in manifest["components"].items():
+        inputs, reference = load_reference(bundle / REFERENCE_DIR, name)
+        got = run_session(ort_session(bundle / comp["file"]), inputs)
+        results[name] = compare_outputs(reference, got)
+        worst = min(c["cosine"] for c in results[name].values())
+        log.info("%s: cosine %.7f (gate %.4g)", name, worst, min_cos)
+        if worst < min_cos:
+            raise GateError(f"{bundle}: {name} cosine {worst:.6f} below the gate {min_cos:g}")
+    return results

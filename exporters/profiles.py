@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
+from obsdiff.api import SparsitySpec, Unstructured, check_image_size, parse_kind, parse_sparsity
 from obsdiff.errors import UsageError
+from obsdiff.resources import targets_dir
 
-TARGETS_DIR = Path(__file__).resolve().parents[1] / "targets"
 
-
-class Precision(str, enum.Enum):
+class Precision(enum.StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
 
 
-class Format(str, enum.Enum):
+class Format(enum.StrEnum):
     ONNX = "onnx"
     TENSORRT = "tensorrt"
     COREML = "coreml"
@@ -32,6 +33,16 @@ class Shapes:
     steps: int = 25
     guidance: float = 5.0
 
+    def check(self) -> None:
+        _whole("batch", self.batch, 1)
+        _whole("steps", self.steps, 1)
+        for name in ("height", "width"):
+            try:
+                check_image_size(name, getattr(self, name))
+            except UsageError as exc:
+                raise ValueError(str(exc).lstrip("-")) from None
+        _number("guidance", self.guidance, 0.0)
+
 
 @dataclass(frozen=True)
 class Gates:
@@ -43,14 +54,36 @@ class Gates:
     def min_psnr(self, precision: "Precision") -> float:
         return self.min_image_psnr_db if precision is Precision.FP32 else self.min_image_psnr_db_fp16
 
+    def check(self) -> None:
+        _number("min_cosine", self.min_cosine, -1.0, 1.0)
+        _number("min_image_psnr_db", self.min_image_psnr_db, 0.0)
+        _number("min_image_psnr_db_fp16", self.min_image_psnr_db_fp16, 0.0)
+        if not isinstance(self.max_latency_ms, dict):
+            raise ValueError(f"max_latency_ms must be a table of component = milliseconds, got {self.max_latency_ms!r}")
+        for name, value in self.max_latency_ms.items():
+            _number(f"max_latency_ms.{name}", value, 0.0)
+
 
 @dataclass(frozen=True)
 class PruneDefaults:
-    pattern: str = "unstructured"
-    sparsity: float | None = 0.5
+    """What ``ship`` prunes with, and which patterns the target can use (``accepts``; empty: any)."""
+
+    sparsity: SparsitySpec = field(default_factory=Unstructured)
+    accepts: tuple[str, ...] = ()
     components: tuple[str, ...] = ("denoiser",)
     num_prompts: int = 64
     steps: int = 25
+
+    def check(self) -> None:
+        _whole("num_prompts", self.num_prompts, 1)
+        _whole("steps", self.steps, 1)
+        if not self.components or not all(isinstance(c, str) and c for c in self.components):
+            raise ValueError(f"components must be a list of names, got {list(self.components)!r}")
+        if self.accepts and not self.accepts_spec(self.sparsity):
+            raise ValueError(f"the default pattern {self.sparsity} is not among accepts = {list(self.accepts)}")
+
+    def accepts_spec(self, spec: SparsitySpec) -> bool:
+        return not self.accepts or str(spec) in self.accepts
 
 
 @dataclass(frozen=True)
@@ -69,47 +102,115 @@ class TargetProfile:
     backend: dict = field(default_factory=dict)  # format-specific settings ([tensorrt], [coreml])
     path: Path | None = None
 
+    def check_pattern(self, spec: SparsitySpec, force: bool) -> None:
+        """A pattern the target cannot use is refused (``--force`` exports it anyway)."""
+        if force or self.prune.accepts_spec(spec):
+            return
+        raise UsageError(f"target {self.name} gains nothing from {spec} weights (it accepts "
+                         f"{', '.join(self.prune.accepts)}): choose one of those patterns, or pass --force")
+
+
+def _whole(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number ≥ {minimum}, got {value!r}")
+
+
+def _number(name: str, value, low: float, high: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (high is not None and value > high):
+        bounds = f"in [{low:g}, {high:g}]" if high is not None else f"≥ {low:g}"
+        raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
+
 
 def available_targets() -> list[str]:
-    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+    return sorted(p.stem for p in targets_dir().glob("*.toml"))
 
 
-def _section(data: dict, key: str, cls):
+_SCALARS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+            "bool": ((bool,), "true or false")}
+
+
+def _table(data: dict, key: str, cls, converters: dict | None = None):
+    """One TOML table into its dataclass: unknown keys, wrong types and out-of-range values name the field."""
     raw = data.get(key, {})
-    allowed = set(cls.__dataclass_fields__)
-    unknown = set(raw) - allowed
+    if not isinstance(raw, dict):
+        raise ValueError(f"[{key}] must be a table")
+    converters = converters or {}
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}  # annotations are strings here
+    unknown = set(raw) - set(kinds) - set(converters)
     if unknown:
-        raise UsageError(f"target profile: unknown key(s) in [{key}]: {', '.join(sorted(unknown))}")
-    if "components" in raw:
-        raw = {**raw, "components": tuple(raw["components"])}
-    return cls(**raw)
+        raise ValueError(f"unknown key(s) in [{key}]: {', '.join(sorted(unknown))}")
+    values = {}
+    for name, value in raw.items():
+        if name in converters:
+            continue
+        kind = kinds[name]
+        if kind in _SCALARS:
+            types, what = _SCALARS[kind]
+            if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
+                raise ValueError(f"[{key}] {name} must be {what}, got {value!r}")
+        elif kind.startswith("tuple"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"[{key}] {name} must be a list of strings, got {value!r}")
+            value = tuple(value)
+        values[name] = value
+    for convert in converters.values():
+        values.update(convert(raw))
+    obj = cls(**values)
+    try:
+        obj.check()
+    except ValueError as exc:
+        raise ValueError(f"[{key}] {exc}") from None
+    return obj
+
+
+def _prune_sparsity(raw: dict) -> dict:
+    """``pattern`` and ``sparsity`` of ``[prune]`` parsed once into the typed spec."""
+    try:
+        return {"sparsity": parse_sparsity(raw.get("pattern", "unstructured"), raw.get("sparsity"))}
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _accepts(raw: dict) -> dict:
+    accepts = raw.get("accepts", [])
+    if not isinstance(accepts, list):
+        raise ValueError(f"accepts must be a list of patterns, got {accepts!r}")
+    try:
+        return {"accepts": tuple(parse_kind(a) for a in accepts)}
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def load_profile(name_or_path: str | Path) -> TargetProfile:
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        path = TARGETS_DIR / f"{name_or_path}.toml"
+        path = targets_dir() / f"{name_or_path}.toml"
     if not path.is_file():
         raise UsageError(f"unknown target {str(name_or_path)!r}; available: {', '.join(available_targets())}")
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: invalid TOML ({exc})") from None
     try:
+        for key, kind in (("name", str), ("description", str), ("format", str), ("precision", str), ("exporter", str),
+                          ("providers", list), ("ort_format", bool), ("session_options", dict)):
+            if key in data and not isinstance(data[key], kind):
+                raise ValueError(f"{key} must be a {kind.__name__}, got {data[key]!r}")
+        if "format" not in data or "name" not in data:
+            raise ValueError(f"missing key {'name' if 'name' not in data else 'format'}")
         profile = TargetProfile(
             name=data["name"], description=data.get("description", ""), format=Format(data["format"]),
             precision=Precision(data.get("precision", "fp32")), exporter=data.get("exporter", "torch"),
             providers=tuple(data.get("providers", ["CPUExecutionProvider"])),
-            shapes=_section(data, "shapes", Shapes), gates=_section(data, "gates", Gates),
-            prune=_section(data, "prune", PruneDefaults), ort_format=bool(data.get("ort_format", False)),
-            session_options=data.get("session_options", {}), backend=data.get(data["format"], {}), path=path,
+            shapes=_table(data, "shapes", Shapes), gates=_table(data, "gates", Gates),
+            prune=_table(data, "prune", PruneDefaults, {"pattern": _prune_sparsity, "sparsity": lambda raw: {},
+                                                        "accepts": _accepts}),
+            ort_format=data.get("ort_format", False), session_options=data.get("session_options", {}),
+            backend=data.get(data["format"], {}), path=path,
         )
-    except KeyError as exc:
-        raise UsageError(f"{path}: missing key {exc}") from None
     except ValueError as exc:
         raise UsageError(f"{path}: {exc}") from None
     if profile.exporter not in ("optimum", "torch"):
         raise UsageError(f"{path}: exporter must be 'optimum' or 'torch'")
-    if profile.shapes.height % 8 or profile.shapes.width % 8:
-        raise UsageError(f"{path}: image height and width must be multiples of 8")
     return profile

@@ -1,45 +1,71 @@
-"""``make export``: prune with the target's defaults → export → validate → bundle, in one command."""
+"""``make export``: prune with the target's defaults → export → validate → bundle, in one command.
+
+Every option, the model folder and the input/output relation are checked before anything is written. The
+pruned model and the bundle are built in hidden staging folders inside OUT and replace ``OUT/model`` and
+``OUT/bundle`` only at the end, so a failed or refused ship leaves OUT as it was (and no OUT it created).
+"""
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
-from exporters.bundle import export_bundle
-from exporters.profiles import Format, load_profile
+from obsdiff.api import Dense, PruneConfig, SparsitySpec, check_model_folder, parse_sparsity, prune
+from obsdiff.atomic import check_disjoint, remove, replace_dir, staging_path
 from obsdiff.errors import UsageError
-from obsdiff.prune import PruneConfig, prune
+from obsdiff.exporters.bundle import export_bundle
+from obsdiff.exporters.profiles import Precision, TargetProfile, load_profile
 
 log = logging.getLogger(__name__)
+
+
+def resolve_pattern(profile: TargetProfile, pattern: str | None, sparsity: float | None) -> SparsitySpec:
+    """The user's pattern and sparsity, or the profile's default pattern with the user's sparsity."""
+    if pattern is None and sparsity is None:
+        return profile.prune.sparsity
+    return parse_sparsity(pattern or str(profile.prune.sparsity), sparsity)
 
 
 def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, sparsity: float | None = None,
          precision: str | None = None, force: bool = False, zip_bundle: bool = False) -> dict:
     """Writes ``OUT/model`` (the pruned diffusers folder) and ``OUT/bundle`` (the validated bundle)."""
+    model, out = Path(model), Path(out)
     profile = load_profile(target)
-    out = Path(out)
-    pruned_dir, bundle_dir = out / "model", out / "bundle"
-    out.mkdir(parents=True, exist_ok=True)
+    if precision is not None:
+        Precision(precision)
+    spec = resolve_pattern(profile, pattern, sparsity)
+    profile.check_pattern(spec, force)
     defaults = profile.prune
-    pattern = pattern or defaults.pattern
-    if pattern == "dense":
-        source = Path(model)
-    else:
-        if sparsity is None and pattern == defaults.pattern:
-            sparsity = defaults.sparsity
-        config = PruneConfig(pattern=pattern, sparsity=sparsity, components=defaults.components,
-                             num_prompts=defaults.num_prompts, steps=defaults.steps)
-        if profile.format is Format.TENSORRT:
-            from exporters.tensorrt import check_pattern_for_tensorrt
+    config = None
+    if not isinstance(spec, Dense):
+        config = PruneConfig(sparsity=spec, components=defaults.components, num_prompts=defaults.num_prompts,
+                             steps=defaults.steps)
+        config.validate()
+    check_model_folder(model)
+    check_disjoint(out, {"model": model}, output_name="--out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent} does not exist")
 
-            check_pattern_for_tensorrt(pattern, force)
-        log.info("pruning %s → %s (%s, %s)", model, pruned_dir, pattern, sparsity if sparsity else "default sparsity")
-        if pruned_dir.exists():
-            shutil.rmtree(pruned_dir)
-        prune(Path(model), pruned_dir, config)
-        source = pruned_dir
-    if not Path(source).exists():
-        raise UsageError(f"{source} does not exist")
-    return export_bundle(source, target, bundle_dir, precision=precision, overwrite=True, zip_bundle=zip_bundle,
-                         force=force, dense_model=Path(model) if source != Path(model) else None)
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    pruned_dir, bundle_dir = out / "model", out / "bundle"
+    new_model = staging_path(pruned_dir, ".obsdiff-ship")
+    try:
+        source = model
+        if config is not None:
+            log.info("pruning %s (%s) for target %s", model, spec, profile.name)
+            prune(model, new_model, config)
+            source = new_model
+        manifest = export_bundle(source, target, bundle_dir, precision=precision, overwrite=True, zip_bundle=zip_bundle,
+                                 force=force, dense_model=model if config is not None else None,
+                                 source_name=str(pruned_dir if config is not None else model))
+        if config is not None:
+            replace_dir(new_model, pruned_dir)
+    except BaseException:
+        remove(new_model)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return manifest

@@ -3,7 +3,8 @@
 TensorRT accelerates only 2:4 weights whose groups run along the reduction axis; a sparse tactic is
 picked only when faster. Engines are specific to the GPU and TensorRT version, so the bundle carries
 ``build_engines.sh`` (trtexec) and ``validate_on_device.py``; where ``import tensorrt`` and a GPU exist
-and the profile says ``build_on = "host"``, engines are built here with the Python API as well.
+and the profile says ``build_on = "host"``, engines are built here as well, through polygraphy's loaders.
+Which patterns the target accepts is data (``accepts`` in its profile), checked before export.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ import re
 import shutil
 from pathlib import Path
 
-from exporters.components import ComponentSpec, pipeline_dims, specs_for
-from exporters.profiles import Precision, TargetProfile
-from obsdiff.errors import ExportError, UsageError
+from obsdiff.errors import ExportError
+from obsdiff.exporters.artifacts import pruned_weights
+from obsdiff.exporters.builder import BundleBuilder
+from obsdiff.exporters.components import ComponentSpec, pipeline_dims, specs_for
+from obsdiff.exporters.onnx import OnnxBundleBuilder, match_weights, onnx_initializers, revalidate_onnx
+from obsdiff.exporters.profiles import Precision, TargetProfile
+from obsdiff.exporters.sparsity_check import check_2of4, polygraphy_sparsity
+from obsdiff.exporters.validate import gate
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +30,6 @@ DEVICE_DIR = Path(__file__).resolve().parent / "device"
 
 _ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math: (.*)")
 _PICKED = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers: (.*)")
-
-
-def check_pattern_for_tensorrt(pattern: str | None, force: bool) -> None:
-    if pattern in (None, "2:4", "structured", "dense") or force:
-        return
-    raise UsageError(f"TensorRT gains nothing from {pattern} zeros (only 2:4 runs on sparse tensor cores): "
-                     "use PATTERN=2:4 or structured, or pass --force")
 
 
 def tensorrt_available() -> tuple[bool, str]:
@@ -101,75 +100,55 @@ def build_script(specs: tuple[ComponentSpec, ...], dims: dict[str, int], profile
     return "\n".join(lines) + "\n"
 
 
-def _capturing_logger():
-    """A TensorRT ILogger that keeps every message (the sparsity lines come at VERBOSE)."""
-    import tensorrt as trt
-
-    class Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.lines: list[str] = []
-
-        def log(self, severity, msg) -> None:
-            self.lines.append(msg)
-
-    return Logger()
-
-
 def build_engine(onnx_path: Path, engine_path: Path, spec: ComponentSpec, dims: dict[str, int], profile: TargetProfile,
                  timing_cache: Path) -> dict:
-    """TensorRT Python API: FP16 + SPARSE_WEIGHTS, static optimization profile, timing cache, layer info."""
-    import tensorrt as trt
+    """Polygraphy's loaders over TensorRT: FP16 + sparse weights, a static profile, a timing cache, layer info.
 
-    logger = _capturing_logger()
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.FP16)
-    config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, profile.backend.get("workspace_mb", 1024) << 20)
-    config.builder_optimization_level = profile.backend.get("builder_optimization_level", 3)
-    opt = builder.create_optimization_profile()
+    Polygraphy forwards TensorRT's log to its own logger; at VERBOSE it carries the "(Sparsity)" lines that say
+    which layers were eligible for sparse math and which ran sparse, so the log goes to a file beside the engine.
+    """
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+    from polygraphy.logger import G_LOGGER
+
+    opt = Profile()
     for t in spec.inputs:
         shape = spec.resolve(dims, t)
-        opt.set_shape(t.name, shape, shape, shape)
-    config.add_optimization_profile(opt)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT failed to build {spec.name}: {logger.lines[-1] if logger.lines else 'no log'}")
-    engine_path.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+        opt.add(t.name, min=shape, opt=shape, max=shape)
+    config = CreateConfig(
+        fp16=True, sparse_weights=True, profiles=[opt], profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: profile.backend.get("workspace_mb", 1024) << 20},
+        builder_optimization_level=profile.backend.get("builder_optimization_level", 3),
+        load_timing_cache=str(timing_cache) if timing_cache.is_file() else None)
+    log_path = engine_path.with_suffix(".build.log")
+    saved_severity, saved_file = G_LOGGER.module_severity, G_LOGGER.log_file
+    G_LOGGER.module_severity, G_LOGGER.log_file = G_LOGGER.VERBOSE, str(log_path)
+    try:
+        engine = engine_from_network(network_from_onnx_path(str(onnx_path)), config=config,
+                                     save_timing_cache=str(timing_cache))()
+    except Exception as exc:
+        raise ExportError(f"TensorRT failed to build {spec.name}: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        G_LOGGER.module_severity, G_LOGGER.log_file = saved_severity, saved_file
+    save_engine(engine, str(engine_path))
     layer_info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     engine_path.with_suffix(".layers.json").write_text(layer_info)
-    log_text = "\n".join(logger.lines)
-    engine_path.with_suffix(".build.log").write_text(log_text)
-    return {"engine": engine_path.name, **parse_sparsity_log(log_text)}
+    return {"engine": engine_path.name, **parse_sparsity_log(log_path.read_text() if log_path.is_file() else "")}
 
 
-class TensorRTBundleBuilder:
+class TensorRTBundleBuilder(BundleBuilder):
     """The ONNX bundle (fp16, ORT-validated) plus 2:4 checks, device scripts and, where possible, engines."""
 
-    def __init__(self, profile: TargetProfile, precision: Precision) -> None:
-        from exporters.bundle import OnnxBundleBuilder
-
+    def __init__(self, profile: TargetProfile, precision: Precision, prompts: list[str]) -> None:
         self.profile, self.precision = profile, precision
-        self.onnx = OnnxBundleBuilder(profile, precision)
+        self.onnx = OnnxBundleBuilder(profile, precision, prompts)
 
-    def preflight(self, record: dict | None, force: bool) -> None:
-        pattern = (record or {}).get("settings", {}).get("pattern")
-        check_pattern_for_tensorrt(pattern, force)
+    @classmethod
+    def revalidate(cls, bundle: Path, manifest: dict) -> dict:
+        """The ONNX files on their references (engines are checked on the device by validate_on_device.py)."""
+        return revalidate_onnx(bundle, manifest)
 
     def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
-        from exporters.validate import gate
-
         results = self.onnx.build(pipe, staging, dense_pipe=dense_pipe, record=record)
         specs = specs_for(pipe)
         dims = pipeline_dims(pipe, self.profile.shapes)
@@ -243,10 +222,6 @@ class TensorRTBundleBuilder:
 
 def two_of_four_report(pipe, record: dict | None, spec: ComponentSpec, onnx_path: Path) -> dict:
     """For each layer the prune targeted: is its ONNX initializer 2:4 by our checker and by polygraphy?"""
-    from exporters.bundle import pruned_weights
-    from exporters.onnx import match_weights, onnx_initializers
-    from exporters.sparsity_check import check_2of4, polygraphy_sparsity
-
     weights = pruned_weights(pipe, record, spec.source)
     skipped = [s["name"] for s in (record or {}).get("components", {}).get(spec.source, {}).get("skipped", [])]
     if not weights:

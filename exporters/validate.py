@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.components import ComponentSpec, denoiser, packed
-from exporters.device.validate_on_device import cosine as cosine_similarity
-from exporters.device.validate_on_device import timings
-from obsdiff.digits import prompt_for
+from obsdiff.exporters.components import ComponentSpec, denoiser, packed
+from obsdiff.exporters.device.validate_on_device import cosine as cosine_similarity
+from obsdiff.exporters.device.validate_on_device import psnr as psnr  # one PSNR, shared with the device script
+from obsdiff.exporters.device.validate_on_device import timings
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,6 @@ class Comparison:
         b = candidate.astype(np.float64).ravel()
         rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
         return cls(cosine_similarity(a, b), rel, float(np.abs(a - b).max()))
-
-
-def psnr(reference: np.ndarray, candidate: np.ndarray, peak: float = 1.0) -> float:
-    mse = float(((reference.astype(np.float64) - candidate.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
 def gate(name: str, value: float, op: str, limit: float) -> dict:
@@ -83,10 +78,6 @@ def reference_io(pipe, spec: ComponentSpec, dims: dict[str, int]) -> tuple[dict[
 
 def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, dict]:
     return {name: asdict(Comparison.of(reference[name], candidate[name])) for name in reference}
-
-
-def digit_prompts(count: int) -> list[str]:
-    return [prompt_for(i % 10) for i in range(count)]
 
 
 def initial_latents(pipe, count: int, height: int, width: int, seed: int) -> torch.Tensor:

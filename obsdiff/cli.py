@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 from obsdiff import __version__
+from obsdiff.atomic import Terminated, raise_on_sigterm
 from obsdiff.errors import ObsdiffError
 
 log = logging.getLogger("obsdiff")
@@ -20,6 +22,34 @@ log = logging.getLogger("obsdiff")
 
 def _components_arg(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _pattern_arg(text: str) -> str:
+    """``--pattern``: parsed to its canonical name here, once (``" 2:4"`` is ``2:4``; ``2:x`` is an error)."""
+    from obsdiff.sparsity import PatternError, parse_kind
+
+    try:
+        return parse_kind(text)
+    except PatternError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _float_arg(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` are refused here, not deep inside a solve)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -47,15 +77,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from obsdiff.prune import PruneConfig, prune
+    from obsdiff.sparsity import parse_sparsity
 
+    spec = parse_sparsity(args.pattern, args.sparsity, head_sparsity=args.head_sparsity, ffn_sparsity=args.ffn_sparsity)
     config = PruneConfig(
-        method=args.method, pattern=args.pattern, sparsity=args.sparsity, components=args.components,
+        method=args.method, sparsity=spec, components=args.components,
         prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, weighting=args.weighting, alpha_min=args.alpha_min,
         alpha_max=args.alpha_max, packages=args.packages, damp=args.damp, blocks=args.blocks, seed=args.seed,
-        batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, head_sparsity=args.head_sparsity,
-        ffn_sparsity=args.ffn_sparsity,
-        compensate=not args.no_compensate,
+        batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, compensate=not args.no_compensate,
     )
     from obsdiff.distributed import init_world, shutdown
 
@@ -81,8 +111,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from obsdiff.default_model import DEFAULT_JUDGE_DIR
-    from obsdiff.evaluate import EvalSettings, evaluate_pipeline
+    from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline
+    from obsdiff.digits.train import DEFAULT_JUDGE_DIR
     from obsdiff.model_io import load_pipeline
 
     pipe = load_pipeline(args.model)
@@ -107,7 +137,7 @@ def _scheduler(name: str, config):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from exporters.bundle import export_bundle
+    from obsdiff.exporters.bundle import export_bundle
 
     export_bundle(args.model, args.target, args.out, precision=args.precision, overwrite=args.overwrite,
                   zip_bundle=args.zip, force=args.force, dense_model=args.dense, compress=args.compress,
@@ -116,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ship(args: argparse.Namespace) -> int:
-    from exporters.ship import ship
+    from obsdiff.exporters.ship import ship
 
     ship(args.target, args.model, args.out, pattern=args.pattern, sparsity=args.sparsity, precision=args.precision,
          force=args.force, zip_bundle=args.zip)
@@ -124,7 +154,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from exporters.bundle import validate_bundle_on_disk
+    from obsdiff.exporters.bundle import validate_bundle_on_disk
 
     validate_bundle_on_disk(args.bundle)
     return 0
@@ -154,27 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--method", default="obs-diff", choices=["obs-diff", "wanda", "magnitude", "l1"])
-    p.add_argument("--pattern", default="unstructured", help="unstructured, N:M (2:4, 4:8) or structured")
-    p.add_argument("--sparsity", type=float, help="fraction removed (default 0.5; N/M for N:M)")
+    p.add_argument("--pattern", default="unstructured", type=_pattern_arg,
+                   help="unstructured, N:M (2:4, 4:8) or structured")
+    p.add_argument("--sparsity", type=_float_arg, help="fraction removed (default 0.5; N/M for N:M; 0.3 structured)")
     p.add_argument("--components", type=_components_arg, default=("denoiser",),
                    help="comma-separated: denoiser (the UNet or transformer; default), unet, transformer, text_encoder, "
                    "text_encoder_2, text_encoder_3, vae")
     p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: the model's "
                    "calibration_prompts.txt, else calibration_data/general.txt)")
-    p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per calibration pipeline call")
+    p.add_argument("--num-prompts", type=_int_arg, default=100)
+    p.add_argument("--steps", type=_int_arg, default=25)
+    p.add_argument("--guidance", type=_float_arg, default=7.0)
+    p.add_argument("--height", type=_int_arg, help="calibration image height (a multiple of 8; default: the model's)")
+    p.add_argument("--width", type=_int_arg)
+    p.add_argument("--batch-size", type=_int_arg, default=16, help="prompts per calibration pipeline call")
     p.add_argument("--weighting", default="log-decrease",
                    choices=["log-decrease", "uniform", "linear-decrease", "linear-increase", "log-increase"])
-    p.add_argument("--alpha-min", type=float, default=0.8)
-    p.add_argument("--alpha-max", type=float, default=1.2)
-    p.add_argument("--packages", type=int, default=4)
-    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--alpha-min", type=_float_arg, default=0.8)
+    p.add_argument("--alpha-max", type=_float_arg, default=1.2)
+    p.add_argument("--packages", type=_int_arg, default=4)
+    p.add_argument("--damp", type=_float_arg, default=0.01)
     p.add_argument("--blocks", help="blocks to prune: glob patterns or indices/ranges, comma-separated")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_arg, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted prune into the same --out")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", help="where the pipeline runs (default: cuda:LOCAL_RANK if available, else cpu)")
@@ -182,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: with the activations)")
     p.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
                    help="float64 makes results independent of batching and of the number of processes")
-    p.add_argument("--head-sparsity", type=float, help="structured: fraction of heads removed")
-    p.add_argument("--ffn-sparsity", type=float, help="structured: fraction of FFN neurons removed")
+    p.add_argument("--head-sparsity", type=_float_arg, help="structured: fraction of heads removed")
+    p.add_argument("--ffn-sparsity", type=_float_arg, help="structured: fraction of FFN neurons removed")
     p.add_argument("--no-compensate", action="store_true", help="structured: remove without OBS update")
     p.set_defaults(func=cmd_prune)
 
@@ -215,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True)
     p.add_argument("--model", type=Path, default=Path("models/digits-sd"))
     p.add_argument("--out", type=Path, required=True, help="writes OUT/model (pruned) and OUT/bundle")
-    p.add_argument("--pattern", help="override the target's pattern (unstructured, 2:4, 4:8, structured, dense)")
-    p.add_argument("--sparsity", type=float)
+    p.add_argument("--pattern", type=_pattern_arg,
+                   help="override the target's pattern (unstructured, 2:4, 4:8, structured, dense)")
+    p.add_argument("--sparsity", type=_float_arg)
     p.add_argument("--precision", choices=["fp32", "fp16"])
     p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
     p.add_argument("--zip", action="store_true")
@@ -237,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # diffusers warns at import that optimum-onnx also registers as "optimum"; it is expected with these pins.
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    raise_on_sigterm()
     try:
         return args.func(args)
+    except Terminated:
+        print("obsdiff: terminated; nothing was published", file=sys.stderr)
+        return 143
     except ObsdiffError as exc:
         if args.debug:
             raise

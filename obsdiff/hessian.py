@@ -19,7 +19,7 @@ from torch import nn
 from obsdiff.errors import CalibrationError
 
 
-class Weighting(str, enum.Enum):
+class Weighting(enum.StrEnum):
     UNIFORM = "uniform"
     LOG_DECREASE = "log-decrease"
     LOG_INCREASE = "log-increase"

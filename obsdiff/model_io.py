@@ -18,6 +18,7 @@ from obsdiff.errors import ModelFolderError
 log = logging.getLogger(__name__)
 
 PRUNING_JSON = "pruning.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def check_model_folder(path: Path) -> dict:
@@ -35,6 +36,12 @@ def check_model_folder(path: Path) -> dict:
         raise ModelFolderError(f"{index}: invalid JSON ({exc.msg})") from None
     for weights in sorted(path.glob("*/*.safetensors")):
         check_safetensors(weights)
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and p.name in model_index):
+        pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickles and not any(folder.glob("*.safetensors")):
+            raise ModelFolderError(
+                f"{folder / pickles[0]}: pickled weights are not loaded (safetensors only); convert them once where you "
+                f"trust the file, e.g. diffusers' from_pretrained(...).save_pretrained(DIR, safe_serialization=True)")
     return model_index
 
 
@@ -79,20 +86,58 @@ def load_pipeline(path: Path | str):
     record = read_pruning_record(path)
     shapes = (record or {}).get("structured", {}).get("components", {})
     try:
-        if shapes:
-            from obsdiff.structured import load_shrunk_components
-
-            components = load_shrunk_components(path, shapes)
-            pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **absent, **components)
-        else:
-            pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **absent)
+        components = load_shrunk_components(path, shapes) if shapes else {}
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True, **absent,
+                                                 **components)
     except ModelFolderError:
         raise
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFolderError(f"{path}: could not load the pipeline ({msg})") from exc
+        raise ModelFolderError(f"{path}: could not load the pipeline ({_one_line(exc)})") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _one_line(exc: BaseException) -> str:
+    """The informative part of a loader's message on one line (torch's size-mismatch lines come after a header)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    detail = [ln for ln in lines[1:] if "size mismatch" in ln or "Missing key" in ln or "Unexpected key" in ln]
+    return " ".join([lines[0], *detail[:3]])[:600]
+
+
+def load_state_strict(model, state: dict, where: Path) -> None:
+    """``load_state_dict(strict=True)`` whose error names every mismatched tensor with both shapes, on one line."""
+    own = model.state_dict()
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if wrong or missing or extra:
+        parts = ([f"wrong shape {'; '.join(wrong[:3])}"] if wrong else []) + \
+            ([f"missing {', '.join(missing[:3])}"] if missing else []) + ([f"unexpected {', '.join(extra[:3])}"] if extra else [])
+        raise ModelFolderError(f"{where}: weights do not fit the config ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=True)
+
+
+def load_shrunk_components(path: Path, components: dict) -> dict:
+    """Rebuild each structurally shrunk component from its config, resize it, then load its safetensors."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    from obsdiff.shrink import apply_shapes
+
+    out = {}
+    for name, shapes in components.items():
+        folder = path / name
+        config = json.loads((folder / "config.json").read_text())
+        model = getattr(diffusers, config["_class_name"]).from_config(config)
+        apply_shapes(model, shapes)
+        state = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(f))
+        load_state_strict(model, state, folder)
+        out[name] = model.eval()
+    return out
 
 
 def pipeline_components(pipe) -> dict:
@@ -102,13 +147,37 @@ def pipeline_components(pipe) -> dict:
     return {name: comp for name, comp in pipe.components.items() if isinstance(comp, nn.Module)}
 
 
-def copy_tree_linked(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:
-    """Copy a model folder, hard-linking files where possible (big weights are not duplicated)."""
+def copy_model_files(src: Path, dst: Path, skip: set[str] = frozenset()) -> list[str]:
+    """Copy a model folder's regular files (hard links where possible, so big weights are not duplicated).
 
-    def link_or_copy(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, dst, copy_function=link_or_copy, ignore=lambda d, names: [n for n in names if n in skip])
+    Symbolic links are not followed or copied (a link could point anywhere: ``/etc/passwd``, a folder outside the
+    model), nor are obsdiff's own hidden work folders; top-level names in ``skip`` are left out. Returns the
+    relative paths of the links that were skipped.
+    """
+    src, dst = Path(src), Path(dst)
+    links: list[str] = []
+    for root, dirs, files in os.walk(src, followlinks=False):
+        here = Path(root)
+        rel = here.relative_to(src)
+        for name in list(dirs):
+            path = here / name
+            if (rel == Path(".") and name in skip) or name.endswith((".obsdiff-partial", ".obsdiff-staging")):
+                dirs.remove(name)
+            elif path.is_symlink():
+                links.append(str(rel / name))
+                dirs.remove(name)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            path = here / name
+            if rel == Path(".") and name in skip:
+                continue
+            if path.is_symlink() or not path.is_file():
+                links.append(str(rel / name))
+                continue
+            try:
+                os.link(path, dst / rel / name)
+            except OSError:
+                shutil.copy2(path, dst / rel / name)
+    if links:
+        log.warning("%s: skipped %d symbolic link(s), which are never copied: %s", src, len(links), ", ".join(links[:5]))
+    return links

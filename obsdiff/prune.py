@@ -7,143 +7,83 @@ progress is saved next to the output, so ``resume`` restarts at the first unfini
 
 from __future__ import annotations
 
-import enum
 import fnmatch
 import hashlib
 import json
 import logging
 import math
+import re
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
 from obsdiff import __version__
-from obsdiff.adapters import Skipped, TargetLayer, adapter_for, find_targets
+from obsdiff.adapters import Adapter, Skipped, TargetLayer, adapter_for, find_targets
+from obsdiff.atomic import check_disjoint, fault_point, fsync_file, replace_dir, staging_path, write_bytes_atomic
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
-from obsdiff.default_model import MODEL_PROMPTS
-from obsdiff.distributed import World, all_reduce_hessians, barrier, broadcast_layer, device_for, fault_point, init_world
+from obsdiff.config import DENOISER, Method, PruneConfig
+from obsdiff.distributed import World, all_reduce_hessians, barrier, broadcast_layer, device_for, init_world
+from obsdiff.distributed import fault_point as rank_fault_point
 from obsdiff.errors import ObsdiffError, UsageError
-from obsdiff.hessian import StepContext, Weighting, timestep_weights
+from obsdiff.hessian import StepContext, timestep_weights
 from obsdiff.layers import column_permutation, permute_hessian, reduction_size, set_weight_matrix, weight_matrix
-from obsdiff.model_io import PRUNING_JSON, copy_tree_linked, load_pipeline, pipeline_components
-from obsdiff.solver import Pattern, SolveResult, finite_or_none, magnitude_prune, obs_prune, wanda_prune
+from obsdiff.model_io import PRUNING_JSON, check_model_folder, copy_model_files, load_pipeline, pipeline_components
+from obsdiff.resources import default_prompts_file, read_prompt_lines
+from obsdiff.shrink import apply_shapes
+from obsdiff.solver import SolveResult, finite_or_none, magnitude_prune, obs_prune, wanda_prune
+from obsdiff.sparsity import NM, MaskPattern, Structured
+
+__all__ = ["DENOISER", "Method", "PruneConfig", "Pruner", "prune"]
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GENERAL_PROMPTS = REPO_ROOT / "calibration_data" / "general.txt"
-
-
-class Method(str, enum.Enum):
-    OBS_DIFF = "obs-diff"
-    WANDA = "wanda"
-    MAGNITUDE = "magnitude"
-    L1 = "l1"  # structured baseline only
-
-
-DENOISER = "denoiser"  # alias: the pipeline's UNet or transformer
-
-
-@dataclass
-class PruneConfig:
-    method: Method = Method.OBS_DIFF
-    pattern: str = "unstructured"
-    sparsity: float | None = None  # None: 0.5, or N/M for an N:M pattern
-    components: tuple[str, ...] = (DENOISER,)
-    prompts_file: Path | None = None
-    num_prompts: int = 100
-    steps: int = 25
-    guidance: float = 7.0
-    height: int | None = None
-    width: int | None = None
-    weighting: Weighting = Weighting.LOG_DECREASE
-    alpha_min: float = 0.8
-    alpha_max: float = 1.2
-    packages: int = 4
-    damp: float = 0.01
-    blocks: str | None = None
-    seed: int = 0
-    batch_size: int = 16
-    hessian_dtype: str = "float32"  # "float64": the sum no longer depends on batching or sharding
-    # structured pruning (obsdiff.structured)
-    head_sparsity: float | None = None
-    ffn_sparsity: float | None = None
-    compensate: bool = True
-
-    def validate(self) -> None:
-        self.method = Method(self.method)
-        self.weighting = Weighting(self.weighting)
-        if self.pattern == "structured":
-            from obsdiff.structured import validate_structured
-
-            validate_structured(self)
-            return
-        if self.method is Method.L1:
-            raise UsageError("--method l1 is the structured baseline: use it with --pattern structured")
-        if not self.compensate:
-            raise UsageError("--no-compensate applies to --pattern structured only")
-        try:
-            pattern = Pattern.parse(self.pattern)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        if pattern.is_nm:
-            if self.sparsity is not None and abs(self.sparsity - pattern.n / pattern.m) > 1e-9:
-                raise UsageError(f"pattern {pattern} means sparsity {pattern.n / pattern.m:g}, not {self.sparsity:g}")
-            self.sparsity = pattern.n / pattern.m
-        elif self.sparsity is None:
-            self.sparsity = 0.5
-        if not 0 < self.sparsity < 1:
-            raise UsageError(f"--sparsity must be in (0, 1), got {self.sparsity:g}")
-        self._validate_common()
-
-    def _validate_common(self) -> None:
-        if self.packages < 1:
-            raise UsageError("--packages must be ≥ 1")
-        if self.steps < 1 or self.num_prompts < 1 or self.batch_size < 1:
-            raise UsageError("--steps, --num-prompts and --batch-size must be ≥ 1")
-        if not 0 <= self.damp < 1:
-            raise UsageError("--damp must be in [0, 1)")
-        if self.hessian_dtype not in ("float32", "float64"):
-            raise UsageError("--hessian-dtype must be float32 or float64")
-        if self.alpha_min <= 0 or self.alpha_max <= 0:
-            raise UsageError("--alpha-min and --alpha-max must be positive")
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.method not in (Method.MAGNITUDE, Method.L1)
-
-    def fingerprint(self, prompts_sha: str) -> str:
-        data = {k: (str(v) if isinstance(v, (Path, enum.Enum)) else v) for k, v in asdict(self).items()}
-        return hashlib.sha256(json.dumps({**data, "prompts": prompts_sha}, sort_keys=True).encode()).hexdigest()
-
 
 def read_prompts(config: PruneConfig, model_dir: Path) -> list[str]:
-    path = config.prompts_file
-    if path is None:
-        path = model_dir / MODEL_PROMPTS if (model_dir / MODEL_PROMPTS).is_file() else GENERAL_PROMPTS
+    path = config.prompts_file or default_prompts_file(model_dir)
     if not Path(path).is_file():
         raise UsageError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        prompts = read_prompt_lines(path)
+    except UnicodeDecodeError:
+        raise UsageError(f"prompt file {path} is not UTF-8 text") from None
     if not prompts:
         raise UsageError(f"prompt file {path} holds no prompts")
     return prompts[: config.num_prompts]
+
+
+_INDEX_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+
+
+def check_blocks_spec(spec: str | None) -> None:
+    """``--blocks`` syntax, checked before any work: indices, ranges ``a-b`` with a ≤ b, or glob patterns."""
+    if spec is None:
+        return
+    parts = [p.strip() for p in spec.split(",")]
+    if not any(parts):
+        raise UsageError("--blocks is empty")
+    for part in parts:
+        m = _INDEX_RANGE.fullmatch(part)
+        if m and m[2] is not None and int(m[2]) < int(m[1]):
+            raise UsageError(f"--blocks: range {part!r} runs backwards")
+        if not m and (not part or part[0] in "-+" or part[0].isdigit()):
+            raise UsageError(f"--blocks: {part!r} is neither an index, a range such as 0-3, nor a block name pattern")
 
 
 def block_filter(spec: str | None, block_names: list[str]):
     """``--blocks``: comma-separated glob patterns over block names, or indices / ranges (``0-3``)."""
     if not spec:
         return None
+    check_blocks_spec(spec)
     chosen: set[str] = set()
     for part in (p.strip() for p in spec.split(",") if p.strip()):
-        if part.replace("-", "").isdigit():
-            lo, _, hi = part.partition("-")
-            idx = range(int(lo), int(hi or lo) + 1)
+        if m := _INDEX_RANGE.fullmatch(part):
+            idx = range(int(m[1]), int(m[2] or m[1]) + 1)
             chosen.update(block_names[i] for i in idx if i < len(block_names))
         else:
             chosen.update(n for n in block_names if fnmatch.fnmatchcase(n, part))
@@ -199,31 +139,197 @@ class Progress:
     layers: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
-
-def _solve(config: PruneConfig, pattern: Pattern, weight: torch.Tensor, hessian: torch.Tensor | None) -> SolveResult:
-    if config.method is Method.MAGNITUDE:
-        return magnitude_prune(weight, config.sparsity, pattern, hessian)
-    if config.method is Method.WANDA:
-        return wanda_prune(weight, hessian, config.sparsity, pattern)
-    return obs_prune(weight, hessian, config.sparsity, pattern, damp=config.damp)
-
-
-def _partial_dir(out_dir: Path) -> Path:
-    return out_dir.with_name(f".{out_dir.name}.obsdiff-partial")
-
-
-def _save_progress(partial: Path, progress: Progress, name: str, component) -> None:
-    """The component whose package just finished (the others are unchanged since their last save)."""
-    tmp = partial / "progress.json.tmp"
-    save_model(component, str(partial / f"{name}.safetensors"))  # handles tied weights (T5)
-    tmp.write_text(json.dumps(asdict(progress)))
-    tmp.replace(partial / "progress.json")
+    def forget(self, component: str) -> None:
+        """Start ``component`` over (its checkpoint was unusable)."""
+        self.done.pop(component, None)
+        self.layers = [r for r in self.layers if r.get("component") != component
+                       and not str(r.get("name", "")).startswith(component + ".")]
 
 
 def resolve_components(requested: tuple[str, ...], available: dict) -> tuple[str, ...]:
     """Replace the ``denoiser`` alias by ``unet`` or ``transformer``, whichever the pipeline has."""
     denoiser = next((n for n in ("unet", "transformer") if n in available), DENOISER)
     return tuple(dict.fromkeys(denoiser if c == DENOISER else c for c in requested))
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+
+PACKAGES_DONE = "obsdiff.packages_done"  # safetensors metadata: which progress state the weights belong to
+
+
+def _partial_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.obsdiff-partial")
+
+
+def _save_checkpoint(partial: Path, progress: Progress, name: str, component) -> None:
+    """The component whose package just finished, then the progress: each written whole (temp, fsync, rename).
+
+    The weights carry the package count in their metadata, so a crash between the two renames is detected.
+    """
+    weights = partial / f"{name}.safetensors"
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    save_model(component, str(tmp), metadata={PACKAGES_DONE: str(progress.done[name])})  # handles tied weights (T5)
+    fsync_file(tmp)
+    tmp.replace(weights)
+    fault_point("checkpoint-between-files")
+    write_bytes_atomic(partial / "progress.json", json.dumps(asdict(progress)).encode())
+
+
+def _load_checkpoint(partial: Path, fingerprint: str, components: dict) -> Progress:
+    """The saved progress, with every component whose checkpoint is unreadable or stale started over (said once)."""
+    path = partial / "progress.json"
+    try:
+        saved = Progress(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("--resume: %s is unreadable (%s); starting over", path, str(exc).splitlines()[0][:120])
+        return Progress(fingerprint)
+    if saved.fingerprint != fingerprint:
+        raise UsageError(f"--resume: {partial} was made with other settings or prompts; remove it or drop --resume")
+    for name in list(saved.done):
+        weights = partial / f"{name}.safetensors"
+        try:
+            with safe_open(str(weights), framework="pt") as fh:
+                stamp = (fh.metadata() or {}).get(PACKAGES_DONE)
+            if stamp != str(saved.done[name]):
+                raise ValueError(f"holds package {stamp}, progress says {saved.done[name]}")
+            shapes = _structured_shapes(saved.layers, name)
+            if shapes:
+                apply_shapes(components[name], shapes)
+            load_model(components[name], str(weights))
+        except Exception as exc:  # a torn or stale file: that component starts over
+            log.warning("--resume: checkpoint %s is unusable (%s); %s starts over", weights,
+                        str(exc).splitlines()[0][:120], name)
+            saved.forget(name)
+    return saved
+
+
+def _structured_shapes(records: list[dict], component: str) -> dict:
+    from obsdiff.structured import shapes_from_records
+
+    recs = [r for r in records if r.get("component") == component and r.get("kind") in ("heads", "ffn")]
+    return shapes_from_records(recs) if recs else {}
+
+
+# ---- strategies: chosen once per prune ----------------------------------------------------------------
+
+
+class MaskStrategy:
+    """Unstructured or N:M: OBS (or a baseline) sets weights to zero; shapes stay."""
+
+    def __init__(self, config: PruneConfig, pattern: MaskPattern) -> None:
+        self.config, self.pattern = config, pattern
+
+    def plan(self, name: str, module, adapter: Adapter) -> tuple[list[list], list[Skipped]]:
+        all_blocks = [b for b, _ in adapter.block_modules(module)]
+        targets, skipped = find_targets(module, adapter, block_filter(self.config.blocks, all_blocks))
+        fit = []
+        for t in targets:
+            if isinstance(self.pattern, NM) and reduction_size(t.module) % self.pattern.m:
+                reason = f"reduction axis {reduction_size(t.module)} is not a multiple of {self.pattern.m}"
+                log.warning("%s.%s skipped: %s", name, t.name, reason)
+                skipped.append(Skipped(t.name, reason))
+            else:
+                fit.append(t)
+        if not fit:
+            raise UsageError(f"component {name} has no layer that fits pattern {self.pattern}")
+        return split_packages(fit, self.config.packages), skipped
+
+    def hooked_layers(self, package: list[TargetLayer]) -> dict:
+        return {t.name: t.module for t in package}
+
+    def solve(self, pruner: Pruner, component: str, package: list[TargetLayer], index: int,
+              hooks: PackageHooks | None, progress: Progress) -> None:
+        config, world = self.config, pruner.world
+        for i, t in enumerate(tqdm(package, desc=f"solve {component} {index + 1}", leave=False, mininterval=2)):
+            owner = world.owner(i)
+            record = None
+            if world.rank == owner:
+                hessian = None
+                if hooks is not None:
+                    hessian = permute_hessian(hooks.hessian(t.name).hessian, column_permutation(t.module))
+                result = self._solve(weight_matrix(t.module), hessian)
+                set_weight_matrix(t.module, result.weight)
+                record = asdict(LayerRecord(
+                    name=f"{component}.{t.name}", kind=type(t.module).__name__, shape=list(t.module.weight.shape),
+                    package=index, sparsity=float((t.module.weight == 0).float().mean()),
+                    error=finite_or_none(result.error), relative_error=finite_or_none(result.relative_error),
+                    damp=result.damp if config.method is Method.OBS_DIFF else None))
+            progress.layers.append(broadcast_layer(world, t.module, record, owner))
+
+    def _solve(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> SolveResult:
+        method = self.config.method
+        if method is Method.MAGNITUDE:
+            return magnitude_prune(weight, self.pattern, hessian)
+        if method is Method.WANDA:
+            return wanda_prune(weight, hessian, self.pattern)
+        return obs_prune(weight, hessian, self.pattern, damp=self.config.damp)
+
+    def summary(self, name: str, adapter: Adapter, packages: list, skipped: list[Skipped], progress: Progress,
+                pruner: Pruner) -> dict:
+        layers = [r for r in progress.layers if r["name"].startswith(name + ".")]
+        pruned = sum(math.prod(r["shape"]) for r in layers)
+        zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers)
+        return {"adapter": adapter.family, "packages": [[t.name for t in p] for p in packages],
+                "pruned_layers": len(layers), "pruned_weights": pruned,
+                "sparsity_of_pruned_layers": zeros / max(pruned, 1),
+                "skipped": [{"name": f"{name}.{s.name}", "reason": s.reason} for s in skipped]}
+
+
+class StructuredStrategy:
+    """Heads and FFN neurons: scored, compensated and physically removed; shapes recorded for the loader."""
+
+    def __init__(self, config: PruneConfig, spec: Structured) -> None:
+        self.config, self.spec = config, spec
+
+    def plan(self, name: str, module, adapter: Adapter) -> tuple[list[list], list[Skipped]]:
+        from obsdiff.structured import find_units
+
+        found = find_units(module, adapter)
+        if not found.units:
+            raise UsageError(f"component {name} has no attention heads or FFN neurons to remove")
+        return _split_units(found.units, self.config.packages), [Skipped(b, r) for b, r in found.skipped]
+
+    def hooked_layers(self, package: list) -> dict:
+        return {n: m for unit in package for n, m in unit.down_layers().items()}
+
+    def solve(self, pruner: Pruner, component: str, package: list, index: int, hooks: PackageHooks | None,
+              progress: Progress) -> None:
+        from obsdiff.structured import AttentionUnit, prune_attention, prune_ffn
+
+        module = pruner.pipe.components[component]
+        for unit in tqdm(package, desc=f"shrink {component} {index + 1}", leave=False, mininterval=2):
+            hessians = {n: hooks.hessian(n).hessian if hooks else None for n in unit.down_layers()}
+            if isinstance(unit, AttentionUnit):
+                record = prune_attention(unit, hessians, self.config)
+            else:
+                record = prune_ffn(unit, next(iter(hessians.values())), self.config, module)
+            progress.layers.append({**record, "component": component, "package": index})
+
+    def summary(self, name: str, adapter: Adapter, packages: list, skipped: list[Skipped], progress: Progress,
+                pruner: Pruner) -> dict:
+        recs = [r for r in progress.layers if r.get("component") == name]
+        before, after = pruner.costs_before[name], pruner.cost(name)
+        return {
+            "adapter": adapter.family, "packages": [[getattr(u, "path", getattr(u, "down_path", "")) for u in p]
+                                                   for p in packages],
+            "units": len(recs),
+            "heads_removed": sum(r["before"] - r["after"] for r in recs if r["kind"] == "heads"),
+            "heads_total": sum(r["before"] for r in recs if r["kind"] == "heads"),
+            "ffn_neurons_removed": sum(r["before"] - r["after"] for r in recs if r["kind"] == "ffn"),
+            "ffn_neurons_total": sum(r["before"] for r in recs if r["kind"] == "ffn"),
+            "params_before": before["params"], "params_after": after["params"],
+            "params_removed": before["params"] - after["params"],
+            "flops_before": before["flops"], "flops_after": after["flops"],
+            "skipped": [{"name": f"{name}.{s.name}", "reason": s.reason} for s in skipped],
+        }
+
+
+def make_strategy(config: PruneConfig) -> MaskStrategy | StructuredStrategy:
+    spec = config.sparsity
+    return StructuredStrategy(config, spec) if isinstance(spec, Structured) else MaskStrategy(config, spec)
+
+
+# ---- the driver -----------------------------------------------------------------------------------------
 
 
 class Pruner:
@@ -233,17 +339,24 @@ class Pruner:
                  overwrite: bool = False, stop_after_packages: int | None = None, world: World | None = None,
                  device: str | None = None, hessian_device: str | None = None) -> None:
         config.validate()
+        check_blocks_spec(config.blocks)
         self.model_dir, self.out_dir, self.config = Path(model_dir), Path(out_dir), config
         self.resume, self.overwrite, self.stop_after = resume, overwrite, stop_after_packages
+        check_model_folder(self.model_dir)
+        check_disjoint(self.out_dir, {"model": self.model_dir, "prompt file": config.prompts_file})
+        if self.out_dir.exists() and not overwrite:
+            raise UsageError(f"{self.out_dir} already exists (pass --overwrite to replace it)")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UsageError(f"{self.out_dir} exists and is not a folder")
+        if not self.out_dir.parent.is_dir():
+            raise UsageError(f"{self.out_dir.parent} does not exist")
+        self.strategy = make_strategy(config)
         self.world = world or init_world()
         self.device = device_for(self.world, device)
         self.hessian_device = hessian_device
+        self.pipe = None
         self._replay: dict[str, tuple] = {}  # one captured denoiser call per component, for FLOP counts
-        self._costs_before: dict[str, dict] = {}
-        if self.out_dir.exists() and not overwrite:
-            raise UsageError(f"{self.out_dir} already exists (pass --overwrite to replace it)")
-        if not self.out_dir.parent.exists():
-            raise UsageError(f"{self.out_dir.parent} does not exist")
+        self.costs_before: dict[str, dict] = {}
 
     def run(self) -> dict:
         config = self.config
@@ -254,33 +367,27 @@ class Pruner:
         if prompts and -(-len(prompts) // config.batch_size) < world.size:
             raise UsageError(f"{len(prompts)} prompts in batches of {config.batch_size} give fewer batches than "
                              f"the {world.size} processes")
-        pipe = load_pipeline(self.model_dir).to(self.device)
+        pipe = self.pipe = load_pipeline(self.model_dir).to(self.device)
         components = pipeline_components(pipe)
         config = self.config = replace(config, components=resolve_components(config.components, components))
         unknown = [c for c in config.components if c not in components]
         if unknown:
             raise UsageError(f"unknown component {', '.join(unknown)}; this pipeline has {', '.join(components)}")
-        plans = {name: self._plan(name, components[name]) for name in config.components}
-        self._costs_before = {n: self._cost(pipe, n) for n in config.components} if config.pattern == "structured" else {}
+        plans = {}
+        for name in config.components:
+            adapter = adapter_for(components[name])
+            plans[name] = (adapter, *self.strategy.plan(name, components[name], adapter))
+        if isinstance(self.strategy, StructuredStrategy):
+            self.costs_before = {n: self.cost(n) for n in config.components}
 
         partial = _partial_dir(self.out_dir)
         fingerprint = config.fingerprint(prompts_sha)
         progress = Progress(fingerprint)
-        if self.resume and (partial / "progress.json").is_file():
-            saved = Progress(**json.loads((partial / "progress.json").read_text()))
-            if saved.fingerprint != fingerprint:
-                raise UsageError(f"--resume: {partial} was made with other settings or prompts; remove it or drop --resume")
-            progress = saved
-            for name in progress.done:
-                if config.pattern == "structured":
-                    from obsdiff.structured import apply_shapes, shapes_from_records
-
-                    apply_shapes(components[name], shapes_from_records(
-                        [r for r in progress.layers if r.get("component") == name]))
-                load_model(components[name], str(partial / f"{name}.safetensors"))
-            log.info("resuming: %s", ", ".join(f"{c} {n} package(s) done" for c, n in progress.done.items()))
+        if self.resume and partial.is_dir():
+            progress = _load_checkpoint(partial, fingerprint, components)
+            log.info("resuming: %s", ", ".join(f"{c} {n} package(s) done" for c, n in progress.done.items()) or "nothing")
         elif world.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
+            staging_path(self.out_dir, ".obsdiff-partial")  # a stale one is removed
         if world.is_main:
             partial.mkdir(parents=True, exist_ok=True)
         barrier(world)
@@ -298,58 +405,39 @@ class Pruner:
                         continue
                     if self.stop_after is not None and ran >= self.stop_after:
                         raise KeyboardInterrupt("stopped on request")
-                    log.info("%s package %d/%d: %d layers", name, p + 1, len(packages), len(package))
-                    self._run_package(pipe, name, adapter, package, p, settings, progress)
+                    log.info("%s package %d/%d: %d units", name, p + 1, len(packages), len(package))
+                    hooks = self._calibrate(name, adapter, self.strategy.hooked_layers(package), p, settings, progress)
+                    t0 = time.time()
+                    self.strategy.solve(self, name, package, p, hooks, progress)
+                    del hooks
+                    progress.timings["solve_s"] = progress.timings.get("solve_s", 0) + time.time() - t0
                     progress.done[name] = p + 1
                     if world.is_main:
-                        _save_progress(partial, progress, name, components[name])
+                        _save_checkpoint(partial, progress, name, components[name])
                     ran += 1
-                    fault_point(world, ran)
-        except KeyboardInterrupt:
-            log.warning("interrupted; rerun with --resume to continue from %s", partial)
+                    fault_point("after-package")
+                    rank_fault_point(world, ran)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            log.warning("interrupted (%s); rerun with --resume to continue from %s", type(exc).__name__, partial)
             raise
         except ObsdiffError:  # bad input or data: nothing to resume
             if world.is_main:
-                shutil.rmtree(partial, ignore_errors=True)
+                staging_path(self.out_dir, ".obsdiff-partial")
             raise
-        except Exception:
-            log.error("prune failed; finished packages are kept in %s: rerun with --resume", partial)
+        except BaseException:
+            log.error("prune stopped; finished packages are kept in %s: rerun with --resume", partial)
             raise
 
-        costs_after = {n: self._cost(pipe, n) for n in config.components} if config.pattern == "structured" else {}
-        record = self._record(plans, progress, prompts, prompts_sha, time.time() - started, costs_after)
+        summaries = {name: self.strategy.summary(name, adapter, packages, skipped, progress, self)
+                     for name, (adapter, packages, skipped) in plans.items()}
+        record = self._record(summaries, progress, prompts, prompts_sha, time.time() - started)
         if world.is_main:
-            self._write_output(pipe, record)
-            shutil.rmtree(partial, ignore_errors=True)
+            self._write_output(record)
+            staging_path(self.out_dir, ".obsdiff-partial")
         barrier(world)
         return record
 
-    def _plan(self, name: str, module) -> tuple:
-        adapter = adapter_for(module)
-        if self.config.pattern == "structured":
-            from obsdiff.structured import find_units
-
-            plan = find_units(module, adapter)
-            if not plan.units:
-                raise UsageError(f"component {name} has no attention heads or FFN neurons to remove")
-            skipped = [Skipped(b, r) for b, r in plan.skipped]
-            return adapter, _split_units(plan.units, self.config.packages), skipped
-        all_blocks = [b for b, _ in adapter.block_modules(module)]
-        targets, skipped = find_targets(module, adapter, block_filter(self.config.blocks, all_blocks))
-        pattern = Pattern.parse(self.config.pattern)
-        fit = []
-        for t in targets:
-            if pattern.is_nm and reduction_size(t.module) % pattern.m:
-                reason = f"reduction axis {reduction_size(t.module)} is not a multiple of {pattern.m}"
-                log.warning("%s.%s skipped: %s", name, t.name, reason)
-                skipped.append(Skipped(t.name, reason))
-            else:
-                fit.append(t)
-        if not fit:
-            raise UsageError(f"component {name} has no layer that fits pattern {pattern}")
-        return adapter, split_packages(fit, self.config.packages), skipped
-
-    def _calibrate(self, pipe, component: str, adapter, layers: dict, index: int,
+    def _calibrate(self, component: str, adapter: Adapter, layers: dict, index: int,
                    settings: CalibrationSettings, progress: Progress) -> PackageHooks | None:
         """Hook one package's layers, run the pipeline over this rank's prompts, sum Hessians over ranks."""
         config = self.config
@@ -360,136 +448,62 @@ class Pruner:
         ctx = StepContext(weights if adapter.denoiser else [])
         hooks = PackageHooks(layers, ctx, weighted=adapter.denoiser, hessian_device=settings.hessian_device,
                              hessian_dtype=settings.hessian_dtype)
-        module = pipe.components[component]
+        module = self.pipe.components[component]
         after_batch = _vae_encoder_feed(module) if component == "vae" else None
         with hooks, torch.no_grad():
-            run_pipeline(pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
+            run_pipeline(self.pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
                          desc=f"calibrate {component} {index + 1}")
         all_reduce_hessians(self.world, hooks.accumulators)
         progress.timings["calibration_s"] = progress.timings.get("calibration_s", 0) + time.time() - t0
         return hooks
 
-    def _run_structured_package(self, pipe, component: str, adapter, package: list, index: int,
-                                settings: CalibrationSettings, progress: Progress) -> None:
-        from obsdiff.structured import AttentionUnit, prune_attention, prune_ffn
-
-        layers = {n: m for unit in package for n, m in unit.down_layers().items()}
-        hooks = self._calibrate(pipe, component, adapter, layers, index, settings, progress)
-        t0 = time.time()
-        module = pipe.components[component]
-        for unit in tqdm(package, desc=f"shrink {component} {index + 1}", leave=False, mininterval=2):
-            hessians = {n: hooks.hessian(n).hessian if hooks else None for n in unit.down_layers()}
-            if isinstance(unit, AttentionUnit):
-                record = prune_attention(unit, hessians, self.config)
-            else:
-                record = prune_ffn(unit, next(iter(hessians.values())), self.config, module)
-            progress.layers.append({**record, "component": component, "package": index})
-        progress.timings["solve_s"] = progress.timings.get("solve_s", 0) + time.time() - t0
-
-    def _run_package(self, pipe, component: str, adapter, package: list[TargetLayer], index: int,
-                     settings: CalibrationSettings, progress: Progress) -> None:
-        config = self.config
-        if config.pattern == "structured":
-            return self._run_structured_package(pipe, component, adapter, package, index, settings, progress)
-        pattern = Pattern.parse(config.pattern)
-        hooks = self._calibrate(pipe, component, adapter, {t.name: t.module for t in package}, index, settings, progress)
-        t0 = time.time()
-        for i, t in enumerate(tqdm(package, desc=f"solve {component} {index + 1}", leave=False, mininterval=2)):
-            owner = self.world.owner(i)
-            record = None
-            if self.world.rank == owner:
-                hessian = None
-                if hooks is not None:
-                    hessian = permute_hessian(hooks.hessian(t.name).hessian, column_permutation(t.module))
-                result = _solve(config, pattern, weight_matrix(t.module), hessian)
-                set_weight_matrix(t.module, result.weight)
-                record = asdict(LayerRecord(
-                    name=f"{component}.{t.name}", kind=type(t.module).__name__, shape=list(t.module.weight.shape),
-                    package=index, sparsity=float((t.module.weight == 0).float().mean()),
-                    error=finite_or_none(result.error), relative_error=finite_or_none(result.relative_error),
-                    damp=result.damp if config.method is Method.OBS_DIFF else None))
-            progress.layers.append(broadcast_layer(self.world, t.module, record, owner))
-        progress.timings["solve_s"] = progress.timings.get("solve_s", 0) + time.time() - t0
-
-    def _cost(self, pipe, name: str) -> dict:
+    def cost(self, name: str) -> dict:
         """Parameters and per-forward FLOPs of a component, on the inputs of one real pipeline call."""
         from obsdiff.structured import count_params, forward_flops
 
-        module = pipe.components[name]
+        module = self.pipe.components[name]
         if name not in self._replay:
             captured: list = []
             handle = module.register_forward_pre_hook(
                 lambda mod, args, kwargs: captured.append((args, kwargs)) if not captured else None, with_kwargs=True)
             extra = {k: v for k, v in (("height", self.config.height), ("width", self.config.width)) if v}
+            prompt = read_prompt_lines(self.config.prompts_file or default_prompts_file(self.model_dir))[:1] or [""]
             try:
                 with torch.no_grad():
-                    pipe("a handwritten digit five", num_inference_steps=1, output_type="latent", **extra)
+                    self.pipe(prompt[0], num_inference_steps=1, output_type="latent", **extra)
             finally:
                 handle.remove()
             self._replay[name] = captured[0]
         args, kwargs = self._replay[name]
-        return {"params": count_params(module), "flops": forward_flops(module, lambda: module(*args, **kwargs))}
+        return {"params": count_params(module), "flops": forward_flops(lambda: module(*args, **kwargs))}
 
-    def _record(self, plans: dict, progress: Progress, prompts: list[str], prompts_sha: str, seconds: float,
-                costs_after: dict | None = None) -> dict:
+    def _record(self, summaries: dict, progress: Progress, prompts: list[str], prompts_sha: str, seconds: float) -> dict:
         config = self.config
-        per_component = {}
-        structured = {}
-        for name, (adapter, packages, skipped) in plans.items():
-            if config.pattern == "structured":
-                from obsdiff.structured import shapes_from_records
-
-                recs = [r for r in progress.layers if r.get("component") == name]
-                before, after = self._costs_before[name], costs_after[name]
-                structured[name] = shapes_from_records(recs)
-                per_component[name] = {
-                    "adapter": adapter.family, "packages": [[getattr(u, "path", getattr(u, "down_path", "")) for u in p]
-                                                           for p in packages],
-                    "units": len(recs),
-                    "heads_removed": sum(r["before"] - r["after"] for r in recs if r["kind"] == "heads"),
-                    "heads_total": sum(r["before"] for r in recs if r["kind"] == "heads"),
-                    "ffn_neurons_removed": sum(r["before"] - r["after"] for r in recs if r["kind"] == "ffn"),
-                    "ffn_neurons_total": sum(r["before"] for r in recs if r["kind"] == "ffn"),
-                    "params_before": before["params"], "params_after": after["params"],
-                    "params_removed": before["params"] - after["params"],
-                    "flops_before": before["flops"], "flops_after": after["flops"],
-                    "skipped": [{"name": f"{name}.{s.name}", "reason": s.reason} for s in skipped],
-                }
-                continue
-            layers = [r for r in progress.layers if r["name"].startswith(name + ".")]
-            pruned = sum(math.prod(r["shape"]) for r in layers)
-            zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers)
-            per_component[name] = {
-                "adapter": adapter.family, "packages": [[t.name for t in p] for p in packages],
-                "pruned_layers": len(layers), "pruned_weights": pruned,
-                "sparsity_of_pruned_layers": zeros / max(pruned, 1),
-                "skipped": [{"name": f"{name}.{s.name}", "reason": s.reason} for s in skipped],
-            }
-        settings = {k: (str(v) if isinstance(v, (Path, enum.Enum)) else v) for k, v in asdict(config).items()}
+        structured = {name: _structured_shapes(progress.layers, name) for name in summaries} \
+            if isinstance(self.strategy, StructuredStrategy) else {}
         return {
-            "tool": "obsdiff", "version": __version__, "source": str(self.model_dir), "settings": settings,
+            "tool": "obsdiff", "version": __version__, "source": str(self.model_dir), "settings": config.to_json(),
             "calibration": {"prompts": len(prompts), "prompts_sha256": prompts_sha,
                             "timestep_weights": timestep_weights(config.weighting, config.steps, config.alpha_min,
                                                                  config.alpha_max) if prompts else None},
-            "components": per_component, "layers": progress.layers,
+            "components": summaries, "layers": progress.layers,
             **({"structured": {"components": structured}} if structured else {}),
             "timings": {**progress.timings, "total_s": seconds},
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 
-    def _write_output(self, pipe, record: dict) -> None:
-        staging = self.out_dir.with_name(f".{self.out_dir.name}.obsdiff-staging")
-        shutil.rmtree(staging, ignore_errors=True)
+    def _write_output(self, record: dict) -> None:
+        """The pruned folder is built in a staging folder and renamed into place whole."""
+        staging = staging_path(self.out_dir)
         try:
-            copy_tree_linked(self.model_dir, staging, skip=set(self.config.components) | {PRUNING_JSON})
+            copy_model_files(self.model_dir, staging, skip=set(self.config.components) | {PRUNING_JSON})
             for name in self.config.components:
-                pipe.components[name].save_pretrained(staging / name, safe_serialization=True)
+                self.pipe.components[name].save_pretrained(staging / name, safe_serialization=True)
             (staging / PRUNING_JSON).write_text(json.dumps(record, indent=2))
-            if self.out_dir.exists() and self.overwrite:
-                shutil.rmtree(self.out_dir)
-            staging.rename(self.out_dir)
+            fault_point("before-publish")
+            replace_dir(staging, self.out_dir)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging_path(self.out_dir)  # removes it
             raise
 
 

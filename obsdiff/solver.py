@@ -15,33 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.errors import SolverError
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """Unstructured (``n == m == 0``) or N:M: at least N zeros in every M consecutive columns."""
-
-    n: int = 0
-    m: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> "Pattern":
-        if text == "unstructured":
-            return cls()
-        try:
-            n, m = (int(x) for x in text.split(":"))
-        except ValueError:
-            raise ValueError(f"pattern must be 'unstructured' or N:M such as 2:4, got {text!r}") from None
-        if not 0 < n < m:
-            raise ValueError(f"N:M pattern needs 0 < N < M, got {text!r}")
-        return cls(n, m)
-
-    @property
-    def is_nm(self) -> bool:
-        return self.m > 0
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+from obsdiff.sparsity import NM, MaskPattern
 
 
 @dataclass
@@ -67,22 +41,21 @@ def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: to
     return err, err / ref if ref > 0 else math.nan
 
 
-def _check(weight: torch.Tensor, sparsity: float, pattern: Pattern) -> None:
+def _check(weight: torch.Tensor, pattern: MaskPattern) -> None:
     if weight.dim() != 2:
         raise ValueError(f"solver takes a 2-D weight, got shape {tuple(weight.shape)}")
-    if not 0 < sparsity < 1:
-        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
-    if pattern.is_nm and weight.shape[1] % pattern.m:
+    if isinstance(pattern, NM) and weight.shape[1] % pattern.m:
         raise ValueError(f"{weight.shape[1]} columns do not split into groups of {pattern.m}")
 
 
-def _mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool) -> torch.Tensor:
+def _mask_from_scores(scores: torch.Tensor, pattern: MaskPattern, per_row: bool) -> torch.Tensor:
     """Lowest scores removed: per N:M group, per row, or over the whole matrix."""
     rows, cols = scores.shape
-    if pattern.is_nm:
+    if isinstance(pattern, NM):
         grouped = scores.reshape(rows, cols // pattern.m, pattern.m)
         idx = grouped.topk(pattern.n, dim=-1, largest=False).indices
         return torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, cols)
+    sparsity = pattern.sparsity
     if per_row:
         k = int(round(cols * sparsity))
         idx = scores.topk(k, dim=1, largest=False).indices
@@ -98,24 +71,23 @@ def _finish(weight: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, hess
     return SolveResult(pruned, mask, err, rel, damp)
 
 
-def magnitude_prune(weight: torch.Tensor, sparsity: float, pattern: Pattern,
-                    hessian: torch.Tensor | None = None) -> SolveResult:
+def magnitude_prune(weight: torch.Tensor, pattern: MaskPattern, hessian: torch.Tensor | None = None) -> SolveResult:
     """Remove the smallest |w| over the whole layer (or per N:M group)."""
-    _check(weight, sparsity, pattern)
+    _check(weight, pattern)
     w = weight.float()
-    mask = _mask_from_scores(w.abs(), sparsity, pattern, per_row=False)
+    mask = _mask_from_scores(w.abs(), pattern, per_row=False)
     return _finish(w, w.masked_fill(mask, 0), mask, hessian)
 
 
-def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern) -> SolveResult:
+def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern) -> SolveResult:
     """Wanda: score |W_ij|·‖X_j‖, compared within each output row (or N:M group).
 
     ‖X_j‖² is proportional to H_jj, so the same statistic serves both Wanda and OBS.
     """
-    _check(weight, sparsity, pattern)
+    _check(weight, pattern)
     w = weight.float()
     scores = w.abs() * hessian.diagonal().float().clamp_min(0).sqrt().unsqueeze(0)
-    mask = _mask_from_scores(scores, sparsity, pattern, per_row=True)
+    mask = _mask_from_scores(scores, pattern, per_row=True)
     return _finish(w, w.masked_fill(mask, 0), mask, hessian)
 
 
@@ -134,17 +106,21 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, max_retries: int) -> tuple[t
     raise SolverError(f"Hessian is not positive definite even with damping {damp * 10**max_retries:g}")
 
 
-def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
-              damp: float = 0.01, block_size: int = 128, mask_block: int = 32, max_retries: int = 3) -> SolveResult:
+def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern, damp: float = 0.01,
+              block_size: int = 128, mask_block: int = 32, max_retries: int = 3) -> SolveResult:
     """SparseGPT-style OBS: per column block choose the mask by w²/[H⁻¹]_qq², prune, compensate.
 
     Dead inputs (H_ii = 0) get H_ii = 1 and their weight column zeroed. Damping is ``damp`` times
     the mean of diag(H). Unstructured masks are chosen adaptively every ``mask_block`` columns, on
     weights already updated by the compensation so far (SparseGPT's adaptive mask selection; our
     layers are narrow, so a finer step than its 128 pays off). Each mask block keeps exactly its
-    share, so the layer ends within one weight per block of the target.
+    share, so the layer ends within one weight per block of the target. For N:M the column block is
+    rounded down to a multiple of M (at least M), so no group straddles two blocks.
     """
-    _check(weight, sparsity, pattern)
+    _check(weight, pattern)
+    nm = pattern if isinstance(pattern, NM) else None
+    if nm is not None:
+        block_size = max(nm.m, block_size // nm.m * nm.m)
     w = weight.float().clone()
     h = hessian.float().clone()
     rows, cols = w.shape
@@ -160,13 +136,13 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
         d = hinv1.diagonal()
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
-            if not pattern.is_nm and i % mask_block == 0:
+            if nm is None and i % mask_block == 0:
                 j = min(i + mask_block, i2 - i1)
                 scores = w1[:, i:j] ** 2 / d[i:j].unsqueeze(0) ** 2
-                mask[:, i1 + i : i1 + j] = _mask_from_scores(scores, sparsity, pattern, per_row=False)
-            if pattern.is_nm and i % pattern.m == 0:
-                scores = w1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2
-                mask[:, i1 + i : i1 + i + pattern.m] = _mask_from_scores(scores, sparsity, pattern, per_row=True)
+                mask[:, i1 + i : i1 + j] = _mask_from_scores(scores, pattern, per_row=False)
+            if nm is not None and i % nm.m == 0:
+                scores = w1[:, i : i + nm.m] ** 2 / d[i : i + nm.m].unsqueeze(0) ** 2
+                mask[:, i1 + i : i1 + i + nm.m] = _mask_from_scores(scores, pattern, per_row=True)
             col = w1[:, i]
             q = col.masked_fill(mask[:, i1 + i], 0)
             e = (col - q) / d[i]
@@ -210,26 +186,26 @@ def group_obs_scores(weight: torch.Tensor, hinv: torch.Tensor, groups: list[torc
 
 
 def remove_column_groups(weight: torch.Tensor, hessian: torch.Tensor | None, groups: list[list[int]], n_remove: int, *,
-                         method: str = "obs", compensate: bool = True, damp: float = 0.01, batch: int = 1,
+                         by_l1_norm: bool = False, compensate: bool = True, damp: float = 0.01, batch: int = 1,
                          forced: list[int] | None = None) -> GroupResult:
     """Remove ``n_remove`` column groups: lowest OBS error first, in batches, with OBS compensation.
 
     After each batch the remaining columns absorb the removed ones' contribution (δW = −W_S [H⁻¹_SS]⁻¹ H⁻¹_S,:)
     and H⁻¹ is downdated to the remaining columns, then the rest are re-scored (SlimGPT-style).
-    ``method="l1"`` ranks by the groups' L1 norm once; ``compensate=False`` only zeroes. ``forced`` removes
+    ``by_l1_norm`` ranks by the groups' L1 norm once (the baseline); ``compensate=False`` only zeroes. ``forced`` removes
     exactly those groups (a ranking made elsewhere, e.g. fused over two projections).
     """
     w = weight.float().clone()
     idx = [torch.as_tensor(g, dtype=torch.long) for g in groups]
     hinv = None
-    if hessian is not None and (method == "obs" or compensate):
+    if hessian is not None and (not by_l1_norm or compensate):
         h = hessian.float().clone()
         dead = h.diagonal() == 0
         h[dead, dead] = 1
         hinv = damped_inverse(h, damp)
     alive = list(range(len(groups)))
     removed: list[int] = []
-    if method == "l1" and forced is None:
+    if by_l1_norm and forced is None:
         norms = torch.stack([w[:, s].abs().sum() for s in idx])
         forced = norms.argsort()[:n_remove].tolist()
     while len(removed) < n_remove:

@@ -17,36 +17,20 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from obsdiff.config import Method, PruneConfig
 from obsdiff.errors import UsageError
-from obsdiff.solver import finite_or_none
+from obsdiff.shrink import shrink_attention, shrink_ffn
+from obsdiff.solver import damped_inverse, finite_or_none, group_obs_scores, remove_column_groups
+from obsdiff.sparsity import Structured
 
 log = logging.getLogger(__name__)
 
 RRF_K = 60
 FFN_BATCHES = 8  # FFN neurons are removed in this many re-scored batches
-
-
-def validate_structured(config) -> None:
-    from obsdiff.prune import Method
-
-    if config.method not in (Method.OBS_DIFF, Method.L1):
-        raise UsageError("--pattern structured takes --method obs-diff or l1")
-    base = 0.3 if config.sparsity is None else config.sparsity
-    config.sparsity = base
-    config.head_sparsity = base if config.head_sparsity is None else config.head_sparsity
-    config.ffn_sparsity = base if config.ffn_sparsity is None else config.ffn_sparsity
-    for name, value in (("--sparsity", base), ("--head-sparsity", config.head_sparsity),
-                        ("--ffn-sparsity", config.ffn_sparsity)):
-        if not 0 <= value < 1:
-            raise UsageError(f"{name} must be in [0, 1) for structured pruning, got {value:g}")
-    if config.method is Method.L1 and not config.compensate:
-        raise UsageError("--no-compensate is implied by --method l1")
-    config._validate_common()
 
 
 @dataclass
@@ -130,57 +114,6 @@ def _same_parent(up: str, down: str) -> bool:
     return up.split(".net.")[0] == down.split(".net.")[0]
 
 
-# ---- physical shrinking (also used by the loader, with the first n kept) -----------------------------
-
-
-def _slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    w = layer.weight.data
-    b = layer.bias.data if layer.bias is not None else None
-    if rows is not None:
-        w, b = w[rows], (b[rows] if b is not None else None)
-    if cols is not None:
-        w = w[:, cols]
-    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device=w.device)
-    new.weight.data.copy_(w)
-    if b is not None:
-        new.bias.data.copy_(b)
-    return new
-
-
-def shrink_attention(attn: nn.Module, keep_heads: list[int]) -> None:
-    d = attn.to_q.out_features // attn.heads
-    rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in sorted(keep_heads)])
-    for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-        layer = getattr(attn, name, None)
-        if isinstance(layer, nn.Linear):
-            setattr(attn, name, _slice_linear(layer, rows=rows))
-    attn.to_out[0] = _slice_linear(attn.to_out[0], cols=rows)
-    if isinstance(getattr(attn, "to_add_out", None), nn.Linear):
-        attn.to_add_out = _slice_linear(attn.to_add_out, cols=rows)
-    attn.heads = len(keep_heads)
-    attn.inner_dim = len(keep_heads) * d
-    if hasattr(attn, "inner_kv_dim"):
-        attn.inner_kv_dim = attn.inner_dim
-
-
-def shrink_ffn(unit: FFNUnit, keep: list[int], parent: nn.Module) -> None:
-    keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
-    rows = torch.cat([keep_t, keep_t + unit.inner]) if unit.gated else keep_t
-    new_up, new_down = _slice_linear(unit.up, rows=rows), _slice_linear(unit.down, cols=keep_t)
-    _set_module(parent, unit.up_path, new_up)
-    _set_module(parent, unit.down_path, new_down)
-    unit.up, unit.down = new_up, new_down
-
-
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and leaf.isdigit():
-        parent[int(leaf)] = module
-    else:
-        setattr(parent, leaf, module)
-
-
 # ---- solving one package ---------------------------------------------------------------------------
 
 
@@ -192,33 +125,35 @@ def _count(total: int, fraction: float, keep_min: int, what: str, where: str) ->
     return max(n, 0)
 
 
-def _head_scores(layer: nn.Linear, hessian: torch.Tensor | None, groups: list[list[int]], method: str,
+def _head_scores(layer: nn.Linear, hessian: torch.Tensor | None, groups: list[list[int]], by_l1_norm: bool,
                  damp: float) -> torch.Tensor:
     """Cost of removing each head from one output projection: OBS error, or L1 norm for the baseline."""
-    from obsdiff.solver import damped_inverse, group_obs_scores
-
     w = layer.weight.detach().float()
-    if method == "l1":
+    if by_l1_norm:
         return torch.stack([w[:, g].abs().sum() for g in groups])
     return group_obs_scores(w, damped_inverse(hessian.float(), damp), [torch.tensor(g) for g in groups])
 
 
-def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None], config) -> dict:
-    from obsdiff.solver import remove_column_groups
+def _spec(config: PruneConfig) -> Structured:
+    if not isinstance(config.sparsity, Structured):
+        raise UsageError(f"structured pruning needs the structured pattern, got {config.sparsity}")
+    return config.sparsity
 
+
+def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None], config: PruneConfig) -> dict:
     heads, d = unit.heads, unit.head_dim
-    n = _count(heads, config.head_sparsity, 1, "heads", unit.path)
+    n = _count(heads, _spec(config).heads, 1, "heads", unit.path)
     groups = [list(range(h * d, (h + 1) * d)) for h in range(heads)]
-    method = "l1" if config.method.value == "l1" else "obs"
-    compensate = config.compensate and method == "obs"
+    by_l1 = config.method is Method.L1
+    compensate = config.compensate and not by_l1
     downs = unit.down_layers()
     forced = None
     if n and len(downs) > 1:  # MMDiT: one head set for both streams, from the fused image and text rankings
-        ranks = [_head_scores(layer, hessians.get(name), groups, method, config.damp).argsort().argsort()
+        ranks = [_head_scores(layer, hessians.get(name), groups, by_l1, config.damp).argsort().argsort()
                  for name, layer in downs.items()]
         fused = sum(1.0 / (RRF_K + r.float()) for r in ranks)
         forced = fused.argsort(descending=True)[:n].tolist()
-    results = {name: remove_column_groups(layer.weight.detach(), hessians.get(name), groups, n, method=method,
+    results = {name: remove_column_groups(layer.weight.detach(), hessians.get(name), groups, n, by_l1_norm=by_l1,
                                           compensate=compensate, damp=config.damp, batch=1, forced=forced)
                for name, layer in downs.items()}
     removed = set(next(iter(results.values())).removed if results else [])
@@ -232,19 +167,17 @@ def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None
                        for k, v in results.items()}}
 
 
-def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config, component: nn.Module) -> dict:
-    from obsdiff.solver import remove_column_groups
-
+def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config: PruneConfig, component: nn.Module) -> dict:
     inner = unit.inner
-    n = _count(inner, config.ffn_sparsity, 1, "neurons", unit.down_path)
-    method = "l1" if config.method.value == "l1" else "obs"
-    res = remove_column_groups(unit.down.weight.detach(), hessian, [[q] for q in range(inner)], n, method=method,
-                               compensate=config.compensate and method == "obs", damp=config.damp,
+    n = _count(inner, _spec(config).ffn, 1, "neurons", unit.down_path)
+    by_l1 = config.method is Method.L1
+    res = remove_column_groups(unit.down.weight.detach(), hessian, [[q] for q in range(inner)], n, by_l1_norm=by_l1,
+                               compensate=config.compensate and not by_l1, damp=config.damp,
                                batch=max(1, math.ceil(n / FFN_BATCHES)))
     unit.down.weight.data.copy_(res.weight.to(unit.down.weight.dtype))
     removed = set(res.removed)
     keep = [q for q in range(inner) if q not in removed]
-    shrink_ffn(unit, keep, component)
+    unit.up, unit.down = shrink_ffn(component, unit.up_path, unit.down_path, unit.gated, keep)
     return {"unit": unit.down_path, "up": unit.up_path, "kind": "ffn", "before": inner, "after": len(keep),
             "gated": unit.gated, "layers": {unit.down_path: {"error": finite_or_none(res.error),
                                                              "relative_error": finite_or_none(res.relative_error)}}}
@@ -261,42 +194,6 @@ def shapes_from_records(records: list[dict]) -> dict:
     return shapes
 
 
-# ---- shapes on disk --------------------------------------------------------------------------------
-
-
-def apply_shapes(component: nn.Module, shapes: dict) -> None:
-    """Resize a freshly built component to the recorded structured shapes (weights loaded afterwards)."""
-    for path, heads in shapes.get("attention_heads", {}).items():
-        shrink_attention(component.get_submodule(path), list(range(heads)))
-    for entry in shapes.get("ffn", []):
-        up, down = component.get_submodule(entry["up"]), component.get_submodule(entry["down"])
-        unit = FFNUnit("", entry["up"], entry["down"], up, down, entry["gated"])
-        shrink_ffn(unit, list(range(entry["inner"])), component)
-
-
-def load_shrunk_components(path: Path, components: dict) -> dict:
-    """Rebuild each shrunk component from its config, resize it, then load its safetensors (no pickle)."""
-    import json
-
-    import diffusers
-    from safetensors.torch import load_file
-
-    out = {}
-    for name, shapes in components.items():
-        folder = path / name
-        config = json.loads((folder / "config.json").read_text())
-        cls = getattr(diffusers, config["_class_name"])
-        model = cls.from_config(config)
-        apply_shapes(model, shapes)
-        files = sorted(folder.glob("*.safetensors"))
-        state = {}
-        for f in files:
-            state.update(load_file(f))
-        model.load_state_dict(state, strict=True)
-        out[name] = model.eval()
-    return out
-
-
 # ---- size and cost ---------------------------------------------------------------------------------
 
 
@@ -305,39 +202,11 @@ def count_params(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def forward_flops(module: nn.Module, run) -> int:
-    """Multiply-adds ×2 of Linear, Conv2d and attention matmuls during ``run()`` (one denoiser call)."""
-    total = [0]
-    handles = []
+def forward_flops(run) -> int:
+    """FLOPs of ``run()`` (one denoiser call), counted by torch's own ``FlopCounterMode`` (matmuls, convs, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def linear_hook(mod, args, out):
-        total[0] += 2 * out.numel() * mod.in_features
-
-    def conv_hook(mod, args, out):
-        k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-        total[0] += 2 * out.numel() * k
-
-    def attn_hook(mod, args, kwargs, out):
-        x = args[0] if args else kwargs.get("hidden_states")
-        ctx = kwargs.get("encoder_hidden_states")
-        if x is None:
-            return
-        lq = x.shape[1] if x.dim() == 3 else x.shape[-1] * x.shape[-2]
-        lk = ctx.shape[1] if ctx is not None and ctx.dim() == 3 and not getattr(mod, "add_q_proj", None) else lq
-        if getattr(mod, "add_q_proj", None) is not None and ctx is not None:
-            lq = lk = lq + ctx.shape[1]
-        total[0] += 4 * x.shape[0] * lq * lk * mod.to_q.out_features
-
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif hasattr(m, "to_q") and hasattr(m, "heads"):
-            handles.append(m.register_forward_hook(attn_hook, with_kwargs=True))
-    try:
+    counter = FlopCounterMode(display=False)
+    with counter:
         run()
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0]
+    return int(counter.get_total_flops())

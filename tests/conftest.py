@@ -45,16 +45,27 @@ def tiny(tmp_path_factory):
 def pruned_24(default_model, tmp_path_factory) -> Path:
     """The default model pruned 2:4 with a short calibration (shared by the export tests)."""
     from obsdiff.prune import PruneConfig, prune
+    from obsdiff.sparsity import NM
 
     out = tmp_path_factory.mktemp("p") / "model24"
-    prune(default_model, out, PruneConfig(pattern="2:4", num_prompts=8, steps=5, batch_size=8, packages=2))
+    prune(default_model, out, PruneConfig(sparsity=NM(2, 4), num_prompts=8, steps=5, batch_size=8, packages=2))
     return out
 
 
-def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="session")
+def cpu_bundle(pruned_24, default_model, tmp_path_factory) -> Path:
+    """The 2:4 model exported for the cpu target (shared by the ONNX and the reliability tests)."""
+    from obsdiff.exporters.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("b") / "cpu"
+    export_bundle(pruned_24, "cpu", out, dense_model=default_model)
+    return out
+
+
+def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real command line, in a subprocess (exit codes and stderr as a user sees them)."""
     proc = subprocess.run([sys.executable, "-m", "obsdiff", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"obsdiff {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
     return proc

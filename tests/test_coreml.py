@@ -7,18 +7,19 @@ import shutil
 import pytest
 from conftest import error_line, run_cli
 
-from exporters.bundle import export_bundle
-from exporters.coreml import resolve_deployment_target, stored_weights
 from obsdiff.errors import UsageError
+from obsdiff.exporters.bundle import export_bundle
+from obsdiff.exporters.coreml import resolve_deployment_target, stored_weights
 from obsdiff.model_io import load_pipeline
 from obsdiff.prune import PruneConfig, prune
+from obsdiff.sparsity import Unstructured, parse_sparsity
 
 
 @pytest.fixture(scope="module", params=["unstructured", "2:4"])
 def ios_bundle(request, tiny, tmp_path_factory):
     """A tiny UNet pruned 50% (unstructured or 2:4) and exported for iOS."""
     root = tmp_path_factory.mktemp(f"ios_{request.param.replace(':', '')}")
-    prune(tiny("sd"), root / "model", PruneConfig(pattern=request.param, sparsity=0.5, num_prompts=2, steps=2, packages=1))
+    prune(tiny("sd"), root / "model", PruneConfig(sparsity=parse_sparsity(request.param, 0.5), num_prompts=2, steps=2, packages=1))
     export_bundle(root / "model", "ios", root / "bundle")
     return root
 
@@ -87,7 +88,7 @@ def test_transformer_app_bundles(family, kwargs, packages, tiny, tmp_path):
     Much of a tiny transformer stays dense (AdaLN modulation, embedders), so (b) uses the share of the weight
     blob the zeros free, not the pruned layers' sparsity.
     """
-    prune(tiny(family, **kwargs), tmp_path / "model", PruneConfig(sparsity=0.5, num_prompts=2, steps=2, packages=1))
+    prune(tiny(family, **kwargs), tmp_path / "model", PruneConfig(sparsity=Unstructured(0.5), num_prompts=2, steps=2, packages=1))
     manifest = export_bundle(tmp_path / "model", "ios", tmp_path / "bundle")
     results = manifest["validation"]
     assert all(g["passed"] for g in results["gates"]), results["gates"]

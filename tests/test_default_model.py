@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import DEFAULT_JUDGE
 
-from obsdiff.digits import DIGIT_WORDS, load_digit_images, prompt_for, split_indices
-from obsdiff.evaluate import EvalSettings, evaluate_pipeline
-from obsdiff.judge import load_judge
+from obsdiff.digits.data import DIGIT_WORDS, load_digit_images, prompt_for, split_indices
+from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline
+from obsdiff.digits.judge import load_judge
 from obsdiff.model_io import load_pipeline
 
 

@@ -11,12 +11,14 @@ from tiny_pipelines import DENOISER
 
 from obsdiff.adapters import adapter_for, find_targets
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
-from obsdiff.digits import prompt_for
+from obsdiff.digits.data import prompt_for
+from obsdiff.errors import UsageError
 from obsdiff.hessian import StepContext, timestep_weights
-from obsdiff.layers import PRUNABLE, column_permutation, nm_groups, permute_hessian, weight_matrix
+from obsdiff.layers import PRUNABLE, column_permutation, permute_hessian, weight_matrix
 from obsdiff.model_io import load_pipeline
 from obsdiff.prune import PruneConfig, prune
-from obsdiff.solver import Pattern, magnitude_prune, obs_prune, wanda_prune
+from obsdiff.solver import magnitude_prune, obs_prune, wanda_prune
+from obsdiff.sparsity import NM, Unstructured, parse_sparsity
 
 FAST = dict(num_prompts=8, steps=5, batch_size=8, packages=2)
 
@@ -26,14 +28,14 @@ def _pruned_layers(record, component="unet"):
 
 
 def test_2of4_on_default_model_follows_the_tensorrt_axis(default_model, tmp_path):
-    record = prune(default_model, tmp_path / "out", PruneConfig(pattern="2:4", **FAST))
+    record = prune(default_model, tmp_path / "out", PruneConfig(sparsity=NM(2, 4), **FAST))
     pipe = load_pipeline(tmp_path / "out")
     modules = dict(pipe.unet.named_modules())
     layers = _pruned_layers(record)
     assert layers
     for name in layers:
-        groups = nm_groups(modules[name], 4)  # along in_features, or input channels at every (r, s)
-        assert (groups >= 2).all(), name
+        weight = modules[name].weight.detach().numpy()  # along in_features, or input channels at every (r, s)
+        assert NM(2, 4).holds(weight, axis=1), name
     all_weights = sum(m.weight.numel() for m in modules.values() if isinstance(m, PRUNABLE))
     pruned = sum(modules[n].weight.numel() for n in layers)
     assert pruned / all_weights >= 0.8
@@ -41,7 +43,7 @@ def test_2of4_on_default_model_follows_the_tensorrt_axis(default_model, tmp_path
 
 
 def test_unstructured_half_on_default_model(default_model, tmp_path):
-    record = prune(default_model, tmp_path / "out", PruneConfig(pattern="unstructured", sparsity=0.5, **FAST))
+    record = prune(default_model, tmp_path / "out", PruneConfig(sparsity=Unstructured(0.5), **FAST))
     for name, layer in _pruned_layers(record).items():
         assert layer["sparsity"] == pytest.approx(0.5, abs=0.01), name
         assert layer["relative_error"] is not None and 0 <= layer["relative_error"] < 1
@@ -90,10 +92,10 @@ def _real_layer_hessian(pipe, name):
 def test_obs_halves_wanda_error_on_a_real_layer(default_model, pattern):
     pipe = load_pipeline(default_model)
     module, h = _real_layer_hessian(pipe, "down_blocks.1.resnets.0.conv1")  # a median layer, a 3×3 conv
-    w, pat = weight_matrix(module), Pattern.parse(pattern)
-    obs = obs_prune(w, h, 0.5, pat)
-    wanda = wanda_prune(w, h, 0.5, pat)
-    mag = magnitude_prune(w, 0.5, pat, h)
+    w, pat = weight_matrix(module), parse_sparsity(pattern)
+    obs = obs_prune(w, h, pat)
+    wanda = wanda_prune(w, h, pat)
+    mag = magnitude_prune(w, pat, h)
     assert obs.error <= 0.5 * wanda.error
     assert wanda.error <= mag.error
 
@@ -105,7 +107,7 @@ def test_obs_halves_wanda_error_on_a_real_layer(default_model, pattern):
 def test_every_family_prunes_end_to_end_and_reloads_bit_identical(tiny, tmp_path, family, components):
     src = tiny(family)
     out = tmp_path / "pruned"
-    config = PruneConfig(pattern="2:4", components=tuple(components.split(",")), num_prompts=4, steps=3,
+    config = PruneConfig(sparsity=NM(2, 4), components=tuple(components.split(",")), num_prompts=4, steps=3,
                          batch_size=4, packages=2, height=16, width=16)
     record = prune(src, out, config)
     pipe = load_pipeline(out)
@@ -123,7 +125,7 @@ def test_every_family_prunes_end_to_end_and_reloads_bit_identical(tiny, tmp_path
 
 def test_layers_that_do_not_fit_the_pattern_are_skipped_and_listed(tiny, tmp_path):
     src = tiny("sd", cross_attention_dim=30)  # attn2.to_k / to_v have in_features 30: not a multiple of 4
-    record = prune(src, tmp_path / "out", PruneConfig(pattern="2:4", num_prompts=2, steps=2, packages=1))
+    record = prune(src, tmp_path / "out", PruneConfig(sparsity=NM(2, 4), num_prompts=2, steps=2, packages=1))
     skipped = {s["name"]: s["reason"] for s in record["components"]["unet"]["skipped"]}
     bad = [n for n in skipped if n.endswith("attn2.to_k")]
     assert bad and "not a multiple of 4" in skipped[bad[0]]
@@ -132,7 +134,7 @@ def test_layers_that_do_not_fit_the_pattern_are_skipped_and_listed(tiny, tmp_pat
 
 def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path):
     src = tiny("sd")
-    cfg = lambda: PruneConfig(pattern="unstructured", sparsity=0.5, num_prompts=4, steps=3, packages=3)  # noqa: E731
+    cfg = lambda: PruneConfig(sparsity=Unstructured(0.5), num_prompts=4, steps=3, packages=3)  # noqa: E731
     full = tmp_path / "full"
     prune(src, full, cfg())
     out = tmp_path / "resumed"
@@ -140,8 +142,8 @@ def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path):
         prune(src, out, cfg(), stop_after_packages=1)
     partial = tmp_path / ".resumed.obsdiff-partial"
     assert json.loads((partial / "progress.json").read_text())["done"] == {"unet": 1} and not out.exists()
-    with pytest.raises(Exception, match="other settings"):
-        prune(src, out, PruneConfig(pattern="unstructured", sparsity=0.4, num_prompts=4, steps=3, packages=3),
+    with pytest.raises(UsageError, match="other settings"):
+        prune(src, out, PruneConfig(sparsity=Unstructured(0.4), num_prompts=4, steps=3, packages=3),
               resume=True)
     # an unfinished package's work is redone from the saved state: results equal the uninterrupted run
     record = prune(src, out, cfg(), resume=True)

@@ -9,11 +9,12 @@ from safetensors.torch import load_file
 from tiny_pipelines import DENOISER
 
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
-from obsdiff.digits import prompt_for
+from obsdiff.digits.data import prompt_for
 from obsdiff.hessian import HessianAccumulator, StepContext, timestep_weights
 from obsdiff.model_io import load_pipeline
 from obsdiff.prune import Method, PruneConfig, prune
 from obsdiff.solver import remove_column_groups
+from obsdiff.sparsity import Structured
 from obsdiff.structured import AttentionUnit, prune_attention
 
 FAST = dict(num_prompts=8, steps=5, batch_size=8, packages=2)
@@ -22,7 +23,7 @@ FAST = dict(num_prompts=8, steps=5, batch_size=8, packages=2)
 @pytest.fixture(scope="module")
 def structured_30(default_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("s") / "s30"
-    record = prune(default_model, out, PruneConfig(pattern="structured", sparsity=0.3, **FAST))
+    record = prune(default_model, out, PruneConfig(sparsity=Structured(0.3, 0.3), **FAST))
     return out, record
 
 
@@ -61,7 +62,7 @@ def test_a_dead_head_goes_first_and_changes_nothing():
     handle.remove()
     acc.add(captured[0], 1.0)
     unit = AttentionUnit("b", "attn", attn, joint=False)
-    config = PruneConfig(pattern="structured", sparsity=0.25)
+    config = PruneConfig(sparsity=Structured(0.25, 0.25))
     config.validate()
     record = prune_attention(unit, {"attn.to_out.0": acc.hessian}, config)
     assert record["removed"] == [2] and attn.heads == 3 and attn.to_q.out_features == 24
@@ -83,7 +84,7 @@ def test_obs_beats_no_compensation_and_l1_on_a_real_layer(default_model):
     w = layer.weight.detach()
     obs = remove_column_groups(w, h, groups, n, batch=n // 8)
     plain = remove_column_groups(w, h, groups, n, compensate=False)
-    l1 = remove_column_groups(w, h, groups, n, method="l1", compensate=False)
+    l1 = remove_column_groups(w, h, groups, n, by_l1_norm=True, compensate=False)
     assert obs.error < 0.5 * plain.error and obs.error < 0.5 * l1.error
 
 
@@ -91,7 +92,7 @@ def test_obs_beats_no_compensation_and_l1_on_a_real_layer(default_model):
 def test_every_family_shrinks_and_still_generates(tiny, tmp_path, family, kwargs):
     src = tiny(family, **kwargs)
     component = DENOISER[family]
-    record = prune(src, tmp_path / "out", PruneConfig(pattern="structured", sparsity=0.5, components=(component,),
+    record = prune(src, tmp_path / "out", PruneConfig(sparsity=Structured(0.5, 0.5), components=(component,),
                                                       num_prompts=4, steps=3, batch_size=4, packages=2, height=16,
                                                       width=16))
     comp = record["components"][component]
@@ -109,7 +110,7 @@ def test_every_family_shrinks_and_still_generates(tiny, tmp_path, family, kwargs
 
 
 def test_every_head_cannot_go(default_model, tmp_path):
-    record = prune(default_model, tmp_path / "o", PruneConfig(pattern="structured", head_sparsity=0.99, ffn_sparsity=0.1,
+    record = prune(default_model, tmp_path / "o", PruneConfig(sparsity=Structured(0.99, 0.1),
                                                              num_prompts=2, steps=2, packages=1, method=Method.L1))
     heads = [r for r in record["layers"] if r["kind"] == "heads"]
     assert heads and all(r["after"] == 1 for r in heads)
@@ -137,7 +138,7 @@ def test_structured_model_exports_to_onnx(structured_30, tmp_path):
     """Shapes changed by structured pruning go through the same exporter and gates."""
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
-    from exporters.bundle import export_bundle
+    from obsdiff.exporters.bundle import export_bundle
 
     out, record = structured_30
     manifest = export_bundle(out, "cpu", tmp_path / "b")
@@ -150,12 +151,12 @@ def test_structured_model_exports_to_onnx(structured_30, tmp_path):
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_shrunk_transformer_families_export(family, tiny, tmp_path):
     """A shrunk SDXL UNet or SD3 transformer passes the cpu gates, and its graph is smaller by what was removed."""
-    from exporters.bundle import export_bundle
-    from exporters.components import pipeline_dims, specs_for
-    from exporters.onnx import export_onnx, onnx_initializers
-    from exporters.profiles import Precision, Shapes
+    from obsdiff.exporters.bundle import export_bundle
+    from obsdiff.exporters.components import pipeline_dims, specs_for
+    from obsdiff.exporters.onnx import export_onnx, onnx_initializers
+    from obsdiff.exporters.profiles import Precision, Shapes
 
-    prune(tiny(family), tmp_path / "model", PruneConfig(pattern="structured", sparsity=0.3, num_prompts=2, steps=2,
+    prune(tiny(family), tmp_path / "model", PruneConfig(sparsity=Structured(0.3, 0.3), num_prompts=2, steps=2,
                                                        packages=1))
     manifest = export_bundle(tmp_path / "model", "cpu", tmp_path / "b")
     assert all(g["passed"] for g in manifest["validation"]["gates"]), manifest["validation"]["gates"]
@@ -183,7 +184,7 @@ def test_joint_attention_drops_one_head_set_from_both_streams(tiny):
     text_out = unit.module.to_add_out.weight.data
     text_out[:, :d] *= 0.01  # the text stream would drop heads 0 and 3, the image stream others
     text_out[:, 3 * d :] *= 0.01
-    config = PruneConfig(method=Method.L1, pattern="structured", sparsity=0.5)
+    config = PruneConfig(method=Method.L1, sparsity=Structured(0.5, 0.5))
     config.validate()
     record = prune_attention(unit, {n: None for n in unit.down_layers()}, config)
     assert record["after"] == 2 and unit.module.to_add_out.in_features == unit.module.to_out[0].in_features == 2 * d

@@ -10,14 +10,16 @@ import torch
 from conftest import error_line, run_cli
 from torch import nn
 
-from exporters.bundle import export_bundle
-from exporters.sparsity_check import check_2of4, polygraphy_sparsity
-from exporters.tensorrt import check_pattern_for_tensorrt, parse_sparsity_log, tensorrt_available
 from obsdiff.errors import UsageError
+from obsdiff.exporters.bundle import export_bundle
+from obsdiff.exporters.profiles import load_profile
+from obsdiff.exporters.sparsity_check import check_2of4, polygraphy_sparsity
+from obsdiff.exporters.tensorrt import parse_sparsity_log, tensorrt_available
 from obsdiff.hessian import HessianAccumulator, layer_rows
 from obsdiff.layers import column_permutation, permute_hessian, set_weight_matrix, weight_matrix
 from obsdiff.prune import PruneConfig, prune
-from obsdiff.solver import Pattern, obs_prune
+from obsdiff.solver import obs_prune
+from obsdiff.sparsity import NM, Unstructured
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_conv_2of4_runs_along_input_channels_not_flattened_taps(tmp_path):
     conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
     acc = HessianAccumulator(8 * 9)
     acc.add(layer_rows(conv, torch.randn(4, 8, 6, 6)), 1.0)
-    res = obs_prune(weight_matrix(conv), permute_hessian(acc.hessian, column_permutation(conv)), 0.5, Pattern(2, 4))
+    res = obs_prune(weight_matrix(conv), permute_hessian(acc.hessian, column_permutation(conv)), NM(2, 4))
     set_weight_matrix(conv, res.weight)
     good = _conv_onnx(tmp_path, conv.weight.detach())
     assert all(c.is_2of4 for c in check_2of4(good))
@@ -111,16 +113,19 @@ def test_parse_tensorrt_sparsity_log():
 def test_unstructured_for_tensorrt_is_refused_unless_forced(tmp_path):
     proc = run_cli("ship", "--target", "jetson", "--out", tmp_path / "j", "--pattern", "unstructured")
     assert proc.returncode != 0 and "2:4" in error_line(proc)
+    profile = load_profile("jetson")
+    with pytest.raises(UsageError, match="accepts 2:4, structured, dense"):
+        profile.check_pattern(Unstructured(0.5), force=False)
+    profile.check_pattern(Unstructured(0.5), force=True)
+    profile.check_pattern(NM(2, 4), force=False)
     with pytest.raises(UsageError):
-        check_pattern_for_tensorrt("unstructured", force=False)
-    check_pattern_for_tensorrt("unstructured", force=True)
-    check_pattern_for_tensorrt("2:4", force=False)
+        profile.check_pattern(NM(4, 8), force=False)
 
 
 def test_layers_with_dims_not_divisible_by_4_are_listed_dense(tiny, tmp_path):
     src = tiny("sd", cross_attention_dim=30)
     pruned = tmp_path / "p"
-    prune(src, pruned, PruneConfig(pattern="2:4", num_prompts=2, steps=2, packages=1))
+    prune(src, pruned, PruneConfig(sparsity=NM(2, 4), num_prompts=2, steps=2, packages=1))
     manifest = export_bundle(pruned, "jetson", tmp_path / "b")
     rep = manifest["validation"]["sparsity_2of4"]["unet"]
     assert any(n.endswith("attn2.to_k") for n in rep["dense"])
@@ -133,9 +138,9 @@ def test_engine_build_with_tensorrt(pruned_24, jetson_bundle, tmp_path):
     ok, reason = tensorrt_available()
     if not ok:
         pytest.skip(reason)
-    from exporters.components import pipeline_dims, specs_for
-    from exporters.profiles import load_profile
-    from exporters.tensorrt import build_engine
+    from obsdiff.exporters.components import pipeline_dims, specs_for
+    from obsdiff.exporters.profiles import load_profile
+    from obsdiff.exporters.tensorrt import build_engine
     from obsdiff.model_io import load_pipeline
 
     pipe = load_pipeline(pruned_24)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from obsdiff.default_model import SCHEDULER_CONFIG, VAE_CONFIG, build_tokenizer, build_untrained_pipeline
-from obsdiff.digits import BOS, EOS
+from obsdiff.digits.data import BOS, EOS
+from obsdiff.digits.train import SCHEDULER_CONFIG, VAE_CONFIG, build_tokenizer, build_untrained_pipeline
 
 
 def _clip_config(tokenizer, hidden=32, projection=32):
@@ -24,7 +24,7 @@ def _t5_tokenizer(folder: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from obsdiff.digits import vocabulary_words
+    from obsdiff.digits.data import vocabulary_words
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(vocabulary_words())}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

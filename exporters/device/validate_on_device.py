@@ -47,9 +47,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / d) if d > 0 else float(np.array_equal(a, b))
 
 
-def psnr(ref: np.ndarray, got: np.ndarray) -> float:
+def psnr(ref: np.ndarray, got: np.ndarray, peak: float | None = None) -> float:
+    """PSNR in dB; the peak is the reference's range unless given (images in [0, 1] use 1)."""
     ref, got = ref.astype(np.float64), got.astype(np.float64)
-    peak = float(ref.max() - ref.min()) or 1.0
+    peak = peak if peak is not None else (float(ref.max() - ref.min()) or 1.0)
     mse = float(((ref - got) ** 2).mean())
     return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
@@ -59,15 +60,17 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(bundle / component["onnx"]), providers=["CPUExecutionProvider"])
-        self.types = {i.name: i.type for i in self.session.get_inputs()}
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cast = {k: v.astype(np.int64 if self.types[k] == "tensor(int64)" else np.float32) for k, v in feeds.items()}
-        names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, cast)))
+        names = [o.name for o in self.session.get_outputs()]  # the saved inputs already have the graph's dtypes
+        return dict(zip(names, self.session.run(names, feeds)))
 
 
 class TrtRunner:
+    """The engine through polygraphy's TrtRunner. The comparison itself is not polygraphy's ``Comparator``: its
+    compare functions gate on per-element atol/rtol, while these gates are cosine and PSNR against the saved ONNX
+    Runtime outputs (fp16 engines vs fp32 references make per-element tolerances either loose or flaky)."""
+
     def __init__(self, bundle: Path, component: dict) -> None:
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes

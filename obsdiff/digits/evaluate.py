@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from obsdiff.digits import prompt_for
-from obsdiff.judge import load_judge, score_images
+from obsdiff.digits.data import prompt_for
+from obsdiff.digits.judge import load_judge, score_images
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from obsdiff.digits import (
+from obsdiff.digits.data import (
     BOS,
     EOS,
     IMAGE_SIZE,
@@ -31,14 +31,14 @@ from obsdiff.digits import (
     split_indices,
     write_tokenizer_files,
 )
+from obsdiff.resources import MODEL_PROMPTS, calibration_file
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# The trained model and judge live in the source tree's models/ (they are not package data).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "digits-sd"
 DEFAULT_JUDGE_DIR = REPO_ROOT / "models" / "digits-judge"
-DIGIT_PROMPTS = REPO_ROOT / "calibration_data" / "digits.txt"
-MODEL_PROMPTS = "calibration_prompts.txt"  # a model folder may ship its own calibration prompts (see prune)
 
 TEXT_CONFIG = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                    max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
@@ -157,7 +157,7 @@ def train_denoiser(pipe, images: torch.Tensor, labels: torch.Tensor, steps: int,
 
 
 def train_default_model(out_dir: Path, judge_dir: Path, vae_steps: int, unet_steps: int, seed: int) -> dict:
-    from obsdiff.judge import train_judge
+    from obsdiff.digits.judge import train_judge
 
     torch.manual_seed(seed)
     started = time.time()
@@ -180,7 +180,7 @@ def train_default_model(out_dir: Path, judge_dir: Path, vae_steps: int, unet_ste
             "final_denoising_loss": loss, "train_images": len(images), "judge_train_images": len(train_idx),
             "minutes": (time.time() - started) / 60}
     (staging / "training.json").write_text(json.dumps(info, indent=2))
-    shutil.copy(DIGIT_PROMPTS, staging / MODEL_PROMPTS)  # prune's default prompts for this model
+    shutil.copy(calibration_file("digits.txt"), staging / MODEL_PROMPTS)  # prune's default prompts for this model
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return info

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from obsdiff.digits import IMAGE_SIZE, load_digit_images, split_indices
+from obsdiff.digits.data import IMAGE_SIZE, load_digit_images, split_indices
 from obsdiff.errors import ModelFolderError
 
 log = logging.getLogger(__name__)

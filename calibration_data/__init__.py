@@ -1,0 +1,1 @@
+"""Calibration prompt sets (text data), installed as ``obsdiff.calibration_data``; read through ``obsdiff.resources``."""

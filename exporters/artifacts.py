@@ -1,0 +1,74 @@
+"""Format-neutral pieces of a bundle: file hashes, reference inputs/outputs, and what the prune record says.
+
+Reference files (``reference/<component>.safetensors``) hold the description's sample inputs, the PyTorch
+outputs (``output.*``) and, for ONNX formats, the ONNX Runtime outputs (``ort.*``, what devices compare to).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from obsdiff.api import PatternError, SparsitySpec, sparsity_from_json
+from obsdiff.errors import ModelFolderError
+
+REFERENCE_DIR = "reference"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_reference(folder: Path, name: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                   ort_outputs: dict[str, np.ndarray]) -> None:
+    """Sample inputs, PyTorch outputs (``output.*``) and ONNX Runtime outputs (``ort.*``, what devices compare to)."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"input.{k}": np.array(v, order="C") for k, v in inputs.items()}  # (ascontiguousarray makes 0-d 1-d)
+    tensors.update({f"output.{k}": np.array(v, order="C") for k, v in outputs.items()})
+    tensors.update({f"ort.{k}": np.array(v, order="C") for k, v in ort_outputs.items()})
+    # safetensors stores a 0-d array as shape (1,): keep the true shapes in the metadata.
+    shapes = {k: list(np.shape(v)) for k, v in tensors.items()}
+    save_file(tensors, folder / f"{name}.safetensors", metadata={"shapes": json.dumps(shapes)})
+
+
+def load_reference(folder: Path, name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = folder / f"{name}.safetensors"
+    with safe_open(str(path), framework="np") as fh:
+        shapes = json.loads((fh.metadata() or {}).get("shapes", "{}"))
+    data = {k: v.reshape(shapes[k]) if k in shapes else v for k, v in load_file(path).items()}
+    return ({k[6:]: v for k, v in data.items() if k.startswith("input.")},
+            {k[7:]: v for k, v in data.items() if k.startswith("output.")})
+
+
+def pruned_weights(pipe, record: dict | None, source: str) -> dict[str, torch.Tensor]:
+    if not record:
+        return {}
+    module = getattr(pipe, source)
+    # Structured records describe removed heads/neurons, not zeros: nothing sparse to carry through export.
+    names = [layer["name"].split(".", 1)[1] for layer in record.get("layers", [])
+             if "name" in layer and layer["name"].startswith(source + ".")]
+    modules = dict(module.named_modules())
+    return {n: modules[n].weight for n in names if n in modules}
+
+
+def record_sparsity(record: dict | None, source: Path) -> SparsitySpec | None:
+    """The pattern a pruned folder was made with, parsed from its ``pruning.json`` (None: not pruned by obsdiff)."""
+    if not record:
+        return None
+    try:
+        return sparsity_from_json(record.get("settings", {}))
+    except PatternError as exc:
+        raise ModelFolderError(f"{source}/pruning.json: {exc}") from None

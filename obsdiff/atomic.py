@@ -1,0 +1,115 @@
+"""Outputs appear whole or not at all, and inputs are never touched.
+
+Every output folder is built in a predictable hidden staging folder beside it (``.NAME.obsdiff-staging``,
+cleared by the next run if a killed one left it) and moved into place by renames at the end; single files are
+written to a temporary name, fsynced, then renamed. ``check_disjoint`` refuses an output that is, contains or
+lies inside an input. ``fault_point`` lets tests kill a run at a stage boundary (``OBSDIFF_FAULT=stage``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from obsdiff.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+STAGING_SUFFIX = ".obsdiff-staging"
+OLD_SUFFIX = ".obsdiff-old"
+
+
+def staging_path(final: Path, suffix: str = STAGING_SUFFIX) -> Path:
+    """The hidden work folder beside ``final``; a stale one from a killed run is removed first."""
+    path = final.with_name(f".{final.name}{suffix}")
+    if path.exists() or path.is_symlink():
+        log.info("removing %s, left by an interrupted run", path)
+        remove(path)
+    return path
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Move ``new`` to ``final``; an existing ``final`` is set aside first and removed only once ``new`` is in place."""
+    old = final.with_name(f".{final.name}{OLD_SUFFIX}")
+    remove(old)
+    if final.exists():
+        final.rename(old)
+    try:
+        new.rename(final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    remove(old)
+    _fsync_dir(final.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_disjoint(output: Path, inputs: dict[str, Path], output_name: str = "--out") -> None:
+    """Refuse an output that is, contains, or lies inside one of the inputs (it would be replaced or deleted)."""
+    out = Path(output).resolve()
+    for what, path in inputs.items():
+        if path is not None and _related(out, Path(path).resolve()):
+            raise UsageError(f"{output_name} {output} overlaps the {what} {path}: choose an output outside it "
+                             "(obsdiff never writes over its inputs)")
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that every ``finally`` and staging clean-up runs (like Ctrl-C)."""
+
+
+def raise_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def fault_point(stage: str) -> None:
+    """Test hook: ``OBSDIFF_FAULT=stage[:signal]`` kills this process here (default SIGKILL: no clean-up at all)."""
+    spec = os.environ.get("OBSDIFF_FAULT", "")
+    name, _, sig = spec.partition(":")
+    if name == stage:
+        log.error("fault injection: %s at %s", sig or "SIGKILL", stage)
+        os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))

@@ -1,0 +1,126 @@
+"""What one prune is asked to do: ``PruneConfig`` and ``Method``, checked in full before any work starts.
+
+Its own module so that the driver (``prune``), the structured pruner and the exporters' ``ship`` can all import it
+without importing each other.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from obsdiff.errors import UsageError
+from obsdiff.hessian import Weighting
+from obsdiff.sparsity import NM, Dense, SparsitySpec, Structured, Unstructured, to_json
+
+DENOISER = "denoiser"  # alias: the pipeline's UNet or transformer
+LATENT_SCALE = 8  # the smallest VAE downscale of the supported families: image sizes are multiples of it
+
+
+class Method(enum.StrEnum):
+    OBS_DIFF = "obs-diff"
+    WANDA = "wanda"
+    MAGNITUDE = "magnitude"
+    L1 = "l1"  # structured baseline only
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self not in (Method.MAGNITUDE, Method.L1)
+
+
+def _whole(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{name} must be a whole number ≥ {minimum}, got {value!r}")
+
+
+def _finite(name: str, value, low: float, high: float | None = None, *, open_low: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
+    if not ok:
+        bounds = f"{'(' if open_low else '['}{low:g}, {high:g})" if high is not None else f"{'>' if open_low else '≥'} {low:g}"
+        raise UsageError(f"{name} must be a finite number {'in ' if high is not None else ''}{bounds}, got {value!r}")
+
+
+def check_image_size(name: str, value: int | None) -> None:
+    """A height or width: unset, or a positive multiple of the VAE's scale (8)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < LATENT_SCALE or value % LATENT_SCALE:
+        raise UsageError(f"{name} must be a positive multiple of {LATENT_SCALE} (the VAE's scale), got {value!r}")
+
+
+@dataclass
+class PruneConfig:
+    method: Method = Method.OBS_DIFF
+    sparsity: SparsitySpec = field(default_factory=Unstructured)
+    components: tuple[str, ...] = (DENOISER,)
+    prompts_file: Path | None = None
+    num_prompts: int = 100
+    steps: int = 25
+    guidance: float = 7.0
+    height: int | None = None
+    width: int | None = None
+    weighting: Weighting = Weighting.LOG_DECREASE
+    alpha_min: float = 0.8
+    alpha_max: float = 1.2
+    packages: int = 4
+    damp: float = 0.01
+    blocks: str | None = None
+    seed: int = 0
+    batch_size: int = 16
+    hessian_dtype: str = "float32"  # "float64": the sum no longer depends on batching or sharding
+    compensate: bool = True  # structured only: OBS update of the remaining columns
+
+    def validate(self) -> None:
+        """Every option, with a one-line error naming it; called before the model is loaded."""
+        try:
+            self.method = Method(self.method)
+            self.weighting = Weighting(self.weighting)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        spec = self.sparsity
+        if not isinstance(spec, (Dense, Unstructured, NM, Structured)):
+            raise UsageError(f"sparsity must be a parsed pattern, got {spec!r}")
+        if isinstance(spec, Dense):
+            raise UsageError("the dense pattern prunes nothing: export the model as it is")
+        if isinstance(spec, Structured):
+            if self.method not in (Method.OBS_DIFF, Method.L1):
+                raise UsageError("--pattern structured takes --method obs-diff or l1")
+            if self.method is Method.L1 and not self.compensate:
+                raise UsageError("--no-compensate is implied by --method l1")
+        else:
+            if self.method is Method.L1:
+                raise UsageError("--method l1 is the structured baseline: use it with --pattern structured")
+            if not self.compensate:
+                raise UsageError("--no-compensate applies to --pattern structured only")
+        if not self.components or not all(isinstance(c, str) and c for c in self.components):
+            raise UsageError(f"--components must name at least one component, got {self.components!r}")
+        for name, value, minimum in (("--packages", self.packages, 1), ("--steps", self.steps, 1),
+                                     ("--num-prompts", self.num_prompts, 1), ("--batch-size", self.batch_size, 1),
+                                     ("--seed", self.seed, 0)):
+            _whole(name, value, minimum)
+        _finite("--damp", self.damp, 0.0, 1.0)
+        _finite("--guidance", self.guidance, 0.0)
+        _finite("--alpha-min", self.alpha_min, 0.0, open_low=True)
+        _finite("--alpha-max", self.alpha_max, 0.0, open_low=True)
+        check_image_size("--height", self.height)
+        check_image_size("--width", self.width)
+        if self.hessian_dtype not in ("float32", "float64"):
+            raise UsageError("--hessian-dtype must be float32 or float64")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method.needs_calibration
+
+    def to_json(self) -> dict:
+        """The settings as ``pruning.json`` records them (the pattern in its canonical form)."""
+        data = {k: v for k, v in asdict(self).items() if k != "sparsity"}
+        data = {k: (str(v) if isinstance(v, (Path, enum.Enum)) else v) for k, v in data.items()}
+        return {**data, **to_json(self.sparsity), "components": list(self.components)}
+
+    def fingerprint(self, prompts_sha: str) -> str:
+        return hashlib.sha256(json.dumps({**self.to_json(), "prompts": prompts_sha}, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,1 @@
+"""Target profiles (TOML data), installed as ``obsdiff.targets``; read through ``obsdiff.resources``."""
