@@ -56,13 +56,3 @@ def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
 
 def permute_hessian(hessian: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return hessian if perm is None else hessian[perm][:, perm]
-
-
-def nm_groups(module: nn.Module, m: int) -> torch.Tensor:
-    """Zero counts of every group of ``m`` along the reduction axis: shape (groups,)."""
-    w = module.weight.detach()
-    if isinstance(module, nn.Linear):
-        groups = w.reshape(w.shape[0], -1, m)
-    else:
-        groups = w.permute(0, 2, 3, 1).reshape(-1, w.shape[1] // m, m)
-    return (groups == 0).sum(-1).flatten()

@@ -201,12 +201,23 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 @torch.no_grad()
 def forward_flops(run) -> int:
-    """FLOPs of ``run()`` (one denoiser call), counted by torch's own ``FlopCounterMode`` (matmuls, convs, attention)."""
+    """FLOPs of ``run()`` (one denoiser call), counted by torch's own ``FlopCounterMode`` (matmuls, convs, attention).
+
+    torch 2.13's registry has no formula for the CPU flash-attention kernel that ``scaled_dot_product_attention``
+    dispatches to here, so the same SDPA formula torch uses for the GPU kernels is added for it.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
     with counter:
         run()
     return int(counter.get_total_flops())
