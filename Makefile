@@ -9,6 +9,8 @@ MODEL    ?= models/digits-sd
 OUT      ?= build/$(TARGET)
 PATTERN  ?=
 SPARSITY ?=
+HEIGHT   ?=
+WIDTH    ?=
 EXTRA    ?=
 
 .PHONY: setup test lint export default-model bench bench-quick clean
@@ -35,7 +37,8 @@ lint: setup
 
 export: setup
 	$(BIN)/obsdiff ship --target $(TARGET) --model $(MODEL) --out $(OUT) \
-		$(if $(PATTERN),--pattern $(PATTERN)) $(if $(SPARSITY),--sparsity $(SPARSITY)) $(EXTRA)
+		$(if $(PATTERN),--pattern $(PATTERN)) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
+		$(if $(HEIGHT),--height $(HEIGHT)) $(if $(WIDTH),--width $(WIDTH)) $(EXTRA)
 
 default-model: setup
 	$(BIN)/python -m obsdiff.digits.train

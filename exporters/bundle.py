@@ -14,22 +14,21 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from obsdiff.api import __version__, check_model_folder, load_pipeline, read_pruning_record
 from obsdiff.atomic import check_disjoint, fault_point, replace_dir, staging_path
 from obsdiff.errors import BundleError, GateError, UsageError
 from obsdiff.exporters.artifacts import record_sparsity, sha256
-from obsdiff.exporters.components import pipeline_dims, specs_for
-from obsdiff.exporters.profiles import Precision, TargetProfile, load_profile
+from obsdiff.exporters.components import SizeRule, pipeline_dims, specs_for
+from obsdiff.exporters.profiles import Precision, Shapes, TargetProfile, load_profile
 from obsdiff.exporters.registry import builder_class, make_builder
 from obsdiff.resources import model_prompts
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-GATE_PROMPTS = 10  # prompts of the end-to-end image gate
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -86,13 +85,38 @@ def write_report(staging: Path, profile: TargetProfile, results: dict, sections:
     (staging / "validation.json").write_text(json.dumps(results, indent=2))
 
 
+@dataclass(frozen=True)
+class ShapeOverrides:
+    """``--height/--width/--batch/--gate-prompts/--gate-steps`` over the profile's ``[shapes]``; None keeps it."""
+
+    height: int | None = None
+    width: int | None = None
+    batch: int | None = None
+    gate_prompts: int | None = None
+    gate_steps: int | None = None
+
+    def apply(self, shapes: Shapes) -> Shapes:
+        changes = {k: v for k, v in (("height", self.height), ("width", self.width), ("batch", self.batch),
+                                     ("gate_prompts", self.gate_prompts), ("steps", self.gate_steps)) if v is not None}
+        shapes = replace(shapes, **changes)
+        try:
+            shapes.check()
+        except ValueError as exc:
+            raise UsageError(f"--{str(exc).replace('_', '-').replace('steps', 'gate-steps', 1)}") from None
+        return shapes
+
+
+NO_OVERRIDES = ShapeOverrides()
+
+
 def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | None = None, overwrite: bool = False,
                   zip_bundle: bool = False, force: bool = False, dense_model: Path | None = None,
                   compress: str | None = None, deployment_target: str | None = None,
-                  source_name: str | None = None) -> dict:
+                  source_name: str | None = None, shapes: ShapeOverrides = NO_OVERRIDES) -> dict:
     """Export, validate, publish: the bundle appears at ``out`` whole, and only when every gate passed.
 
-    ``source_name`` is what the manifest calls the model (``ship`` exports from a staging folder).
+    Shapes default to the model's native size (``SizeRule``) and are checked against it before anything is
+    loaded. ``source_name`` is what the manifest calls the model (``ship`` exports from a staging folder).
     """
     model_dir, out = Path(model_dir), Path(out)
     profile = load_profile(target)
@@ -100,11 +124,13 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
     _check_out_dir(out, overwrite)
     check_model_folder(model_dir)
     check_disjoint(out, {"model": model_dir, "dense model": dense_model})
+    profile = replace(profile, shapes=SizeRule.from_folder(model_dir).resolve(shapes.apply(profile.shapes)))
     record = read_pruning_record(model_dir)
     spec = record_sparsity(record, model_dir)
     if spec is not None:
         profile.check_pattern(spec, force)
-    builder = make_builder(profile, prec, model_prompts(model_dir, GATE_PROMPTS), compress, deployment_target)
+    prompts = model_prompts(model_dir, profile.shapes.gate_prompts)
+    builder = make_builder(profile, prec, prompts, compress, deployment_target)
     pipe = load_pipeline(model_dir)
     dense_pipe = load_pipeline(dense_model) if dense_model else None
     staging = staging_path(out)

@@ -13,12 +13,12 @@ penultimate hidden state, so every ``hidden_states.i`` is an output, as in optim
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from obsdiff.errors import ExportError
+from obsdiff.errors import ExportError, UsageError
 from obsdiff.exporters.profiles import Shapes
 
 # Which role each component plays; target profiles choose components by role (Core ML ships no VAE encoder).
@@ -309,13 +309,67 @@ def packed(pipe) -> bool:
     return type(pipe).__name__ == "FluxPipeline"
 
 
+# Pipelines whose default size is a constant of the pipeline class, not of the denoiser's config.
+DEFAULT_SAMPLE_SIZE = {"FluxPipeline": 128}
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """Which image sizes a pipeline can export at: its native size, and the multiple every size must be."""
+
+    native: int
+    vae_scale: int
+    multiple: int  # pixels: VAE scale × what the denoiser halves or patches
+    reason: str
+
+    @classmethod
+    def from_configs(cls, pipeline: str, denoiser_config: dict, vae_config: dict) -> "SizeRule":
+        vae_scale = 2 ** (len(vae_config.get("block_out_channels", (0,) * 4)) - 1)
+        sample = DEFAULT_SAMPLE_SIZE.get(pipeline, denoiser_config.get("sample_size") or 64)
+        if "down_block_types" in denoiser_config:  # a UNet halves the latent once per level but the last
+            halvings = len(denoiser_config["down_block_types"]) - 1
+            factor, why = 2**halvings, f"halved {halvings} times by the UNet's downsamplers"
+        else:
+            factor = (denoiser_config.get("patch_size") or 1) * (2 if pipeline == "FluxPipeline" else 1)
+            why = f"cut into the transformer's {factor}×{factor} patches"
+        return cls(sample * vae_scale, vae_scale, vae_scale * factor, why)
+
+    @classmethod
+    def from_folder(cls, model_dir) -> "SizeRule":
+        """From the folder's JSON configs, before anything heavy is loaded."""
+        import json
+        from pathlib import Path
+
+        model_dir = Path(model_dir)
+        index = json.loads((model_dir / "model_index.json").read_text())
+        name = "unet" if (model_dir / "unet" / "config.json").is_file() else "transformer"
+        read = lambda p: json.loads(p.read_text()) if p.is_file() else {}  # noqa: E731
+        return cls.from_configs(index.get("_class_name", ""), read(model_dir / name / "config.json"),
+                                read(model_dir / "vae" / "config.json"))
+
+    def check(self, height: int, width: int) -> None:
+        for what, size in (("--height", height), ("--width", width)):
+            if size % self.vae_scale:
+                raise UsageError(f"{what} {size} is not a multiple of the VAE's scale {self.vae_scale}")
+            if size % self.multiple:
+                raise UsageError(f"{what} {size} gives a {size // self.vae_scale}-pixel latent, which cannot be "
+                                 f"{self.reason}: use a multiple of {self.multiple} (native size {self.native})")
+
+    def resolve(self, shapes: Shapes) -> Shapes:
+        """The shapes with the native size filled in, checked."""
+        resolved = replace(shapes, height=shapes.height or self.native, width=shapes.width or self.native)
+        self.check(resolved.height, resolved.width)
+        return resolved
+
+
 def pipeline_dims(pipe, shapes: Shapes) -> dict[str, int]:
-    """Every symbol of the descriptions, from the pipeline's configs and the target shapes."""
+    """Every symbol of the descriptions, from the pipeline's configs and the target shapes (None: native size)."""
     family = type(pipe).__name__
-    scale = pipe.vae_scale_factor * (2 if packed(pipe) else 1)
-    if shapes.height % scale or shapes.width % scale:
-        raise ExportError(f"image size {shapes.height}×{shapes.width} is not a multiple of {scale} "
-                          f"(the VAE factor{' × 2 for packed latents' if packed(pipe) else ''})")
+    rule = SizeRule.from_configs(family, dict(denoiser(pipe).config), dict(pipe.vae.config))
+    try:
+        shapes = rule.resolve(shapes)
+    except UsageError as exc:
+        raise ExportError(str(exc)) from None
     latent_h, latent_w = shapes.height // pipe.vae_scale_factor, shapes.width // pipe.vae_scale_factor
     dims = {
         "batch": shapes.batch,

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 TWO_GB = 2 * 1024**3
+GATE_LATENT_PIXELS = 4096  # latent pixels × prompts per end-to-end call (64×64 at SD 1.5's 512: one prompt)
 
 
 def _write_pipeline_files(pipe, out_dir: Path, specs: tuple[ComponentSpec, ...]) -> None:
@@ -120,11 +121,12 @@ def check_io(path: Path, spec: ComponentSpec) -> None:
 
 
 def to_fp16(path: Path) -> None:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """ONNX Runtime's converter from the path, so shape inference works on files above 2 GB (infer_shapes_path)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16_model_path
 
-    model = onnx.load(str(path))
-    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    converted = convert_float_to_float16_model_path(str(path), keep_io_types=True)
+    for stale in path.parent.glob(path.name + "*data"):
+        stale.unlink()  # the fp32 external data, if any: the fp16 model is saved whole below
     save_onnx(converted, path)
 
 
@@ -132,7 +134,7 @@ def save_onnx(model, path: Path) -> None:
     """Single file below 2 GB; external data beside it above."""
     import onnx
 
-    large = model.ByteSize() > TWO_GB
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB - (64 << 20)  # protobuf's 2 GB limit
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data" if large else None)
 
@@ -298,8 +300,14 @@ class OnnxBundleBuilder(BundleBuilder):
         ort_pipe.set_progress_bar_config(disable=True)
         prompts = self.prompts
         latents = initial_latents(pipe, len(prompts), shapes.height, shapes.width, seed=0)
-        run = lambda p: run_pipeline_images(p, prompts, latents, shapes.steps, shapes.guidance,  # noqa: E731
-                                            shapes.height, shapes.width)
+        # Prompts go through in batches that fit: one at a time at SD size, all at once for small models.
+        per_call = max(1, GATE_LATENT_PIXELS // (shapes.height * shapes.width // pipe.vae_scale_factor**2))
+
+        def run(p) -> np.ndarray:
+            return np.concatenate([run_pipeline_images(p, prompts[i : i + per_call], latents[i : i + per_call],
+                                                       shapes.steps, shapes.guidance, shapes.height, shapes.width)
+                                   for i in range(0, len(prompts), per_call)])
+
         torch_images, onnx_images = run(pipe), run(ort_pipe)
         rows = {"pruned PyTorch": torch_images, "exported": onnx_images}
         if dense_pipe is not None:
@@ -308,7 +316,8 @@ class OnnxBundleBuilder(BundleBuilder):
         one = lambda p: run_pipeline_images(p, prompts[:1], latents[:1], shapes.steps, shapes.guidance,  # noqa: E731
                                             shapes.height, shapes.width)
         return {
-            "prompts": prompts, "steps": shapes.steps, "guidance": shapes.guidance, "seed": 0,
+            "prompts": prompts, "steps": shapes.steps, "guidance": shapes.guidance, "seed": 0, "prompts_per_call": per_call,
+            "height": shapes.height, "width": shapes.width,
             "scheduler": type(pipe.scheduler).__name__,
             "psnr_db": psnr(torch_images, onnx_images, peak=1.0),
             "psnr_dense_vs_pruned_db": None if dense_pipe is None else psnr(rows["dense PyTorch"], torch_images, peak=1.0),

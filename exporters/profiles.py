@@ -27,15 +27,19 @@ class Format(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Shapes:
+    """Export shapes and the end-to-end gate's run. Height and width default to the model's native size."""
+
     batch: int = 1
-    height: int = 16
-    width: int = 16
-    steps: int = 25
+    height: int | None = None
+    width: int | None = None
+    steps: int = 25  # denoising steps of the end-to-end gate
     guidance: float = 5.0
+    gate_prompts: int = 10  # prompts of the end-to-end gate (from the model's calibration prompts)
 
     def check(self) -> None:
         _whole("batch", self.batch, 1)
         _whole("steps", self.steps, 1)
+        _whole("gate_prompts", self.gate_prompts, 1)
         for name in ("height", "width"):
             try:
                 check_image_size(name, getattr(self, name))
@@ -126,7 +130,8 @@ def available_targets() -> list[str]:
     return sorted(p.stem for p in targets_dir().glob("*.toml"))
 
 
-_SCALARS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+_SCALARS = {"int": ((int,), "a whole number"), "int | None": ((int,), "a whole number"),
+            "float": ((int, float), "a number"), "str": ((str,), "a string"),
             "bool": ((bool,), "true or false")}
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from obsdiff.api import Dense, PruneConfig, SparsitySpec, check_model_folder, parse_sparsity, prune
 from obsdiff.atomic import check_disjoint, remove, replace_dir, staging_path
 from obsdiff.errors import UsageError
-from obsdiff.exporters.bundle import export_bundle
+from obsdiff.exporters.bundle import NO_OVERRIDES, ShapeOverrides, export_bundle
+from obsdiff.exporters.components import SizeRule
 from obsdiff.exporters.profiles import Precision, TargetProfile, load_profile
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ def resolve_pattern(profile: TargetProfile, pattern: str | None, sparsity: float
 
 
 def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, sparsity: float | None = None,
-         precision: str | None = None, force: bool = False, zip_bundle: bool = False) -> dict:
+         precision: str | None = None, force: bool = False, zip_bundle: bool = False,
+         shapes: ShapeOverrides = NO_OVERRIDES) -> dict:
     """Writes ``OUT/model`` (the pruned diffusers folder) and ``OUT/bundle`` (the validated bundle)."""
     model, out = Path(model), Path(out)
     profile = load_profile(target)
@@ -43,6 +45,7 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
         config.validate()
     check_model_folder(model)
     check_disjoint(out, {"model": model}, output_name="--out")
+    SizeRule.from_folder(model).resolve(shapes.apply(profile.shapes))  # a size the model cannot take fails here
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     if not out.parent.is_dir():
@@ -60,7 +63,7 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
             source = new_model
         manifest = export_bundle(source, target, bundle_dir, precision=precision, overwrite=True, zip_bundle=zip_bundle,
                                  force=force, dense_model=model if config is not None else None,
-                                 source_name=str(pruned_dir if config is not None else model))
+                                 source_name=str(pruned_dir if config is not None else model), shapes=shapes)
         if config is not None:
             replace_dir(new_model, pruned_dir)
     except BaseException:

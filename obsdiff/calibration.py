@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from obsdiff.errors import CalibrationError
-from obsdiff.hessian import HessianAccumulator, StepContext, layer_rows
+from obsdiff.hessian import HessianAccumulator, StepContext, input_chunks, layer_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,10 @@ class PackageHooks:
     """
 
     def __init__(self, layers: dict[str, nn.Module], ctx: StepContext, weighted: bool,
-                 hessian_device: str | None = None, hessian_dtype: torch.dtype = torch.float32) -> None:
+                 hessian_device: str | None = None, hessian_dtype: torch.dtype = torch.float32,
+                 diagonal_only: bool = False) -> None:
         self.layers = layers
+        self.diagonal_only = diagonal_only
         self.hessian_device, self.hessian_dtype = hessian_device, hessian_dtype
         self.ctx = ctx
         self.weighted = weighted
@@ -75,14 +77,16 @@ class PackageHooks:
                     raise CalibrationError(f"layer {name} stopped sharing its input with {owner}")
                 return
             self._last_input[parent] = (weakref.ref(x), name)
-            rows = layer_rows(module, x)
-            if not torch.isfinite(rows).all():
-                raise CalibrationError(f"non-finite activations (NaN/Inf) entering layer {name}")
-            acc = self.accumulators.get(name)
-            if acc is None:
-                acc = self.accumulators[name] = HessianAccumulator(rows.shape[1], self.hessian_device or rows.device,
-                                                                    self.hessian_dtype)
-            acc.add(rows, self.ctx.alpha() if self.weighted else 1.0, self.ctx.step if self.weighted else None)
+            alpha, step = (self.ctx.alpha(), self.ctx.step) if self.weighted else (1.0, None)
+            for i, part in enumerate(input_chunks(module, x)):
+                rows = layer_rows(module, part)
+                if not torch.isfinite(rows).all():
+                    raise CalibrationError(f"non-finite activations (NaN/Inf) entering layer {name}")
+                acc = self.accumulators.get(name)
+                if acc is None:
+                    acc = self.accumulators[name] = HessianAccumulator(
+                        rows.shape[1], self.hessian_device or rows.device, self.hessian_dtype, self.diagonal_only)
+                acc.add(rows, alpha, step, count_step=i == 0)
 
         return hook
 
@@ -101,6 +105,10 @@ class PackageHooks:
         if owner is None or owner not in self.accumulators:
             raise CalibrationError(f"layer {name} was never called during calibration")
         return self.accumulators[owner]
+
+    def release(self, name: str) -> None:
+        """Free the Hessian ``name`` reads (call once every layer sharing it is solved)."""
+        self.accumulators.pop(self.owner.get(name, name), None)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:

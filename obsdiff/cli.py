@@ -86,9 +86,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, weighting=args.weighting, alpha_min=args.alpha_min,
         alpha_max=args.alpha_max, packages=args.packages, damp=args.damp, blocks=args.blocks, seed=args.seed,
         batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, compensate=not args.no_compensate,
+        max_memory_gib=args.max_memory,
     )
     from obsdiff.distributed import init_world, shutdown
 
+    if args.plan:
+        from obsdiff.prune import Pruner
+
+        print(format_plan(Pruner(args.model, args.out, config, overwrite=True).plan_only()))
+        return 0
     world = init_world()
     try:
         record = prune(args.model, args.out, config, resume=args.resume, overwrite=args.overwrite, world=world,
@@ -108,6 +114,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
                      comp["sparsity_of_pruned_layers"], comp["pruned_weights"], len(comp["skipped"]))
     log.info("wrote %s in %.1f s", args.out, record["timings"]["total_s"])
     return 0
+
+
+def format_plan(plan: dict) -> str:
+    """``prune --plan``: one line per package, then the expected peak."""
+    lines = [f"memory budget {plan['budget_gib']:.2f} GiB ({plan['budget_from']}) for Hessians, solve workspace and "
+             f"activations ({plan['activation_gib']:.2f} GiB); pipeline loaded and run once: {plan['base_rss_gib']:.2f} GiB RSS; "
+             f"{plan['calibration_passes_per_package']} denoising steps of calibration per package"]
+    for name, packages in plan["components"].items():
+        for i, p in enumerate(packages):
+            if "units" in p:
+                lines.append(f"{name} package {i + 1}: {p['units']} structured units")
+                continue
+            lines.append(f"{name} package {i + 1}: {p['layers']} layers ({p['first']} … {p['last']}), {p['hessians']} "
+                         f"Hessians {p['hessian_gib']:.2f} GiB, largest solve {p['largest_layer']} "
+                         f"{p['workspace_gib']:.2f} GiB, needs {p['need_gib']:.2f} GiB, expected peak "
+                         f"{p['expected_peak_gib']:.2f} GiB")
+    lines.append(f"expected peak RSS: {plan['expected_peak_gib']:.2f} GiB")
+    return "\n".join(lines)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -136,12 +160,19 @@ def _scheduler(name: str, config):
     return getattr(diffusers, classes[name]).from_config(config)
 
 
+def _shape_overrides(args: argparse.Namespace):
+    from obsdiff.exporters.bundle import ShapeOverrides
+
+    return ShapeOverrides(height=args.height, width=args.width, batch=args.batch, gate_prompts=args.gate_prompts,
+                          gate_steps=args.gate_steps)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from obsdiff.exporters.bundle import export_bundle
 
     export_bundle(args.model, args.target, args.out, precision=args.precision, overwrite=args.overwrite,
                   zip_bundle=args.zip, force=args.force, dense_model=args.dense, compress=args.compress,
-                  deployment_target=args.deployment_target)
+                  deployment_target=args.deployment_target, shapes=_shape_overrides(args))
     return 0
 
 
@@ -149,7 +180,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
     from obsdiff.exporters.ship import ship
 
     ship(args.target, args.model, args.out, pattern=args.pattern, sparsity=args.sparsity, precision=args.precision,
-         force=args.force, zip_bundle=args.zip)
+         force=args.force, zip_bundle=args.zip, shapes=_shape_overrides(args))
     return 0
 
 
@@ -166,6 +197,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         print(f"obsdiff: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _add_shape_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=_int_arg, help="export height (default: the profile's, else the model's native size)")
+    p.add_argument("--width", type=_int_arg, help="export width (default: the profile's, else the model's native size)")
+    p.add_argument("--batch", type=_int_arg, help="prompts per call the exported models take")
+    p.add_argument("--gate-prompts", type=_int_arg, help="prompts of the end-to-end image gate (default 10)")
+    p.add_argument("--gate-steps", type=_int_arg, help="denoising steps of the end-to-end image gate (default 25)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", help="blocks to prune: glob patterns or indices/ranges, comma-separated")
     p.add_argument("--seed", type=_int_arg, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted prune into the same --out")
+    p.add_argument("--max-memory", type=_float_arg, metavar="GIB",
+                   help="packages are split so that Hessians, solve workspace and activations fit (default: available "
+                   "memory of the device)")
+    p.add_argument("--plan", action="store_true", help="print the packages, their memory and the expected peak; "
+                   "calibrate nothing, write nothing")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", help="where the pipeline runs (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--hessian-device", help="where Hessians accumulate, e.g. cpu to keep them off the GPU "
@@ -240,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zip", action="store_true", help="also write BUNDLE.zip")
     p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
     p.add_argument("--overwrite", action="store_true")
+    _add_shape_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ship", help="prune with the target's defaults, export, validate (what `make export` runs)")
@@ -252,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16"])
     p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
     p.add_argument("--zip", action="store_true")
+    _add_shape_options(p)
     p.set_defaults(func=cmd_ship)
 
     p = sub.add_parser("validate", help="re-check a bundle on disk against its manifest and gates")

@@ -74,6 +74,7 @@ class PruneConfig:
     batch_size: int = 16
     hessian_dtype: str = "float32"  # "float64": the sum no longer depends on batching or sharding
     compensate: bool = True  # structured only: OBS update of the remaining columns
+    max_memory_gib: float | None = None  # packages are split to fit; None: the device's available memory
 
     def validate(self) -> None:
         """Every option, with a one-line error naming it; called before the model is loaded."""
@@ -109,6 +110,8 @@ class PruneConfig:
         _finite("--alpha-max", self.alpha_max, 0.0, open_low=True)
         check_image_size("--height", self.height)
         check_image_size("--width", self.width)
+        if self.max_memory_gib is not None:
+            _finite("--max-memory", self.max_memory_gib, 0.0, open_low=True)
         if self.hessian_dtype not in ("float32", "float64"):
             raise UsageError("--hessian-dtype must be float32 or float64")
 

@@ -78,11 +78,11 @@ def all_reduce_hessians(world: World, accumulators: dict) -> None:
 
     for name in sorted(accumulators):
         acc = accumulators[name]
-        total = acc.unnormalised()
+        total = acc.to_sum()  # in place: no second Hessian-sized buffer
         weight = torch.tensor([acc.weight_sum], dtype=torch.float64, device=total.device)  # exact: fp64 always
         dist.all_reduce(total)
         dist.all_reduce(weight)
-        acc.set_sum(total, float(weight.item()))
+        acc.from_sum(float(weight.item()))
 
 
 def broadcast_layer(world: World, module: torch.nn.Module, record: dict | None, src: int) -> dict:

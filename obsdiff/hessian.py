@@ -91,31 +91,67 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no Hessian statistic for {type(module).__name__}")
 
 
-class HessianAccumulator:
-    """Running α-weighted mean of 2·XXᵀ in float32, plus which steps contributed."""
+UNFOLD_BYTES = 256 << 20  # one hook call never unfolds more than this at once
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+
+def input_chunks(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """A conv input split along the batch so that each chunk's im2col matrix stays below UNFOLD_BYTES.
+
+    (A Linear's rows are a view of its input: nothing to bound.) Inputs that fit are not split, so small models
+    accumulate exactly as before.
+    """
+    if not isinstance(module, nn.Conv2d) or x.dim() != 4:
+        return [x]
+    r, s = module.kernel_size
+    per_sample = x.shape[1] * r * s * (x.shape[2] + 2) * (x.shape[3] + 2) * 4  # bounds the conv's output positions
+    per_chunk = max(1, UNFOLD_BYTES // max(per_sample, 1))
+    return [x] if per_chunk >= x.shape[0] else list(x.split(per_chunk))
+
+
+class HessianAccumulator:
+    """Running α-weighted mean of 2·XXᵀ (float32 or float64), plus which steps contributed.
+
+    ``diagonal_only`` keeps just diag(H) = Σ α·2x_j² / Σ α·B, a vector: all Wanda reads (its ‖X_j‖), at
+    O(columns) memory instead of O(columns²).
+    """
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 diagonal_only: bool = False) -> None:
         # float32 at least, whatever the model dtype; float64 makes the sum independent of its order
         # (how prompts were batched or sharded), at twice the memory and, on most GPUs, far less speed.
-        self.hessian = torch.zeros(columns, columns, dtype=dtype, device=device)
+        shape = (columns,) if diagonal_only else (columns, columns)
+        self.hessian = torch.zeros(shape, dtype=dtype, device=device)
         self.weight_sum = 0.0
         self.rows = 0
         self.steps_seen: Counter[int | None] = Counter()
 
-    def add(self, rows: torch.Tensor, alpha: float, step: int | None = None) -> None:
+    @property
+    def diagonal_only(self) -> bool:
+        return self.hessian.dim() == 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.hessian.numel() * self.hessian.element_size()
+
+    def add(self, rows: torch.Tensor, alpha: float, step: int | None = None, count_step: bool = True) -> None:
         rows = rows.detach().to(self.hessian.device, self.hessian.dtype)
         n = rows.shape[0]
         new_sum = self.weight_sum + alpha * n
         self.hessian *= self.weight_sum / new_sum
-        self.hessian.addmm_(rows.T, rows, alpha=2 * alpha / new_sum)
+        if self.diagonal_only:
+            self.hessian.add_((rows * rows).sum(0), alpha=2 * alpha / new_sum)
+        else:
+            self.hessian.addmm_(rows.T, rows, alpha=2 * alpha / new_sum)
         self.weight_sum = new_sum
         self.rows += n
-        self.steps_seen[step] += 1
+        if count_step:
+            self.steps_seen[step] += 1
 
-    def set_sum(self, hessian_sum: torch.Tensor, weight_sum: float) -> None:
-        """Replace the statistic by an un-normalised Σ α·2XXᵀ and its Σ α·B (after an all-reduce)."""
-        self.hessian = hessian_sum / weight_sum
+    def to_sum(self) -> torch.Tensor:
+        """In place: the statistic becomes the un-normalised Σ α·2XXᵀ (for an all-reduce); returns it."""
+        return self.hessian.mul_(self.weight_sum)
+
+    def from_sum(self, weight_sum: float) -> None:
+        """In place: back to the mean, after the sums of every rank were added into ``hessian``."""
+        self.hessian.div_(weight_sum)
         self.weight_sum = weight_sum
-
-    def unnormalised(self) -> torch.Tensor:
-        return self.hessian * self.weight_sum

@@ -32,7 +32,7 @@ from obsdiff.distributed import World, all_reduce_hessians, barrier, broadcast_l
 from obsdiff.distributed import fault_point as rank_fault_point
 from obsdiff.errors import ObsdiffError, UsageError
 from obsdiff.hessian import StepContext, timestep_weights
-from obsdiff.layers import column_permutation, permute_hessian, reduction_size, set_weight_matrix, weight_matrix
+from obsdiff.layers import column_permutation, reduction_size, set_weight_matrix, weight_matrix
 from obsdiff.model_io import PRUNING_JSON, check_model_folder, copy_model_files, load_pipeline, pipeline_components
 from obsdiff.resources import default_prompts_file, read_prompt_lines
 from obsdiff.shrink import apply_shapes
@@ -128,6 +128,7 @@ class LayerRecord:
     error: float | None
     relative_error: float | None
     damp: float | None
+    solve_s: float
 
 
 @dataclass
@@ -240,29 +241,32 @@ class MaskStrategy:
     def solve(self, pruner: Pruner, component: str, package: list[TargetLayer], index: int,
               hooks: PackageHooks | None, progress: Progress) -> None:
         config, world = self.config, pruner.world
+        last_use = {hooks.owner.get(t.name, t.name): i for i, t in enumerate(package)} if hooks is not None else {}
         for i, t in enumerate(tqdm(package, desc=f"solve {component} {index + 1}", leave=False, mininterval=2)):
             owner = world.owner(i)
             record = None
             if world.rank == owner:
-                hessian = None
-                if hooks is not None:
-                    hessian = permute_hessian(hooks.hessian(t.name).hessian, column_permutation(t.module))
-                result = self._solve(weight_matrix(t.module), hessian)
+                hessian = hooks.hessian(t.name).hessian if hooks is not None else None
+                t0 = time.time()
+                result = self._solve(weight_matrix(t.module), hessian, column_permutation(t.module))
+                solve_s = time.time() - t0
                 set_weight_matrix(t.module, result.weight)
                 record = asdict(LayerRecord(
                     name=f"{component}.{t.name}", kind=type(t.module).__name__, shape=list(t.module.weight.shape),
                     package=index, sparsity=float((t.module.weight == 0).float().mean()),
                     error=finite_or_none(result.error), relative_error=finite_or_none(result.relative_error),
-                    damp=result.damp if config.method is Method.OBS_DIFF else None))
+                    damp=result.damp if config.method is Method.OBS_DIFF else None, solve_s=solve_s))
             progress.layers.append(broadcast_layer(world, t.module, record, owner))
+            if hooks is not None and last_use[hooks.owner.get(t.name, t.name)] == i:
+                hooks.release(t.name)  # every layer sharing this Hessian is solved: free it now
 
-    def _solve(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> SolveResult:
+    def _solve(self, weight: torch.Tensor, hessian: torch.Tensor | None, perm: torch.Tensor | None) -> SolveResult:
         method = self.config.method
         if method is Method.MAGNITUDE:
-            return magnitude_prune(weight, self.pattern, hessian)
+            return magnitude_prune(weight, self.pattern, hessian, perm)
         if method is Method.WANDA:
-            return wanda_prune(weight, hessian, self.pattern)
-        return obs_prune(weight, hessian, self.pattern, damp=self.config.damp)
+            return wanda_prune(weight, hessian, self.pattern, perm)
+        return obs_prune(weight, hessian, self.pattern, damp=self.config.damp, perm=perm)
 
     def summary(self, name: str, adapter: Adapter, packages: list, skipped: list[Skipped], progress: Progress,
                 pruner: Pruner) -> dict:
@@ -367,21 +371,16 @@ class Pruner:
         if prompts and -(-len(prompts) // config.batch_size) < world.size:
             raise UsageError(f"{len(prompts)} prompts in batches of {config.batch_size} give fewer batches than "
                              f"the {world.size} processes")
-        pipe = self.pipe = load_pipeline(self.model_dir).to(self.device)
+        plans = self._prepare()
+        config, pipe = self.config, self.pipe
         components = pipeline_components(pipe)
-        config = self.config = replace(config, components=resolve_components(config.components, components))
-        unknown = [c for c in config.components if c not in components]
-        if unknown:
-            raise UsageError(f"unknown component {', '.join(unknown)}; this pipeline has {', '.join(components)}")
-        plans = {}
-        for name in config.components:
-            adapter = adapter_for(components[name])
-            plans[name] = (adapter, *self.strategy.plan(name, components[name], adapter))
         if isinstance(self.strategy, StructuredStrategy):
             self.costs_before = {n: self.cost(n) for n in config.components}
 
         partial = _partial_dir(self.out_dir)
-        fingerprint = config.fingerprint(prompts_sha)
+        layout = {name: [[getattr(u, "name", getattr(u, "path", getattr(u, "down_path", ""))) for u in p] for p in packages]
+                  for name, (_, packages, _) in plans.items()}  # package boundaries, which a budget may have moved
+        fingerprint = config.fingerprint(prompts_sha + json.dumps(layout))
         progress = Progress(fingerprint)
         if self.resume and partial.is_dir():
             progress = _load_checkpoint(partial, fingerprint, components)
@@ -437,6 +436,97 @@ class Pruner:
         barrier(world)
         return record
 
+    def _prepare(self) -> dict:
+        """Load the pipeline and plan every component's packages, sized to the memory budget; nothing calibrates."""
+        config = self.config
+        self.pipe = load_pipeline(self.model_dir).to(self.device)
+        components = pipeline_components(self.pipe)
+        config = self.config = replace(config, components=resolve_components(config.components, components))
+        unknown = [c for c in config.components if c not in components]
+        if unknown:
+            raise UsageError(f"unknown component {', '.join(unknown)}; this pipeline has {', '.join(components)}")
+        plans = {}
+        for name in config.components:
+            adapter = adapter_for(components[name])
+            plans[name] = (adapter, *self.strategy.plan(name, components[name], adapter))
+        self.memory = self._memory_plan(plans, components)
+        return plans
+
+    def plan_only(self) -> dict:
+        """``--plan``: the packages, their layers and memory, and the expected peak; writes nothing."""
+        self._prepare()
+        return self.memory
+
+    def _memory_plan(self, plans: dict, components: dict) -> dict:
+        """Re-split mask packages that would not fit the budget; the plan goes to pruning.json."""
+        from obsdiff.plan import GIB, PackagePlan, activation_bytes, available_memory, current_rss, fit_to_budget, layer_cost
+
+        config = self.config
+        denoiser = next((n for n in ("unet", "transformer") if n in components), None)
+        activations, input_shapes = 0, {}
+        if denoiser is not None and config.needs_calibration:
+            args, kwargs, batch = self._denoiser_call(denoiser)
+            activations, shapes = activation_bytes(components[denoiser], *_batched(args, kwargs, batch,
+                                                                                      config.batch_size * batch))
+            input_shapes = {denoiser: shapes}
+        # After one real pipeline call: the runtime's own caches and arenas are part of the base, not of the plan.
+        base = current_rss()
+        budget = int(config.max_memory_gib * GIB) if config.max_memory_gib else available_memory(self.device)
+        statistic = {Method.OBS_DIFF: "full", Method.WANDA: "diagonal"}.get(config.method, "none")
+        dtype_bytes = 8 if config.hessian_dtype == "float64" else 4
+        summary: dict = {"budget_gib": budget / GIB, "budget_from": "--max-memory" if config.max_memory_gib
+                         else "available memory", "base_rss_gib": base / GIB, "activation_gib": activations / GIB,
+                         "calibration_passes_per_package": -(-len(read_prompts(config, self.model_dir)) //
+                                                              config.batch_size) * config.steps
+                         if config.needs_calibration else 0, "components": {}}
+        worst = 0
+        for name, (adapter, packages, skipped) in plans.items():
+            if isinstance(self.strategy, StructuredStrategy):
+                summary["components"][name] = [{"units": len(p)} for p in packages]
+                continue
+            module = components[name]
+            shapes = input_shapes.get(name, {})
+            costs = [[layer_cost(module, t.name, t.module, t.block, statistic, dtype_bytes, shapes.get(t.name))
+                      for t in p] for p in packages]
+            try:
+                fitted = fit_to_budget(costs, budget, activations)
+            except UsageError as exc:
+                raise UsageError(f"{name}: {exc} (budget from {summary['budget_from']})") from None
+            by_name = {t.name: t for p in packages for t in p}
+            plans[name] = (adapter, [[by_name[c.name] for c in p] for p in fitted], skipped)
+            rows = []
+            for p in fitted:
+                plan = PackagePlan(p)
+                need = plan.need(activations)
+                worst = max(worst, need)
+                rows.append({"layers": len(p), "first": p[0].name, "last": p[-1].name,
+                             "hessians": len({c.hessian for c in p}), "hessian_gib": plan.hessian_bytes / GIB,
+                             "largest_layer": plan.largest.name, "workspace_gib": plan.largest.workspace_bytes / GIB,
+                             "need_gib": need / GIB, "expected_peak_gib": (base + need) / GIB})
+            summary["components"][name] = rows
+        summary["expected_peak_gib"] = (base + worst) / GIB
+        return summary
+
+    def _denoiser_call(self, name: str) -> tuple[tuple, dict, int]:
+        """The inputs of one real denoiser call at the calibration size (one prompt, one step), and its batch."""
+        module = self.pipe.components[name]
+        if name not in self._replay:
+            captured: list = []
+            handle = module.register_forward_pre_hook(
+                lambda mod, args, kwargs: captured.append((args, kwargs)) if not captured else None, with_kwargs=True)
+            extra = {k: v for k, v in (("height", self.config.height), ("width", self.config.width)) if v}
+            prompt = read_prompt_lines(self.config.prompts_file or default_prompts_file(self.model_dir))[:1] or [""]
+            try:
+                with torch.no_grad():
+                    self.pipe(prompt[0], num_inference_steps=1, output_type="latent", guidance_scale=self.config.guidance,
+                              **extra)
+            finally:
+                handle.remove()
+            self._replay[name] = captured[0]
+        args, kwargs = self._replay[name]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        return args, kwargs, int(sample.shape[0])
+
     def _calibrate(self, component: str, adapter: Adapter, layers: dict, index: int,
                    settings: CalibrationSettings, progress: Progress) -> PackageHooks | None:
         """Hook one package's layers, run the pipeline over this rank's prompts, sum Hessians over ranks."""
@@ -447,7 +537,7 @@ class Pruner:
         weights = timestep_weights(config.weighting, config.steps, config.alpha_min, config.alpha_max)
         ctx = StepContext(weights if adapter.denoiser else [])
         hooks = PackageHooks(layers, ctx, weighted=adapter.denoiser, hessian_device=settings.hessian_device,
-                             hessian_dtype=settings.hessian_dtype)
+                             hessian_dtype=settings.hessian_dtype, diagonal_only=config.method is Method.WANDA)
         module = self.pipe.components[component]
         after_batch = _vae_encoder_feed(module) if component == "vae" else None
         with hooks, torch.no_grad():
@@ -462,19 +552,7 @@ class Pruner:
         from obsdiff.structured import count_params, forward_flops
 
         module = self.pipe.components[name]
-        if name not in self._replay:
-            captured: list = []
-            handle = module.register_forward_pre_hook(
-                lambda mod, args, kwargs: captured.append((args, kwargs)) if not captured else None, with_kwargs=True)
-            extra = {k: v for k, v in (("height", self.config.height), ("width", self.config.width)) if v}
-            prompt = read_prompt_lines(self.config.prompts_file or default_prompts_file(self.model_dir))[:1] or [""]
-            try:
-                with torch.no_grad():
-                    self.pipe(prompt[0], num_inference_steps=1, output_type="latent", **extra)
-            finally:
-                handle.remove()
-            self._replay[name] = captured[0]
-        args, kwargs = self._replay[name]
+        args, kwargs, _ = self._denoiser_call(name)
         return {"params": count_params(module), "flops": forward_flops(lambda: module(*args, **kwargs))}
 
     def _record(self, summaries: dict, progress: Progress, prompts: list[str], prompts_sha: str, seconds: float) -> dict:
@@ -488,7 +566,7 @@ class Pruner:
                                                                  config.alpha_max) if prompts else None},
             "components": summaries, "layers": progress.layers,
             **({"structured": {"components": structured}} if structured else {}),
-            "timings": {**progress.timings, "total_s": seconds},
+            "memory_plan": self.memory, "timings": {**progress.timings, "total_s": seconds},
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 
@@ -505,6 +583,16 @@ class Pruner:
         except BaseException:
             staging_path(self.out_dir)  # removes it
             raise
+
+
+def _batched(args: tuple, kwargs: dict, batch: int, new_batch: int) -> tuple[tuple, dict]:
+    """The same call with every batch-sized tensor resized to ``new_batch`` (shapes only: for the meta run)."""
+    def resize(x):
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch:
+            return x.new_empty((new_batch, *x.shape[1:]), device="meta")
+        return x
+
+    return torch.utils._pytree.tree_map(resize, args), torch.utils._pytree.tree_map(resize, kwargs)
 
 
 def _vae_encoder_feed(vae):

@@ -32,13 +32,40 @@ def finite_or_none(x: float) -> float | None:
     return None if math.isnan(x) or math.isinf(x) else x
 
 
-def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
+CHUNK_BYTES = 64 << 20  # temporaries of the chunked Hessian products stay below this
+
+
+def _row_chunks(rows: int, cols: int) -> list[slice]:
+    """Row slices of a rows × cols float32 matrix whose chunks stay below CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // (4 * max(cols, 1)))
+    return [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _quadratic(m: torch.Tensor, hessian: torch.Tensor, perm: torch.Tensor | None) -> float:
+    """½·Σ_rows m H mᵀ, with m's column j meeting H's column perm[j]; chunked, so no Hessian-sized temporary."""
+    if perm is not None:
+        unpermuted = torch.empty_like(m)
+        unpermuted[:, perm] = m
+        m = unpermuted
+    total = 0.0
+    for rows in _row_chunks(*m.shape):
+        part = m[rows].to(hessian.dtype)
+        total += ((part @ hessian) * part).sum(dtype=torch.float64).item()
+    return 0.5 * total
+
+
+def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor,
+                         perm: torch.Tensor | None = None) -> tuple[float, float]:
     """‖(W − Ŵ)X‖² and its ratio to ‖WX‖², both per calibration row, from H = 2·E[XXᵀ]."""
-    delta = (weight - pruned).double()
-    h = hessian.double()
-    err = 0.5 * torch.einsum("ij,jk,ik->", delta, h, delta).item()
-    ref = 0.5 * torch.einsum("ij,jk,ik->", weight.double(), h, weight.double()).item()
+    err = _quadratic(weight.float() - pruned.float(), hessian, perm)
+    ref = _quadratic(weight.float(), hessian, perm)
     return err, err / ref if ref > 0 else math.nan
+
+
+def hessian_diagonal(hessian: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """diag(H) in the weight's column order; ``hessian`` may already be just the diagonal (a vector)."""
+    diag = (hessian if hessian.dim() == 1 else hessian.diagonal()).float()
+    return diag if perm is None else diag[perm]
 
 
 def _check(weight: torch.Tensor, pattern: MaskPattern) -> None:
@@ -66,29 +93,32 @@ def _mask_from_scores(scores: torch.Tensor, pattern: MaskPattern, per_row: bool)
 
 
 def _finish(weight: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor | None,
-            damp: float = 0.0) -> SolveResult:
-    err, rel = reconstruction_error(weight, pruned, hessian) if hessian is not None else (math.nan, math.nan)
+            damp: float = 0.0, perm: torch.Tensor | None = None) -> SolveResult:
+    err, rel = reconstruction_error(weight, pruned, hessian, perm) if hessian is not None else (math.nan, math.nan)
     return SolveResult(pruned, mask, err, rel, damp)
 
 
-def magnitude_prune(weight: torch.Tensor, pattern: MaskPattern, hessian: torch.Tensor | None = None) -> SolveResult:
-    """Remove the smallest |w| over the whole layer (or per N:M group)."""
+def magnitude_prune(weight: torch.Tensor, pattern: MaskPattern, hessian: torch.Tensor | None = None,
+                    perm: torch.Tensor | None = None) -> SolveResult:
+    """Remove the smallest |w| over the whole layer (or per N:M group); H only measures the error."""
     _check(weight, pattern)
     w = weight.float()
     mask = _mask_from_scores(w.abs(), pattern, per_row=False)
-    return _finish(w, w.masked_fill(mask, 0), mask, hessian)
+    return _finish(w, w.masked_fill(mask, 0), mask, hessian, perm=perm)
 
 
-def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern) -> SolveResult:
+def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern,
+                perm: torch.Tensor | None = None) -> SolveResult:
     """Wanda: score |W_ij|·‖X_j‖, compared within each output row (or N:M group).
 
-    ‖X_j‖² is proportional to H_jj, so the same statistic serves both Wanda and OBS.
+    ‖X_j‖² is proportional to H_jj: ``hessian`` is the full H (then the error is reported too) or only its
+    diagonal, a vector (what calibration keeps for Wanda: O(columns) memory; the error is then NaN).
     """
     _check(weight, pattern)
     w = weight.float()
-    scores = w.abs() * hessian.diagonal().float().clamp_min(0).sqrt().unsqueeze(0)
+    scores = w.abs() * hessian_diagonal(hessian, perm).clamp_min(0).sqrt().unsqueeze(0)
     mask = _mask_from_scores(scores, pattern, per_row=True)
-    return _finish(w, w.masked_fill(mask, 0), mask, hessian)
+    return _finish(w, w.masked_fill(mask, 0), mask, hessian if hessian.dim() == 2 else None, perm=perm)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float]:
@@ -106,8 +136,41 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, max_retries: int) -> tuple[t
     raise SolverError(f"Hessian is not positive definite even with damping {damp * 10**max_retries:g}")
 
 
+def _fill_workspace(work: torch.Tensor, hessian: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """work ← H[perm][:, perm] in float32, row chunk by row chunk; dead inputs get H_ii = 1. Returns the dead mask."""
+    for rows in _row_chunks(*work.shape):
+        if perm is None:
+            work[rows] = hessian[rows]
+        else:
+            work[rows] = hessian[perm[rows]][:, perm]
+    dead = work.diagonal() == 0
+    work.diagonal()[dead] = 1
+    return dead
+
+
+def _inverse_cholesky_in_place(work: torch.Tensor, hessian: torch.Tensor, perm: torch.Tensor | None, damp: float,
+                               max_retries: int) -> tuple[torch.Tensor, float]:
+    """``work`` (column-major) becomes the upper Cholesky factor of (H + λI)⁻¹ in its own storage: SparseGPT's
+    one-buffer chain. A failed factorization has overwritten ``work``, so it is refilled from H before λ is raised.
+    """
+    info = torch.empty((), dtype=torch.int32, device=work.device)
+    for attempt in range(max_retries + 1):
+        if attempt:
+            _fill_workspace(work, hessian, perm)
+        lam = damp * (10**attempt) * work.diagonal().mean().item()
+        work.diagonal().add_(lam)
+        torch.linalg.cholesky_ex(work, out=(work, info))
+        if info.item() == 0:
+            torch.cholesky_inverse(work, out=work)
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+            if info.item() == 0:
+                return work, damp * 10**attempt
+    raise SolverError(f"Hessian is not positive definite even with damping {damp * 10**max_retries:g}")
+
+
 def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern, damp: float = 0.01,
-              block_size: int = 128, mask_block: int = 32, max_retries: int = 3) -> SolveResult:
+              block_size: int = 128, mask_block: int = 32, max_retries: int = 3,
+              perm: torch.Tensor | None = None) -> SolveResult:
     """SparseGPT-style OBS: per column block choose the mask by w²/[H⁻¹]_qq², prune, compensate.
 
     Dead inputs (H_ii = 0) get H_ii = 1 and their weight column zeroed. Damping is ``damp`` times
@@ -116,18 +179,24 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern,
     layers are narrow, so a finer step than its 128 pays off). Each mask block keeps exactly its
     share, so the layer ends within one weight per block of the target. For N:M the column block is
     rounded down to a multiple of M (at least M), so no group straddles two blocks.
+
+    Memory: ``hessian`` is only read (it may be float64 and shared by q/k/v); beyond it the solve holds one
+    float32 Hessian-sized buffer, filled with H — its columns reordered by ``perm`` when given (weight column j
+    is H's column ``perm[j]``, e.g. a conv's (r, s, c) layout over im2col's (c, r, s)) — and turned into the
+    factor of H⁻¹ in place. The reconstruction error is computed from H in row chunks, not from a copy.
     """
     _check(weight, pattern)
     nm = pattern if isinstance(pattern, NM) else None
     if nm is not None:
         block_size = max(nm.m, block_size // nm.m * nm.m)
     w = weight.float().clone()
-    h = hessian.float().clone()
     rows, cols = w.shape
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1
+    # Column-major (a transposed view of a row-major buffer): LAPACK's layout, so cholesky and cholesky_inverse
+    # run in place on it; with a row-major ``out`` torch would factor a hidden copy and copy it back.
+    work = torch.empty(cols, cols, dtype=torch.float32, device=w.device).mT
+    dead = _fill_workspace(work, hessian, perm)
     w[:, dead] = 0
-    hinv, damp_used = _inverse_cholesky(h, damp, max_retries)
+    hinv, damp_used = _inverse_cholesky_in_place(work, hessian, perm, damp, max_retries)
     mask = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -152,7 +221,8 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern,
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     w[mask] = 0
-    return _finish(weight.float(), w, mask, hessian.float(), damp_used)
+    del work, hinv
+    return _finish(weight.float(), w, mask, hessian, damp_used, perm)
 
 
 # ---- structured: remove whole column groups (heads, FFN neurons) ------------------------------------

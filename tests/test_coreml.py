@@ -8,7 +8,7 @@ import pytest
 from conftest import error_line, run_cli
 
 from obsdiff.errors import UsageError
-from obsdiff.exporters.bundle import export_bundle
+from obsdiff.exporters.bundle import ShapeOverrides, export_bundle
 from obsdiff.exporters.coreml import resolve_deployment_target, stored_weights
 from obsdiff.model_io import load_pipeline
 from obsdiff.prune import PruneConfig, prune
@@ -89,7 +89,7 @@ def test_transformer_app_bundles(family, kwargs, packages, tiny, tmp_path):
     blob the zeros free, not the pruned layers' sparsity.
     """
     prune(tiny(family, **kwargs), tmp_path / "model", PruneConfig(sparsity=Unstructured(0.5), num_prompts=2, steps=2, packages=1))
-    manifest = export_bundle(tmp_path / "model", "ios", tmp_path / "bundle")
+    manifest = export_bundle(tmp_path / "model", "ios", tmp_path / "bundle", shapes=ShapeOverrides(height=16, width=16))
     results = manifest["validation"]
     assert all(g["passed"] for g in results["gates"]), results["gates"]
     resources = tmp_path / "bundle" / "Resources"

@@ -236,7 +236,10 @@ def test_bad_options_fail_in_one_line_before_any_work(default_model, tmp_path, a
 def test_bad_profile_fields_name_the_field_and_the_file(tmp_path, line, message, pruned_tiny):
     key = line.split()[0]
     text = (REPO / "targets" / "cpu.toml").read_text()
-    text = "\n".join(line if ln.startswith(f"{key} =") else ln for ln in text.splitlines())
+    if f"\n{key} =" in text:
+        text = "\n".join(line if ln.startswith(f"{key} =") else ln for ln in text.splitlines())
+    else:
+        text = text.replace("[shapes]\n", f"[shapes]\n{line}\n")
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(UsageError) as info:

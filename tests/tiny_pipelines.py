@@ -33,11 +33,21 @@ def _t5_tokenizer(folder: Path):
                                    model_max_length=32)
 
 
-def tiny_sd(folder: Path, cross_attention_dim: int | None = None) -> Path:
-    """The default architecture, untrained; ``cross_attention_dim`` changes the text width (e.g. odd sizes)."""
+def tiny_sd(folder: Path, cross_attention_dim: int | None = None, widths: tuple[int, ...] | None = None) -> Path:
+    """The default architecture, untrained; ``cross_attention_dim`` changes the text width (e.g. odd sizes),
+    ``widths`` the UNet's channels per level (one level per width, each but the last downsampling)."""
     torch.manual_seed(0)
     tokenizer = build_tokenizer(folder / "_tok")
     pipe = build_untrained_pipeline(tokenizer)
+    if widths is not None:
+        from diffusers import UNet2DConditionModel
+
+        levels = len(widths)
+        pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "block_out_channels": widths, "norm_num_groups": 32,
+                                            "down_block_types": ("CrossAttnDownBlock2D",) * levels,
+                                            "up_block_types": ("CrossAttnUpBlock2D",) * levels,
+                                            "attention_head_dim": 4})
+        pipe.register_modules(unet=pipe.unet)
     if cross_attention_dim is not None:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel

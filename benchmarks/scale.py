@@ -1,0 +1,168 @@
+"""Real-size pipelines, random weights: memory and time of each stage at SD 1.5 / SDXL scale.
+
+    python -m benchmarks.scale build sd15 /tmp/sd15          # the architecture from its published configs
+    python -m benchmarks.scale run /tmp/sd15 --stages info,plan,prune-block,export-cpu,export-jetson,export-ios
+
+The weights are random, so quality means nothing here; memory and time are real. Nothing is downloaded: the
+configs below are SD 1.5's and SDXL's published ones, and the tokenizer is the project's own (a CLIP BPE over
+its small vocabulary, padded to 77 tokens as CLIP's). Each stage runs ``obsdiff`` in its own process; its wall
+time and peak RSS (``wait4``'s ru_maxrss) go to ``benchmarks/results/scale.md`` with the command that ran it.
+Run one big job at a time: an SD 1.5 fp32 UNet is 3.4 GB, and one 1280×2560×3×3 conv has a 23040² Hessian.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32,
+    sample_size=512,
+)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+
+
+def _clip(cls, tokenizer, **config):
+    from transformers import CLIPTextConfig
+
+    from obsdiff.digits.data import BOS, EOS
+
+    vocab = tokenizer.get_vocab()
+    return cls(CLIPTextConfig(vocab_size=49408, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
+                              pad_token_id=vocab[EOS], **config))
+
+
+def build(family: str, folder: Path) -> Path:
+    """Save a ``family`` pipeline with random weights (safetensors) to ``folder``."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from obsdiff.digits.train import SCHEDULER_CONFIG, build_tokenizer
+
+    torch.manual_seed(0)
+    folder = Path(folder)
+    tokenizer = build_tokenizer(folder.with_name(folder.name + "_tokenizer"))
+    vae = diffusers.AutoencoderKL(**VAE, scaling_factor=0.18215 if family == "sd15" else 0.13025)
+    scheduler = diffusers.DDIMScheduler(**SCHEDULER_CONFIG)
+    if family == "sd15":
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae, text_encoder=_clip(CLIPTextModel, tokenizer, **CLIP_L), tokenizer=tokenizer,
+            unet=diffusers.UNet2DConditionModel(**SD15_UNET), scheduler=scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    elif family == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=_clip(CLIPTextModel, tokenizer, **CLIP_L), tokenizer=tokenizer,
+            text_encoder_2=_clip(CLIPTextModelWithProjection, tokenizer, **CLIP_BIGG), tokenizer_2=tokenizer,
+            unet=diffusers.UNet2DConditionModel(**SDXL_UNET), scheduler=scheduler)
+    else:
+        raise SystemExit(f"scale: unknown family {family!r} (sd15, sdxl)")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def measure(cmd: list[str], log: Path) -> dict:
+    """Run one stage; wall time and the child's own peak RSS."""
+    t0 = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+    return {"command": shlex.join(cmd), "exit": os.waitstatus_to_exitcode(status), "wall_s": time.time() - t0,
+            "peak_rss_gb": usage.ru_maxrss / 1024**2, "log": str(log)}
+
+
+def stages(model: Path, work: Path, blocks: str, height: int) -> dict[str, list[str]]:
+    obsdiff = [sys.executable, "-m", "obsdiff"]
+    small = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--height", "256", "--width", "256"]
+    size = ["--height", str(height), "--width", str(height), "--gate-prompts", "1", "--gate-steps", "2"]
+    pruned = work / "pruned"
+    return {
+        "info": [*obsdiff, "info", str(model)],
+        "plan": [*obsdiff, "prune", str(model), "--out", str(work / "plan"), "--pattern", "2:4", "--plan",
+                 "--max-memory", "12"],
+        "prune-block": [*obsdiff, "prune", str(model), "--out", str(pruned), "--overwrite", "--pattern", "2:4", *small,
+                        "--blocks", blocks],
+        "export-cpu": [*obsdiff, "export", str(pruned), "--target", "cpu", "--out", str(work / "cpu"), "--overwrite", *size],
+        "export-jetson": [*obsdiff, "export", str(pruned), "--target", "jetson", "--out", str(work / "jetson"),
+                          "--overwrite", *size],
+        "export-ios": [*obsdiff, "export", str(pruned), "--target", "ios", "--out", str(work / "ios"), "--overwrite",
+                       "--height", str(height), "--width", str(height)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("family", choices=["sd15", "sdxl"])
+    b.add_argument("folder", type=Path)
+    r = sub.add_parser("run")
+    r.add_argument("model", type=Path)
+    r.add_argument("--work", type=Path, default=Path("/tmp/obsdiff-scale"))
+    r.add_argument("--stages", default="info,plan,prune-block,export-cpu,export-jetson,export-ios")
+    r.add_argument("--blocks", default="up_blocks.0.resnets.0,up_blocks.1.attentions.0")
+    r.add_argument("--height", type=int, default=512)
+    r.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        print(build(args.family, args.folder))
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    key = args.model.name
+    table = stages(args.model, args.work, args.blocks, args.height)
+    for name in args.stages.split(","):
+        row = measure(table[name], args.work / f"{name}.log")
+        results.setdefault(key, {})[name] = {**row, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                                             "date": time.strftime("%Y-%m-%d")}
+        print(f"[scale] {key} {name}: exit {row['exit']}, {row['wall_s']:.0f} s, peak RSS {row['peak_rss_gb']:.2f} GB",
+              flush=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        if row["exit"] != 0:
+            break
+    write_markdown(results, args.out.with_suffix(".md"))
+    return 0
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    lines = ["# Real-size stages (random weights)", "", "Written by `python -m benchmarks.scale run MODEL` "
+             "(build MODEL with `python -m benchmarks.scale build sd15|sdxl MODEL`). Peak RSS is the stage's own "
+             "process (`wait4`).", "", "| model | stage | exit | wall s | peak RSS GB | command |", "|---|---|---|---|---|---|"]
+    for model, rows in results.items():
+        for name, row in rows.items():
+            lines.append(f"| {model} | {name} | {row['exit']} | {row['wall_s']:.0f} | {row['peak_rss_gb']:.2f} | "
+                         f"`{row['command']}` |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

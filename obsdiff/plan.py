@@ -1,0 +1,216 @@
+"""Memory plan of a prune, made from shapes alone (nothing is calibrated).
+
+A package holds the Hessians of all its layers while it calibrates (cols² × 4 or 8 bytes each; layers fed the
+very same input share one; Wanda keeps only the diagonal, magnitude nothing). Then its layers are solved in
+order: each solve adds one float32 Hessian-sized buffer plus a few weight-sized ones, and each Hessian is freed
+once its last layer is solved. Calibration also holds the denoiser's activations, measured by running it once on
+the ``meta`` device (no memory, no compute) with every created tensor counted while it is alive.
+
+``plan_packages`` sizes the packages (whole blocks in forward order, split at layers only when a block alone is
+over budget) so that every package fits ``budget`` bytes of Hessians, workspace and activations.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from obsdiff.errors import UsageError
+from obsdiff.hessian import UNFOLD_BYTES
+from obsdiff.solver import CHUNK_BYTES
+
+GIB = 1024**3
+# What a running prune allocates beyond the model, Hessians and activations (allocator arenas, kernel scratch,
+# the pipeline's own small tensors, records): measured at ~60 MiB on the shipped model, rounded up.
+RUNTIME_SLACK = 128 << 20
+_QKV = ("to_q", "to_k", "to_v")
+_ADDED = ("add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def shared_input_key(model: nn.Module, name: str) -> str:
+    """Which Hessian a layer accumulates into: what the calibration hooks find by tensor identity, from shapes.
+
+    A self-attention's q/k/v read one tensor; a cross-attention's k/v read the text states (q reads the image);
+    joint attention's add_q/k/v read the context. Every other layer has its own.
+    """
+    parent, _, leaf = name.rpartition(".")
+    if leaf in _ADDED:
+        return f"{parent}.add_qkv"
+    if leaf in _QKV:
+        attn = model.get_submodule(parent) if parent else model
+        if leaf == "to_q" and getattr(attn, "is_cross_attention", False):
+            return name
+        return f"{parent}.{'kv' if getattr(attn, 'is_cross_attention', False) else 'qkv'}"
+    return name
+
+
+@dataclass
+class LayerCost:
+    name: str
+    block: str
+    hessian: str  # key of the Hessian it reads
+    hessian_bytes: int
+    workspace_bytes: int
+    calibration_bytes: int  # transient of one hook call (a conv's im2col chunk and its reshaped copy)
+
+
+def layer_cost(model: nn.Module, name: str, module: nn.Module, block: str, statistic: str, dtype_bytes: int,
+               input_shape: tuple[int, ...] | None = None) -> LayerCost:
+    """``statistic``: "full" (OBS), "diagonal" (Wanda) or "none" (magnitude); ``input_shape`` at calibration size."""
+    rows = module.weight.shape[0]
+    cols = module.weight[0].numel()
+    weight_bytes = rows * cols * 4
+    hessian = {"full": cols * cols, "diagonal": cols, "none": 0}[statistic] * dtype_bytes
+    # copies of W, its mask, error rows and the chunked products of the error; the workspace and its fill chunks
+    workspace = 6 * weight_bytes + 3 * min(CHUNK_BYTES, weight_bytes)
+    if statistic == "full":
+        workspace += cols * cols * 4 + 2 * min(CHUNK_BYTES, cols * cols * 4)
+    calibration = 0
+    if isinstance(module, nn.Conv2d) and statistic != "none":
+        if input_shape is None:
+            calibration = 5 * UNFOLD_BYTES // 2
+        else:  # the im2col matrix of one hook call (chunked above UNFOLD_BYTES) and its reshaped copy
+            b, _, h, w = input_shape
+            calibration = 5 * min(UNFOLD_BYTES, b * cols * (h + 2) * (w + 2) * 4) // 2  # + isfinite's mask
+    return LayerCost(name, block, shared_input_key(model, name), hessian, workspace, calibration)
+
+
+@dataclass
+class PackagePlan:
+    layers: list[LayerCost] = field(default_factory=list)
+
+    @property
+    def hessian_bytes(self) -> int:
+        return sum({c.hessian: c.hessian_bytes for c in self.layers}.values())
+
+    def need(self, activation_bytes: int) -> int:
+        """Peak bytes on top of the loaded model: calibration (all Hessians, activations) or the worst solve."""
+        alive = self.hessian_bytes
+        calibration = alive + activation_bytes + max((c.calibration_bytes for c in self.layers), default=0)
+        last = {c.hessian: i for i, c in enumerate(self.layers)}
+        peak = calibration
+        for i, c in enumerate(self.layers):
+            peak = max(peak, alive + c.workspace_bytes)
+            if last[c.hessian] == i:
+                alive -= c.hessian_bytes
+        return peak + RUNTIME_SLACK
+
+    @property
+    def largest(self) -> LayerCost:
+        return max(self.layers, key=lambda c: c.hessian_bytes + c.workspace_bytes)
+
+
+def _groups_of(costs: list[LayerCost], by_block: bool) -> list[list[LayerCost]]:
+    """Consecutive runs that must stay together: whole blocks, or layers sharing one Hessian."""
+    out: list[list[LayerCost]] = []
+    for c in costs:
+        key = c.block if by_block else c.hessian
+        if out and (out[-1][-1].block if by_block else out[-1][-1].hessian) == key:
+            out[-1].append(c)
+        else:
+            out.append([c])
+    return out
+
+
+def fit_to_budget(packages: list[list[LayerCost]], budget: int, activation_bytes: int) -> list[list[LayerCost]]:
+    """Split every package over ``budget``: whole blocks first; a block alone over budget at its layers."""
+    fitted: list[list[LayerCost]] = []
+    for package in packages:
+        if PackagePlan(package).need(activation_bytes) <= budget:
+            fitted.append(package)
+            continue
+        current: list[LayerCost] = []
+        for block in _groups_of(package, by_block=True):
+            units = [block] if PackagePlan(block).need(activation_bytes) <= budget else _groups_of(block, by_block=False)
+            for unit in units:
+                need = PackagePlan(unit).need(activation_bytes)
+                if need > budget:
+                    raise UsageError(f"--max-memory {budget / GIB:.2f} GiB is too small for layer {unit[0].name}: "
+                                     f"its Hessian and solve need {need / GIB:.2f} GiB")
+                if current and PackagePlan(current + unit).need(activation_bytes) > budget:
+                    fitted.append(current)
+                    current = []
+                current = current + unit
+        if current:
+            fitted.append(current)
+    return fitted
+
+
+class _LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every tensor an op creates (views and in-place results excluded) while it lives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                size = t.numel() * t.element_size()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, size)
+        return out
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def activation_bytes(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """Peak bytes of the tensors one forward creates, measured on the ``meta`` device (no memory, no compute),
+    and the input shape of every conv. The module runs with meta stand-ins for its parameters, buffers and inputs
+    (``torch.func.functional_call``)."""
+
+    def to_meta(x):
+        return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
+
+    state = {k: to_meta(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
+    margs = torch.utils._pytree.tree_map(to_meta, args)
+    mkwargs = torch.utils._pytree.tree_map(to_meta, kwargs)
+    shapes: dict[str, tuple[int, ...]] = {}
+    def record(name: str):
+        def hook(mod, inputs) -> None:
+            shapes.setdefault(name, tuple(inputs[0].shape))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    counter = _LiveTensors()
+    try:
+        with torch.no_grad(), counter:
+            torch.func.functional_call(module, state, margs, mkwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counter.peak, shapes
+
+
+def current_rss() -> int:
+    """This process's resident memory now (Linux /proc; the peak so far elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_memory(device: torch.device) -> int:
+    """The default budget: free memory of the GPU, or RAM that is still available."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            info = dict(line.split(":", 1) for line in fh)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return math.inf  # type: ignore[return-value]
