@@ -121,10 +121,11 @@ def check_io(path: Path, spec: ComponentSpec) -> None:
 
 
 def to_fp16(path: Path) -> None:
-    """ONNX Runtime's converter from the path, so shape inference works on files above 2 GB (infer_shapes_path)."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16_model_path
+    """ONNX Runtime's converter, given the path (not a loaded proto), so that it runs shape inference with
+    ``infer_shapes_path``, which works on files above 2 GB."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    converted = convert_float_to_float16_model_path(str(path), keep_io_types=True)
+    converted = convert_float_to_float16(str(path), keep_io_types=True)
     for stale in path.parent.glob(path.name + "*data"):
         stale.unlink()  # the fp32 external data, if any: the fp16 model is saved whole below
     save_onnx(converted, path)

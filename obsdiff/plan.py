@@ -165,6 +165,18 @@ class _LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
         self.live -= size
 
 
+class _FlashAttention(torch.overrides.TorchFunctionMode):
+    """On ``meta``, scaled_dot_product_attention falls back to the math kernel, which builds the L×L weights; the
+    CPU and GPU kernels are fused (flash), so here it only creates its output, as they do."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            query, value = args[0], args[2] if len(args) > 2 else kwargs["value"]
+            return torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device=query.device)
+        return func(*args, **kwargs)
+
+
 def activation_bytes(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, dict[str, tuple[int, ...]]]:
     """Peak bytes of the tensors one forward creates, measured on the ``meta`` device (no memory, no compute),
     and the input shape of every conv. The module runs with meta stand-ins for its parameters, buffers and inputs
@@ -186,7 +198,7 @@ def activation_bytes(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int,
     hooks = [m.register_forward_pre_hook(record(n)) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     counter = _LiveTensors()
     try:
-        with torch.no_grad(), counter:
+        with torch.no_grad(), _FlashAttention(), counter:
             torch.func.functional_call(module, state, margs, mkwargs)
     finally:
         for h in hooks:

@@ -36,7 +36,15 @@ from obsdiff.layers import column_permutation, reduction_size, set_weight_matrix
 from obsdiff.model_io import PRUNING_JSON, check_model_folder, copy_model_files, load_pipeline, pipeline_components
 from obsdiff.resources import default_prompts_file, read_prompt_lines
 from obsdiff.shrink import apply_shapes
-from obsdiff.solver import SolveResult, finite_or_none, magnitude_prune, obs_prune, wanda_prune
+from obsdiff.solver import (
+    SolveResult,
+    finite_or_none,
+    inverse_factor,
+    magnitude_prune,
+    obs_prune_factored,
+    output_energy,
+    wanda_prune,
+)
 from obsdiff.sparsity import NM, MaskPattern, Structured
 
 __all__ = ["DENOISER", "Method", "PruneConfig", "Pruner", "prune"]
@@ -245,10 +253,10 @@ class MaskStrategy:
         for i, t in enumerate(tqdm(package, desc=f"solve {component} {index + 1}", leave=False, mininterval=2)):
             owner = world.owner(i)
             record = None
+            last = hooks is not None and last_use[hooks.owner.get(t.name, t.name)] == i
             if world.rank == owner:
-                hessian = hooks.hessian(t.name).hessian if hooks is not None else None
                 t0 = time.time()
-                result = self._solve(weight_matrix(t.module), hessian, column_permutation(t.module))
+                result = self._solve(weight_matrix(t.module), hooks, t.name, column_permutation(t.module), last)
                 solve_s = time.time() - t0
                 set_weight_matrix(t.module, result.weight)
                 record = asdict(LayerRecord(
@@ -257,16 +265,23 @@ class MaskStrategy:
                     error=finite_or_none(result.error), relative_error=finite_or_none(result.relative_error),
                     damp=result.damp if config.method is Method.OBS_DIFF else None, solve_s=solve_s))
             progress.layers.append(broadcast_layer(world, t.module, record, owner))
-            if hooks is not None and last_use[hooks.owner.get(t.name, t.name)] == i:
+            if last:
                 hooks.release(t.name)  # every layer sharing this Hessian is solved: free it now
 
-    def _solve(self, weight: torch.Tensor, hessian: torch.Tensor | None, perm: torch.Tensor | None) -> SolveResult:
+    def _solve(self, weight: torch.Tensor, hooks: PackageHooks | None, name: str, perm: torch.Tensor | None,
+               last: bool) -> SolveResult:
         method = self.config.method
         if method is Method.MAGNITUDE:
-            return magnitude_prune(weight, self.pattern, hessian, perm)
+            return magnitude_prune(weight, self.pattern)
+        hessian = hooks.hessian(name).hessian
         if method is Method.WANDA:
             return wanda_prune(weight, hessian, self.pattern, perm)
-        return obs_prune(weight, hessian, self.pattern, damp=self.config.damp, perm=perm)
+        energy = output_energy(weight, hessian, perm)
+        factor = inverse_factor(hessian, perm, damp=self.config.damp)
+        del hessian
+        if last:  # the sweep is the solve's peak: H goes first when no later layer reads it
+            hooks.release(name)
+        return obs_prune_factored(weight, factor, self.pattern, energy)
 
     def summary(self, name: str, adapter: Adapter, packages: list, skipped: list[Skipped], progress: Progress,
                 pruner: Pruner) -> dict:

@@ -168,22 +168,39 @@ def _inverse_cholesky_in_place(work: torch.Tensor, hessian: torch.Tensor, perm: 
     raise SolverError(f"Hessian is not positive definite even with damping {damp * 10**max_retries:g}")
 
 
-def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern, damp: float = 0.01,
-              block_size: int = 128, mask_block: int = 32, max_retries: int = 3,
-              perm: torch.Tensor | None = None) -> SolveResult:
-    """SparseGPT-style OBS: per column block choose the mask by w²/[H⁻¹]_qq², prune, compensate.
+@dataclass
+class InverseFactor:
+    """The upper Cholesky factor of (H + λI)⁻¹ in one column-major buffer, and what the sweep needs besides."""
 
-    Dead inputs (H_ii = 0) get H_ii = 1 and their weight column zeroed. Damping is ``damp`` times
-    the mean of diag(H). Unstructured masks are chosen adaptively every ``mask_block`` columns, on
-    weights already updated by the compensation so far (SparseGPT's adaptive mask selection; our
-    layers are narrow, so a finer step than its 128 pays off). Each mask block keeps exactly its
-    share, so the layer ends within one weight per block of the target. For N:M the column block is
-    rounded down to a multiple of M (at least M), so no group straddles two blocks.
+    upper: torch.Tensor
+    dead: torch.Tensor  # inputs that never fired (H_ii = 0): their weight columns are zeroed
+    damp: float  # relative damping used, after retries
+    lam: float  # λ = damp · mean diag(H)
 
-    Memory: ``hessian`` is only read (it may be float64 and shared by q/k/v); beyond it the solve holds one
-    float32 Hessian-sized buffer, filled with H — its columns reordered by ``perm`` when given (weight column j
-    is H's column ``perm[j]``, e.g. a conv's (r, s, c) layout over im2col's (c, r, s)) — and turned into the
-    factor of H⁻¹ in place. The reconstruction error is computed from H in row chunks, not from a copy.
+
+def inverse_factor(hessian: torch.Tensor, perm: torch.Tensor | None = None, damp: float = 0.01,
+                   max_retries: int = 3) -> InverseFactor:
+    """H⁻¹'s factor in one float32 Hessian-sized buffer; ``hessian`` is only read, and not needed afterwards.
+
+    The buffer is column-major (a transposed view of a row-major one), LAPACK's layout, so cholesky and
+    cholesky_inverse run in place on it (with a row-major ``out`` torch factors a hidden copy and copies it back).
+    ``perm`` reorders H's columns to the weight's: weight column j is H's column ``perm[j]`` (a conv's (r, s, c)
+    layout over im2col's (c, r, s)).
+    """
+    cols = hessian.shape[0]
+    work = torch.empty(cols, cols, dtype=torch.float32, device=hessian.device).mT
+    dead = _fill_workspace(work, hessian, perm)
+    mean_diag = work.diagonal().mean().item()
+    upper, damp_used = _inverse_cholesky_in_place(work, hessian, perm, damp, max_retries)
+    return InverseFactor(upper, dead, damp_used, damp_used * mean_diag)
+
+
+def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern, block_size: int = 128,
+              mask_block: int = 32) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """SparseGPT's column sweep: per column block choose the mask by w²/[H⁻¹]_qq², prune, compensate.
+
+    Returns the pruned weight, the mask, and ½·ΣE² over the sweep's scaled errors E = (W − Ŵ)·U⁻¹, which is exactly
+    ½·(W − Ŵ)(H + λI)(W − Ŵ)ᵀ: the loss, known without H.
     """
     _check(weight, pattern)
     nm = pattern if isinstance(pattern, NM) else None
@@ -191,13 +208,10 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern,
         block_size = max(nm.m, block_size // nm.m * nm.m)
     w = weight.float().clone()
     rows, cols = w.shape
-    # Column-major (a transposed view of a row-major buffer): LAPACK's layout, so cholesky and cholesky_inverse
-    # run in place on it; with a row-major ``out`` torch would factor a hidden copy and copy it back.
-    work = torch.empty(cols, cols, dtype=torch.float32, device=w.device).mT
-    dead = _fill_workspace(work, hessian, perm)
-    w[:, dead] = 0
-    hinv, damp_used = _inverse_cholesky_in_place(work, hessian, perm, damp, max_retries)
+    w[:, factor.dead] = 0
+    hinv = factor.upper
     mask = torch.zeros_like(w, dtype=torch.bool)
+    loss = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
@@ -220,9 +234,48 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern,
             err1[:, i] = e
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        loss += 0.5 * err1.double().pow(2).sum().item()
     w[mask] = 0
-    del work, hinv
+    return w, mask, loss
+
+
+def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern, damp: float = 0.01,
+              block_size: int = 128, mask_block: int = 32, max_retries: int = 3,
+              perm: torch.Tensor | None = None) -> SolveResult:
+    """SparseGPT-style OBS: ``inverse_factor`` then ``obs_sweep``, the error measured on H itself.
+
+    Dead inputs (H_ii = 0) get H_ii = 1 and their weight column zeroed. Damping is ``damp`` times
+    the mean of diag(H). Unstructured masks are chosen adaptively every ``mask_block`` columns, on
+    weights already updated by the compensation so far (SparseGPT's adaptive mask selection; our
+    layers are narrow, so a finer step than its 128 pays off). Each mask block keeps exactly its
+    share, so the layer ends within one weight per block of the target. For N:M the column block is
+    rounded down to a multiple of M (at least M), so no group straddles two blocks.
+
+    Memory: ``hessian`` is only read (it may be float64 and shared by q/k/v); beyond it the solve holds one
+    float32 Hessian-sized buffer, and the reconstruction error is computed from H in row chunks.
+    """
+    _check(weight, pattern)
+    factor = inverse_factor(hessian, perm, damp, max_retries)
+    w, mask, _ = obs_sweep(weight, factor, pattern, block_size, mask_block)
+    damp_used = factor.damp
+    del factor  # the workspace goes before the error is measured on H
     return _finish(weight.float(), w, mask, hessian, damp_used, perm)
+
+
+def obs_prune_factored(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern, output_energy: float,
+                       block_size: int = 128, mask_block: int = 32) -> SolveResult:
+    """OBS once H itself is gone (freed to make room for the sweep): the error comes from the sweep,
+    ½(W − Ŵ)H(W − Ŵ)ᵀ = loss − ½λ‖W − Ŵ‖², relative to ``output_energy`` = ½·tr(W H Wᵀ) taken before."""
+    w, mask, loss = obs_sweep(weight, factor, pattern, block_size, mask_block)
+    original = weight.float().clone()
+    original[:, factor.dead] = 0
+    err = max(0.0, loss - 0.5 * factor.lam * (original - w).double().pow(2).sum().item())
+    return SolveResult(w, mask, err, err / output_energy if output_energy > 0 else math.nan, factor.damp)
+
+
+def output_energy(weight: torch.Tensor, hessian: torch.Tensor, perm: torch.Tensor | None = None) -> float:
+    """½·tr(W H Wᵀ) = ‖WX‖² per calibration row, chunked (what relative errors are relative to)."""
+    return _quadratic(weight.float(), hessian, perm)
 
 
 # ---- structured: remove whole column groups (heads, FFN neurons) ------------------------------------

@@ -159,3 +159,18 @@ def test_conv_groups_run_along_input_channels_at_every_tap():
     out_pruned = F.conv2d(x, conv.weight.detach(), None, padding=1)
     direct = ((out_dense - out_pruned) ** 2).sum(1).mean().item()
     assert res.error == pytest.approx(direct, rel=1e-3)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)])
+def test_the_sweep_knows_the_error_without_h(pattern):
+    """½(W − Ŵ)H(W − Ŵ)ᵀ = the sweep's ½ΣE² − ½λ‖W − Ŵ‖²: what the driver reports once H was freed for the sweep."""
+    from obsdiff.solver import inverse_factor, obs_prune_factored, output_energy
+
+    w, x, h = _problem(rows=24, cols=64, seed=5)
+    h[3, :] = 0
+    h[:, 3] = 0  # a dead input
+    exact = obs_prune(w, h, pattern)
+    factored = obs_prune_factored(w, inverse_factor(h), pattern, output_energy(w, h))
+    assert torch.equal(exact.weight, factored.weight) and torch.equal(exact.mask, factored.mask)
+    assert factored.error == pytest.approx(exact.error, rel=1e-4)
+    assert factored.relative_error == pytest.approx(exact.relative_error, rel=1e-4)
