@@ -1,8 +1,8 @@
 """Memory plan of a prune, made from shapes alone (nothing is calibrated).
 
 A package holds the Hessians of all its layers while it calibrates (cols² × 4 or 8 bytes each; layers fed the
-very same input share one; Wanda keeps only the diagonal, magnitude nothing). Then its layers are solved in
-order: each solve adds one float32 Hessian-sized buffer plus a few weight-sized ones, and each Hessian is freed
+very same input share one; Wanda keeps only the diagonal, magnitude nothing). Then its layers are solved,
+narrowest first: each solve adds one float32 Hessian-sized buffer plus a few weight-sized ones, and each Hessian is freed
 once its last layer is solved. Calibration also holds the denoiser's activations, measured by running it once on
 the ``meta`` device (no memory, no compute) with every created tensor counted while it is alive.
 
@@ -55,6 +55,7 @@ class LayerCost:
     name: str
     block: str
     hessian: str  # key of the Hessian it reads
+    columns: int
     hessian_bytes: int
     workspace_bytes: int
     calibration_bytes: int  # transient of one hook call (a conv's im2col chunk and its reshaped copy)
@@ -78,7 +79,7 @@ def layer_cost(model: nn.Module, name: str, module: nn.Module, block: str, stati
         else:  # the im2col matrix of one hook call (chunked above UNFOLD_BYTES) and its reshaped copy
             b, _, h, w = input_shape
             calibration = 5 * min(UNFOLD_BYTES, b * cols * (h + 2) * (w + 2) * 4) // 2  # + isfinite's mask
-    return LayerCost(name, block, shared_input_key(model, name), hessian, workspace, calibration)
+    return LayerCost(name, block, shared_input_key(model, name), cols, hessian, workspace, calibration)
 
 
 @dataclass
@@ -93,9 +94,10 @@ class PackagePlan:
         """Peak bytes on top of the loaded model: calibration (all Hessians, activations) or the worst solve."""
         alive = self.hessian_bytes
         calibration = alive + activation_bytes + max((c.calibration_bytes for c in self.layers), default=0)
-        last = {c.hessian: i for i, c in enumerate(self.layers)}
+        order = sorted(self.layers, key=lambda c: c.columns)  # the driver's solve order: narrowest first
+        last = {c.hessian: i for i, c in enumerate(order)}
         peak = calibration
-        for i, c in enumerate(self.layers):
+        for i, c in enumerate(order):
             peak = max(peak, alive + c.workspace_bytes)
             if last[c.hessian] == i:
                 alive -= c.hessian_bytes
@@ -172,7 +174,8 @@ class _FlashAttention(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            query, value = args[0], args[2] if len(args) > 2 else kwargs["value"]
+            query = args[0] if args else kwargs["query"]
+            value = args[2] if len(args) > 2 else kwargs["value"]
             return torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device=query.device)
         return func(*args, **kwargs)
 

@@ -249,6 +249,10 @@ class MaskStrategy:
     def solve(self, pruner: Pruner, component: str, package: list[TargetLayer], index: int,
               hooks: PackageHooks | None, progress: Progress) -> None:
         config, world = self.config, pruner.world
+        # Layers of a package are solved independently (each on its own Hessian of the model as it was when the
+        # package calibrated), so the order only changes memory: the smallest first, each Hessian freed after its
+        # last reader, so that the widest layer is factored when the fewest other Hessians are still held.
+        package = sorted(package, key=lambda t: t.module.weight[0].numel())
         last_use = {hooks.owner.get(t.name, t.name): i for i, t in enumerate(package)} if hooks is not None else {}
         for i, t in enumerate(tqdm(package, desc=f"solve {component} {index + 1}", leave=False, mininterval=2)):
             owner = world.owner(i)
