@@ -97,7 +97,7 @@ def measure(cmd: list[str], log: Path) -> dict:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         _, status, usage = os.wait4(proc.pid, 0)
     return {"command": shlex.join(cmd), "exit": os.waitstatus_to_exitcode(status), "wall_s": time.time() - t0,
-            "peak_rss_gb": usage.ru_maxrss / 1024**2, "log": str(log)}
+            "peak_rss_gb": usage.ru_maxrss / 1024**2, "log": str(log)}  # GiB (ru_maxrss is in KiB)
 
 
 def stages(model: Path, work: Path, blocks: str, height: int) -> dict[str, list[str]]:
@@ -132,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--blocks", default="up_blocks.0.resnets.0,up_blocks.1.attentions.0")
     r.add_argument("--height", type=int, default=512)
     r.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    m = sub.add_parser("markdown", help="rewrite scale.md from scale.json")
+    m.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
     if args.command == "build":
         print(build(args.family, args.folder))
+        return 0
+    if args.command == "markdown":
+        write_markdown(json.loads(args.out.read_text()), args.out.with_suffix(".md"))
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(table[name], args.work / f"{name}.log")
         results.setdefault(key, {})[name] = {**row, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                                              "date": time.strftime("%Y-%m-%d")}
-        print(f"[scale] {key} {name}: exit {row['exit']}, {row['wall_s']:.0f} s, peak RSS {row['peak_rss_gb']:.2f} GB",
+        print(f"[scale] {key} {name}: exit {row['exit']}, {row['wall_s']:.0f} s, peak RSS {row['peak_rss_gb']:.2f} GiB",
               flush=True)
         args.out.write_text(json.dumps(results, indent=2))
         if row["exit"] != 0:
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_markdown(results: dict, path: Path) -> None:
     lines = ["# Real-size stages (random weights)", "", "Written by `python -m benchmarks.scale run MODEL` "
              "(build MODEL with `python -m benchmarks.scale build sd15|sdxl MODEL`). Peak RSS is the stage's own "
-             "process (`wait4`).", "", "| model | stage | exit | wall s | peak RSS GB | command |", "|---|---|---|---|---|---|"]
+             "process (`wait4`, GiB).", "", "| model | stage | exit | wall s | peak RSS GiB | command |",
+             "|---|---|---|---|---|---|"]
     for model, rows in results.items():
         for name, row in rows.items():
             lines.append(f"| {model} | {name} | {row['exit']} | {row['wall_s']:.0f} | {row['peak_rss_gb']:.2f} | "
