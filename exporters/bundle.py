@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from obsdiff.api import __version__, check_model_folder, load_pipeline, read_pruning_record
+from obsdiff.api import __version__, check_image_size, check_model_folder, load_pipeline, read_pruning_record
 from obsdiff.atomic import check_disjoint, fault_point, replace_dir, staging_path
 from obsdiff.errors import BundleError, GateError, UsageError
 from obsdiff.exporters.artifacts import record_sparsity, sha256
@@ -96,14 +96,16 @@ class ShapeOverrides:
     gate_steps: int | None = None
 
     def apply(self, shapes: Shapes) -> Shapes:
+        """The profile's shapes with these options over them, each option checked under its own name."""
+        for option, value in (("--batch", self.batch), ("--gate-prompts", self.gate_prompts),
+                              ("--gate-steps", self.gate_steps)):
+            if value is not None and value < 1:
+                raise UsageError(f"{option} must be a whole number ≥ 1, got {value}")
+        check_image_size("--height", self.height)
+        check_image_size("--width", self.width)
         changes = {k: v for k, v in (("height", self.height), ("width", self.width), ("batch", self.batch),
                                      ("gate_prompts", self.gate_prompts), ("steps", self.gate_steps)) if v is not None}
-        shapes = replace(shapes, **changes)
-        try:
-            shapes.check()
-        except ValueError as exc:
-            raise UsageError(f"--{str(exc).replace('_', '-').replace('steps', 'gate-steps', 1)}") from None
-        return shapes
+        return replace(shapes, **changes)
 
 
 NO_OVERRIDES = ShapeOverrides()
