@@ -129,10 +129,6 @@ class HessianAccumulator:
     def diagonal_only(self) -> bool:
         return self.hessian.dim() == 1
 
-    @property
-    def nbytes(self) -> int:
-        return self.hessian.numel() * self.hessian.element_size()
-
     def add(self, rows: torch.Tensor, alpha: float, step: int | None = None, count_step: bool = True) -> None:
         rows = rows.detach().to(self.hessian.device, self.hessian.dtype)
         n = rows.shape[0]
