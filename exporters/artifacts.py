@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -62,6 +64,56 @@ def pruned_weights(pipe, record: dict | None, source: str) -> dict[str, torch.Te
              if "name" in layer and layer["name"].startswith(source + ".")]
     modules = dict(module.named_modules())
     return {n: modules[n].weight for n in names if n in modules}
+
+
+@dataclass(frozen=True)
+class WeightProbe:
+    """What the export checks need of one pruned PyTorch weight, kept after the pipeline itself is let go.
+
+    Its zero pattern, packed to one bit per weight, in each layout an exporter may store it (as is, and transposed for
+    a MatMul), and float64 sums of w and w². fp16 rounding moves each weight by at most 2⁻¹¹ of itself, so the sums
+    by at most ``FP16_RTOL`` × Σ|w| and × Σw². At SD size the full weights cannot stay beside an ONNX Runtime session
+    of the same UNet; a probe costs 1/32 of its weight per layout.
+    """
+
+    shape: tuple[int, ...]
+    zeros: int
+    masks: tuple[tuple[tuple[int, ...], np.ndarray], ...]  # (layout shape, packbits of w == 0 in that layout)
+    total: float
+    magnitude: float  # Σ|w|: the scale of the error in ``total``
+    squares: float
+
+    FP16_RTOL: ClassVar[float] = 1e-3
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> WeightProbe:
+        w = weight.detach().float()
+        layouts = [w, w.T] if w.ndim == 2 else [w]
+        masks = tuple((tuple(x.shape), np.packbits((x == 0).numpy().reshape(-1))) for x in layouts)
+        w64 = w.double()
+        return cls(tuple(w.shape), int((w == 0).sum()), masks, float(w64.sum()), float(w64.abs().sum()),
+                   float((w64 * w64).sum()))
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    def matches(self, arr: np.ndarray) -> bool:
+        """``arr`` is this weight: same zeros in one layout; same values (exactly in fp32, within fp16 rounding)."""
+        if arr.size != self.numel or not any(arr.shape == shape for shape, _ in self.masks):
+            return False
+        rtol = self.FP16_RTOL if arr.dtype == np.float16 else 1e-9  # fp32: the same values, summed in another order
+        arr64 = arr.astype(np.float64)
+        if (abs(arr64.sum() - self.total) > rtol * self.magnitude + 1e-12
+                or abs((arr64 * arr64).sum() - self.squares) > rtol * self.squares + 1e-12):
+            return False
+        bits = np.packbits((arr == 0).reshape(-1))
+        return any(arr.shape == shape and np.array_equal(bits, mask) for shape, mask in self.masks)
+
+
+def weight_probes(pipe, record: dict | None, source: str) -> dict[str, WeightProbe]:
+    """A probe for every weight the prune record lists in component ``source``."""
+    return {name: WeightProbe.of(w) for name, w in pruned_weights(pipe, record, source).items()}
 
 
 def record_sparsity(record: dict | None, source: Path) -> SparsitySpec | None:

@@ -6,13 +6,39 @@
 
 from __future__ import annotations
 
+import gc
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 
+class TorchPipelines:
+    """The PyTorch pipelines an export is compared with: the pruned one and, optionally, the dense one.
+
+    A builder takes what its gates need from them, then calls ``release`` before it loads the exported runtime: at SD
+    size a PyTorch UNet and an ONNX Runtime session of the same UNet do not fit side by side in memory.
+    """
+
+    def __init__(self, pipe, dense=None) -> None:
+        self._pipe, self._dense = pipe, dense
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            raise RuntimeError("the PyTorch pipeline was already released")
+        return self._pipe
+
+    @property
+    def dense(self):
+        return self._dense
+
+    def release(self) -> None:
+        self._pipe = self._dense = None
+        gc.collect()
+
+
 class BundleBuilder(ABC):
     @abstractmethod
-    def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
+    def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
         """Write the format's files into ``staging``; return results with ``components`` and ``gates``."""
 
     @abstractmethod

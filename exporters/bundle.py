@@ -21,6 +21,7 @@ from obsdiff.api import __version__, check_image_size, check_model_folder, load_
 from obsdiff.atomic import check_disjoint, fault_point, replace_dir, staging_path
 from obsdiff.errors import BundleError, GateError, UsageError
 from obsdiff.exporters.artifacts import record_sparsity, sha256
+from obsdiff.exporters.builder import TorchPipelines
 from obsdiff.exporters.components import SizeRule, pipeline_dims, specs_for
 from obsdiff.exporters.profiles import Precision, Shapes, TargetProfile, load_profile
 from obsdiff.exporters.registry import builder_class, make_builder
@@ -133,16 +134,17 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
         profile.check_pattern(spec, force)
     prompts = model_prompts(model_dir, profile.shapes.gate_prompts)
     builder = make_builder(profile, prec, prompts, compress, deployment_target)
-    pipe = load_pipeline(model_dir)
-    dense_pipe = load_pipeline(dense_model) if dense_model else None
+    # No local name holds the pipelines: the builder lets them go before it loads the exported runtime.
+    models = TorchPipelines(load_pipeline(model_dir), load_pipeline(dense_model) if dense_model else None)
+    specs = specs_for(models.pipe)
+    dims = pipeline_dims(models.pipe, profile.shapes)
     staging = staging_path(out)
     staging.mkdir()
     zip_staging = out.with_name(f".{out.name}.zip.obsdiff-staging")
     try:
-        results = builder.build(pipe, staging, dense_pipe=dense_pipe, record=record)
+        results = builder.build(models, staging, record=record)
+        models.release()
         fault_point("export-after-build")
-        specs = specs_for(pipe)
-        dims = pipeline_dims(pipe, profile.shapes)
         if record:
             (staging / "pruning.json").write_text(json.dumps(record, indent=2))
         write_report(staging, profile, results, builder.report_sections(results))

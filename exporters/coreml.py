@@ -27,7 +27,7 @@ import torch
 
 from obsdiff.errors import BundleError, UsageError
 from obsdiff.exporters.artifacts import pruned_weights
-from obsdiff.exporters.builder import BundleBuilder
+from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
 from obsdiff.exporters.components import (
     DENOISER,
     TEXT_ENCODER,
@@ -230,8 +230,8 @@ class CoreMLBundleBuilder(BundleBuilder):
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
         return revalidate_coreml(bundle, manifest)
 
-    def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
-        profile = self.profile
+    def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
+        profile, pipe = self.profile, models.pipe
         dims = pipeline_dims(pipe, profile.shapes)
         wanted = profile.backend.get("components", [TEXT_ENCODER, DENOISER, VAE_DECODER])
         unknown = sorted(set(wanted) - set(ROLES))

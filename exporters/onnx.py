@@ -17,15 +17,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from obsdiff.errors import BundleError, ExportError, GateError
-from obsdiff.exporters.artifacts import REFERENCE_DIR, load_reference, pruned_weights, save_reference
-from obsdiff.exporters.builder import BundleBuilder
+from obsdiff.exporters.artifacts import REFERENCE_DIR, WeightProbe, load_reference, save_reference, weight_probes
+from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
 from obsdiff.exporters.components import ComponentSpec, pipeline_dims, specs_for
 from obsdiff.exporters.profiles import Precision, TargetProfile
 from obsdiff.exporters.validate import (
@@ -141,8 +142,8 @@ def save_onnx(model, path: Path) -> None:
 
 
 def export_onnx(pipe, out_dir: Path, specs: tuple[ComponentSpec, ...], dims: dict[str, int], *,
-                exporter: str, precision: Precision) -> dict[str, Path]:
-    """Write every component to ``out_dir/<name>/model.onnx``; returns name → path."""
+                exporter: str) -> dict[str, Path]:
+    """Write every component in fp32 to ``out_dir/<name>/model.onnx``; returns name → path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if exporter == "optimum":
         try:
@@ -160,42 +161,70 @@ def export_onnx(pipe, out_dir: Path, specs: tuple[ComponentSpec, ...], dims: dic
         if not path.is_file():
             raise ExportError(f"{spec.name}: exporter wrote no {path.name}")
         check_io(path, spec)
-        if precision is Precision.FP16:
-            to_fp16(path)
         paths[spec.name] = path
     return paths
 
 
-def onnx_initializers(path: Path) -> dict[str, np.ndarray]:
-    import onnx
-    from onnx import numpy_helper
+def convert_precision(paths: dict[str, Path], precision: Precision) -> None:
+    """fp16 graphs from the exported fp32 files, one component at a time (nothing to do for fp32)."""
+    if precision is Precision.FP16:
+        for name, path in paths.items():
+            log.info("fp16 conversion of %s", name)
+            to_fp16(path)
 
-    model = onnx.load(str(path))
-    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+class OnnxWeights(Mapping[str, np.ndarray]):
+    """A graph's initializers by name, each read from the file (or its external data) only when asked for.
+
+    At SD size the initializers are gigabytes; the checks look at one tensor at a time.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import onnx
+
+        self.path = path
+        self.graph = onnx.load(str(path), load_external_data=False).graph
+        self._protos = {init.name: init for init in self.graph.initializer}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from onnx import TensorProto, numpy_helper
+
+        proto = TensorProto()
+        proto.CopyFrom(self._protos[name])  # loading external data fills the proto: keep the graph's copy empty
+        return numpy_helper.to_array(proto, base_dir=str(self.path.parent))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._protos)
+
+    def __len__(self) -> int:
+        return len(self._protos)
+
+    def numel(self, name: str) -> int:
+        return int(np.prod(self._protos[name].dims))
 
 
-def match_weights(initializers: dict[str, np.ndarray], weights: dict[str, torch.Tensor]) -> dict[str, str | None]:
-    """Find each PyTorch weight among the ONNX initializers (as is, or transposed for MatMul)."""
-    by_size: dict[int, list[str]] = {}
-    for name, arr in initializers.items():
-        by_size.setdefault(arr.size, []).append(name)
-    found: dict[str, str | None] = {}
-    for wname, w in weights.items():
-        ref = w.detach().float().numpy()
-        layouts = [ref, ref.T] if ref.ndim == 2 else [ref]
-        found[wname] = next((cand for cand in by_size.get(ref.size, []) for layout in layouts
-                             if _same_weight(initializers[cand].astype(np.float32), layout)), None)
+def onnx_initializers(path: Path) -> OnnxWeights:
+    return OnnxWeights(path)
+
+
+def match_weights(initializers: OnnxWeights, probes: dict[str, WeightProbe]) -> dict[str, str | None]:
+    """Find each pruned PyTorch weight among the ONNX initializers (as is, or transposed for MatMul).
+
+    Every initializer of a wanted size is read once and tried against the weights of that size not yet found.
+    """
+    wanted: dict[int, list[str]] = {}
+    for name, probe in probes.items():
+        wanted.setdefault(probe.numel, []).append(name)
+    found: dict[str, str | None] = dict.fromkeys(probes)
+    for init in initializers:
+        left = [n for n in wanted.get(initializers.numel(init), []) if found[n] is None]
+        if not left:
+            continue
+        arr = initializers[init]
+        hit = next((n for n in left if probes[n].matches(arr)), None)
+        if hit is not None:
+            found[hit] = init
     return found
-
-
-def _same_weight(arr: np.ndarray, ref: np.ndarray) -> bool:
-    """Equal (fp32 export), or the same zeros and values within fp16 rounding (fp16 export)."""
-    return arr.shape == ref.shape and (np.array_equal(arr, ref) or _same_zeros(arr, ref))
-
-
-def _same_zeros(arr: np.ndarray, ref: np.ndarray) -> bool:
-    """fp16 graphs: same zero positions and values within fp16 rounding."""
-    return bool(np.array_equal(arr == 0, ref == 0) and np.allclose(arr, ref, rtol=1e-3, atol=1e-4))
 
 
 # ---- ONNX Runtime ----------------------------------------------------------------------------------
@@ -225,56 +254,79 @@ def component_model_file(bundle: Path, spec: ComponentSpec, profile: TargetProfi
     return folder / "model.ort" if profile.ort_format else folder / "model.onnx"
 
 
-def sparsity_report(pipe, record: dict | None, spec: ComponentSpec, onnx_path: Path, precision: Precision) -> dict:
+def sparsity_report(probes: dict[str, WeightProbe], onnx_path: Path, precision: Precision) -> dict:
     """Per pruned layer: zero fraction in PyTorch and in the exported graph; zeros must survive."""
-    weights = pruned_weights(pipe, record, spec.source)
-    if not weights:
+    if not probes:
         return {"pruned_layers": 0}
-    inits = onnx_initializers(onnx_path)
-    matched = match_weights(inits, weights)
+    inits = OnnxWeights(onnx_path)
+    matched = match_weights(inits, probes)
     layers, lost = {}, []
-    for name, w in weights.items():
-        torch_zero = int((w == 0).sum()) / w.numel()  # exact counts: float32 means differ in the last bit
+    for name, probe in probes.items():
+        torch_zero = probe.zeros / probe.numel  # exact counts: float32 means differ in the last bit
         onnx_name = matched[name]
-        onnx_zero = int((inits[onnx_name] == 0).sum()) / w.numel() if onnx_name else None
+        onnx_zero = int((inits[onnx_name] == 0).sum()) / probe.numel if onnx_name else None
         layers[name] = {"torch": torch_zero, "onnx": onnx_zero}
         exact = onnx_zero is not None and (onnx_zero == torch_zero if precision is Precision.FP32 else onnx_zero >= torch_zero)
         if not exact:
             lost.append(name)
-    total = sum(w.numel() for w in weights.values())
+    total = sum(p.numel for p in probes.values())
     return {
-        "pruned_layers": len(weights), "matched_in_onnx": sum(v is not None for v in matched.values()),
-        "zero_fraction_torch": sum(float((w == 0).sum()) for w in weights.values()) / total,
-        "zero_fraction_onnx": sum(layers[n]["onnx"] * weights[n].numel() for n in weights if layers[n]["onnx"] is not None) / total,
+        "pruned_layers": len(probes), "matched_in_onnx": sum(v is not None for v in matched.values()),
+        "zero_fraction_torch": sum(p.zeros for p in probes.values()) / total,
+        "zero_fraction_onnx": sum(layers[n]["onnx"] * probes[n].numel for n in probes if layers[n]["onnx"] is not None) / total,
         "zeros_preserved": not lost, "lost": lost, "layers": layers,
     }
 
 
+@dataclass
+class TorchSide:
+    """Everything the gates compare an export with, computed from the PyTorch pipelines before they are let go."""
+
+    specs: tuple[ComponentSpec, ...]
+    dims: dict[str, int]
+    references: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]  # name → (inputs, PyTorch outputs)
+    probes: dict[str, dict[str, WeightProbe]]  # name → pruned layer → probe
+    latents: torch.Tensor  # the end-to-end gate's starting noise
+    prompts_per_call: int
+    images: dict[str, np.ndarray]  # "pruned PyTorch" and, with a dense model, "dense PyTorch"
+    latency_ms: dict[str, float]  # one prompt through the pruned PyTorch pipeline
+    scheduler: str
+
+
 class OnnxBundleBuilder(BundleBuilder):
-    """Export + validation for the ONNX-based formats (cpu, android; the ONNX half of tensorrt)."""
+    """Export + validation for the ONNX-based formats (cpu, android; the ONNX half of tensorrt).
+
+    Three phases, so that at most one copy of the big weights is in memory at a time: the PyTorch side of every
+    gate, the export, then (PyTorch let go) the fp16 conversion and the ONNX Runtime side.
+    """
 
     def __init__(self, profile: TargetProfile, precision: Precision, prompts: list[str]) -> None:
         self.profile, self.precision, self.prompts = profile, precision, prompts
 
-    def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
+    def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
+        return self.build_onnx(models, staging, record)[0]
+
+    def build_onnx(self, models: TorchPipelines, staging: Path, record: dict | None) -> tuple[dict, TorchSide]:
+        """The bundle's ONNX files and results, and the PyTorch side they were checked against."""
         profile = self.profile
-        specs = specs_for(pipe)
-        dims = pipeline_dims(pipe, profile.shapes)
+        side = self.torch_side(models.pipe, models.dense, record)
         t0 = time.time()
-        export_onnx(pipe, staging, specs, dims, exporter=profile.exporter, precision=self.precision)
-        export_s = time.time() - t0
+        paths = export_onnx(models.pipe, staging, side.specs, side.dims, exporter=profile.exporter)
+        models.release()  # from here on only the exported files are in memory
+        convert_precision(paths, self.precision)
+        results: dict = {"export_s": time.time() - t0, "components": {}, "gates": []}
         if profile.ort_format:
             convert_to_ort(staging)
-        results: dict = {"export_s": export_s, "components": {}, "gates": []}
-        for spec in specs:
-            inputs, ref_out = reference_io(pipe, spec, dims)
+        for spec in side.specs:
+            inputs, ref_out = side.references[spec.name]
             model_file = component_model_file(staging, spec, profile)
             session = ort_session(model_file, profile.providers)
             got = run_session(session, inputs)
             save_reference(staging / REFERENCE_DIR, spec.name, inputs, ref_out, got)
             comp = {"file": str(model_file.relative_to(staging)), "outputs": compare_outputs(ref_out, got),
-                    "latency": timings_ms(lambda s=session, i=inputs: run_session(s, i)),
-                    "sparsity": sparsity_report(pipe, record, spec, staging / spec.name / "model.onnx", self.precision)}
+                    "latency": timings_ms(lambda s=session, i=inputs: run_session(s, i))}
+            del session
+            comp["sparsity"] = sparsity_report(side.probes[spec.name], staging / spec.name / "model.onnx", self.precision)
             results["components"][spec.name] = comp
             worst = min(o["cosine"] for o in comp["outputs"].values())
             results["gates"].append(gate(f"{spec.name} cosine", worst, ">=", profile.gates.min_cosine))
@@ -284,46 +336,58 @@ class OnnxBundleBuilder(BundleBuilder):
             budget = profile.gates.max_latency_ms.get(spec.name)
             if budget:
                 results["gates"].append(gate(f"{spec.name} median latency ms", comp["latency"]["median_ms"], "<=", budget))
-        results["end_to_end"] = self._end_to_end(pipe, dense_pipe, staging)
+        results["end_to_end"] = self._end_to_end(side, staging)
         results["gates"].append(gate("image PSNR dB", results["end_to_end"]["psnr_db"], ">=",
                                       profile.gates.min_psnr(self.precision)))
         budget = profile.gates.max_latency_ms.get("pipeline")
         if budget:
             results["gates"].append(gate("pipeline median latency ms", results["end_to_end"]["latency_onnx"]["median_ms"],
                                           "<=", budget))
-        return results
+        return results, side
 
-    def _end_to_end(self, pipe, dense_pipe, staging: Path) -> dict:
+    def torch_side(self, pipe, dense_pipe, record: dict | None) -> TorchSide:
+        shapes = self.profile.shapes
+        specs = specs_for(pipe)
+        dims = pipeline_dims(pipe, shapes)
+        log.info("PyTorch references: %d components, then %d prompts × %d steps end to end",
+                 len(specs), len(self.prompts), shapes.steps)
+        references = {spec.name: reference_io(pipe, spec, dims) for spec in specs}
+        probes = {spec.name: weight_probes(pipe, record, spec.source) for spec in specs}
+        latents = initial_latents(pipe, len(self.prompts), shapes.height, shapes.width, seed=0)
+        # Prompts go through in batches that fit: one at a time at SD size, all at once for small models.
+        per_call = max(1, GATE_LATENT_PIXELS // (shapes.height * shapes.width // pipe.vae_scale_factor**2))
+        images = {"pruned PyTorch": self._images(pipe, latents, per_call)}
+        if dense_pipe is not None:
+            images = {"dense PyTorch": self._images(dense_pipe, latents, per_call), **images}
+        latency = timings_ms(lambda: self._images(pipe, latents[:1], 1, self.prompts[:1]), warmup=1, runs=5)
+        return TorchSide(specs, dims, references, probes, latents, per_call, images, latency,
+                         type(pipe.scheduler).__name__)
+
+    def _images(self, pipe, latents: torch.Tensor, per_call: int, prompts: list[str] | None = None) -> np.ndarray:
+        shapes, prompts = self.profile.shapes, prompts or self.prompts
+        return np.concatenate([run_pipeline_images(pipe, prompts[i : i + per_call], latents[i : i + per_call],
+                                                   shapes.steps, shapes.guidance, shapes.height, shapes.width)
+                               for i in range(0, len(prompts), per_call)])
+
+    def _end_to_end(self, side: TorchSide, staging: Path) -> dict:
         from optimum.onnxruntime import ORTDiffusionPipeline  # picks the ORT pipeline named in model_index.json
 
         shapes = self.profile.shapes
         ort_pipe = ORTDiffusionPipeline.from_pretrained(staging, provider=self.profile.providers[0])
         ort_pipe.set_progress_bar_config(disable=True)
-        prompts = self.prompts
-        latents = initial_latents(pipe, len(prompts), shapes.height, shapes.width, seed=0)
-        # Prompts go through in batches that fit: one at a time at SD size, all at once for small models.
-        per_call = max(1, GATE_LATENT_PIXELS // (shapes.height * shapes.width // pipe.vae_scale_factor**2))
-
-        def run(p) -> np.ndarray:
-            return np.concatenate([run_pipeline_images(p, prompts[i : i + per_call], latents[i : i + per_call],
-                                                       shapes.steps, shapes.guidance, shapes.height, shapes.width)
-                                   for i in range(0, len(prompts), per_call)])
-
-        torch_images, onnx_images = run(pipe), run(ort_pipe)
-        rows = {"pruned PyTorch": torch_images, "exported": onnx_images}
-        if dense_pipe is not None:
-            rows = {"dense PyTorch": run(dense_pipe), **rows}
-        save_image_grid(rows, staging / "images.png")
-        one = lambda p: run_pipeline_images(p, prompts[:1], latents[:1], shapes.steps, shapes.guidance,  # noqa: E731
-                                            shapes.height, shapes.width)
+        onnx_images = self._images(ort_pipe, side.latents, side.prompts_per_call)
+        torch_images = side.images["pruned PyTorch"]
+        save_image_grid({**side.images, "exported": onnx_images}, staging / "images.png")
+        dense = side.images.get("dense PyTorch")
         return {
-            "prompts": prompts, "steps": shapes.steps, "guidance": shapes.guidance, "seed": 0, "prompts_per_call": per_call,
-            "height": shapes.height, "width": shapes.width,
-            "scheduler": type(pipe.scheduler).__name__,
+            "prompts": self.prompts, "steps": shapes.steps, "guidance": shapes.guidance, "seed": 0,
+            "prompts_per_call": side.prompts_per_call, "height": shapes.height, "width": shapes.width,
+            "scheduler": side.scheduler,
             "psnr_db": psnr(torch_images, onnx_images, peak=1.0),
-            "psnr_dense_vs_pruned_db": None if dense_pipe is None else psnr(rows["dense PyTorch"], torch_images, peak=1.0),
-            "latency_onnx": timings_ms(lambda: one(ort_pipe), warmup=1, runs=5),
-            "latency_pytorch": timings_ms(lambda: one(pipe), warmup=1, runs=5),
+            "psnr_dense_vs_pruned_db": None if dense is None else psnr(dense, torch_images, peak=1.0),
+            "latency_onnx": timings_ms(lambda: self._images(ort_pipe, side.latents[:1], 1, self.prompts[:1]),
+                                       warmup=1, runs=5),
+            "latency_pytorch": side.latency_ms,
         }
 
     @classmethod

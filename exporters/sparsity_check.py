@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from obsdiff.api import NM
+from obsdiff.exporters.onnx import OnnxWeights
 
 TWO_OF_FOUR = NM(2, 4)  # the one pattern TensorRT's sparse tensor cores run
 
@@ -33,21 +34,18 @@ class WeightCheck:
 
 
 def check_2of4(path: Path) -> list[WeightCheck]:
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
+    inits = OnnxWeights(path)  # one weight in memory at a time: SD-size graphs hold gigabytes
+    graph = inits.graph
     # fp16 graphs may feed weights through a Cast; follow one Cast back to the initializer.
-    cast_src = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in inits}
+    cast_src = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in inits}
     checks = []
-    for node in model.graph.node:
+    for node in graph.node:
         if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
             continue
         name = cast_src.get(node.input[1], node.input[1])
         if name not in inits:
             continue
-        w = numpy_helper.to_array(inits[name])
+        w = inits[name]
         if node.op_type == "Conv":
             axis = 1
         elif node.op_type == "MatMul":

@@ -16,10 +16,10 @@ import shutil
 from pathlib import Path
 
 from obsdiff.errors import ExportError
-from obsdiff.exporters.artifacts import pruned_weights
-from obsdiff.exporters.builder import BundleBuilder
-from obsdiff.exporters.components import ComponentSpec, pipeline_dims, specs_for
-from obsdiff.exporters.onnx import OnnxBundleBuilder, match_weights, onnx_initializers, revalidate_onnx
+from obsdiff.exporters.artifacts import WeightProbe
+from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
+from obsdiff.exporters.components import ComponentSpec
+from obsdiff.exporters.onnx import OnnxBundleBuilder, OnnxWeights, match_weights, revalidate_onnx
 from obsdiff.exporters.profiles import Precision, TargetProfile
 from obsdiff.exporters.sparsity_check import check_2of4, polygraphy_sparsity
 from obsdiff.exporters.validate import gate
@@ -148,13 +148,15 @@ class TensorRTBundleBuilder(BundleBuilder):
         """The ONNX files on their references (engines are checked on the device by validate_on_device.py)."""
         return revalidate_onnx(bundle, manifest)
 
-    def build(self, pipe, staging: Path, dense_pipe=None, record: dict | None = None) -> dict:
-        results = self.onnx.build(pipe, staging, dense_pipe=dense_pipe, record=record)
-        specs = specs_for(pipe)
-        dims = pipeline_dims(pipe, self.profile.shapes)
+    def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
+        results, side = self.onnx.build_onnx(models, staging, record)
+        specs, dims = side.specs, side.dims
         results["sparsity_2of4"] = {}
+        skipped = {s: [layer["name"] for layer in comp.get("skipped", [])]
+                   for s, comp in (record or {}).get("components", {}).items()}
         for spec in specs:
-            report = two_of_four_report(pipe, record, spec, staging / spec.name / "model.onnx")
+            report = two_of_four_report(side.probes[spec.name], skipped.get(spec.source, []),
+                                        staging / spec.name / "model.onnx")
             if report["targeted"]:
                 results["sparsity_2of4"][spec.name] = report
                 results["gates"].append(gate(f"{spec.name} targeted layers 2:4 (checker and polygraphy)",
@@ -220,13 +222,14 @@ class TensorRTBundleBuilder(BundleBuilder):
         return {"status": "built", "components": built}
 
 
-def two_of_four_report(pipe, record: dict | None, spec: ComponentSpec, onnx_path: Path) -> dict:
-    """For each layer the prune targeted: is its ONNX initializer 2:4 by our checker and by polygraphy?"""
-    weights = pruned_weights(pipe, record, spec.source)
-    skipped = [s["name"] for s in (record or {}).get("components", {}).get(spec.source, {}).get("skipped", [])]
-    if not weights:
+def two_of_four_report(probes: dict[str, WeightProbe], skipped: list[str], onnx_path: Path) -> dict:
+    """For each layer the prune targeted: is its ONNX initializer 2:4 by our checker and by polygraphy?
+
+    ``skipped``: the layers the prune listed but left dense.
+    """
+    if not probes:
         return {"targeted": 0, "both": 0, "layers": {}, "dense": skipped}
-    matched = match_weights(onnx_initializers(onnx_path), weights)
+    matched = match_weights(OnnxWeights(onnx_path), probes)
     ours = {c.initializer: c for c in check_2of4(onnx_path)}
     poly = polygraphy_sparsity(onnx_path)
     poly_sparse = set(poly["sparse"])

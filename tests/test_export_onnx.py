@@ -9,6 +9,7 @@ import torch
 from conftest import error_line, run_cli
 
 from obsdiff.errors import BundleError, UsageError
+from obsdiff.exporters.artifacts import WeightProbe
 from obsdiff.exporters.bundle import ShapeOverrides, export_bundle, validate_bundle_on_disk
 from obsdiff.exporters.components import pipeline_dims, specs_for
 from obsdiff.exporters.onnx import export_onnx, match_weights, onnx_initializers
@@ -39,10 +40,26 @@ def test_zero_fraction_in_onnx_equals_pytorch(cpu_bundle, pruned_24):
     pipe = load_pipeline(pruned_24)
     inits = onnx_initializers(cpu_bundle / "unet" / "model.onnx")
     weights = {n: m.weight for n, m in pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    found = match_weights(inits, weights)
+    found = match_weights(inits, {n: WeightProbe.of(w) for n, w in weights.items()})
     for name, init_name in found.items():
         assert init_name is not None, name
         assert float((inits[init_name] == 0).mean()) == float((weights[name] == 0).float().mean()), name
+        assert np.array_equal(inits[init_name], weights[name].detach().numpy().reshape(inits[init_name].shape)) or \
+            np.array_equal(inits[init_name], weights[name].detach().numpy().T), name
+
+
+def test_weight_probe_tells_a_weight_from_its_lookalikes():
+    """Same shape and zeros but other values, or other zeros: not a match; transposed or fp16-rounded: a match."""
+    w = torch.randn(8, 12)
+    w[:, ::2] = 0
+    probe = WeightProbe.of(w)
+    assert probe.matches(w.numpy()) and probe.matches(w.numpy().T.copy()) and probe.matches(w.numpy().astype(np.float16))
+    other_values = w.clone()
+    other_values[0, 1] += 0.5
+    other_zeros = w.clone()
+    other_zeros[0, 0], other_zeros[0, 1] = w[0, 1], 0.0
+    assert not probe.matches(other_values.numpy()) and not probe.matches(other_zeros.numpy())
+    assert not probe.matches(w.numpy().reshape(12, 8))  # a reshape is not a layout an exporter writes
 
 
 def test_optimum_ort_pipeline_loads_the_bundle(cpu_bundle):
@@ -111,7 +128,7 @@ def test_torch_exporter_writes_the_same_layout(family, tiny, tmp_path):
     pipe = load_pipeline(tiny(family))
     specs = specs_for(pipe)
     dims = pipeline_dims(pipe, Shapes(height=16, width=16))
-    paths = export_onnx(pipe, tmp_path, specs, dims, exporter="torch", precision=Precision.FP32)
+    paths = export_onnx(pipe, tmp_path, specs, dims, exporter="torch")
     assert (tmp_path / "model_index.json").is_file() and (tmp_path / "tokenizer" / "vocab.json").is_file()
     for spec in specs:
         inputs, ref = reference_io(pipe, spec, dims)

@@ -154,15 +154,14 @@ def test_shrunk_transformer_families_export(family, tiny, tmp_path):
     from obsdiff.exporters.bundle import export_bundle
     from obsdiff.exporters.components import pipeline_dims, specs_for
     from obsdiff.exporters.onnx import export_onnx, onnx_initializers
-    from obsdiff.exporters.profiles import Precision, Shapes
+    from obsdiff.exporters.profiles import Shapes
 
     prune(tiny(family), tmp_path / "model", PruneConfig(sparsity=Structured(0.3, 0.3), num_prompts=2, steps=2,
                                                        packages=1))
     manifest = export_bundle(tmp_path / "model", "cpu", tmp_path / "b")
     assert all(g["passed"] for g in manifest["validation"]["gates"]), manifest["validation"]["gates"]
     dense = load_pipeline(tiny(family))
-    export_onnx(dense, tmp_path / "dense", specs_for(dense), pipeline_dims(dense, Shapes()), exporter="optimum",
-                precision=Precision.FP32)
+    export_onnx(dense, tmp_path / "dense", specs_for(dense), pipeline_dims(dense, Shapes()), exporter="optimum")
     name = DENOISER[family]
     graph_size = lambda folder: sum(a.size for a in onnx_initializers(folder / name / "model.onnx").values())  # noqa: E731
     removed = sum(p.numel() for p in getattr(dense, name).parameters()) - sum(
