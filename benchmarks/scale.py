@@ -1,7 +1,7 @@
 """Real-size pipelines, random weights: memory and time of each stage at SD 1.5 / SDXL scale.
 
     python -m benchmarks.scale build sd15 /tmp/sd15          # the architecture from its published configs
-    python -m benchmarks.scale run /tmp/sd15 --stages info,plan,prune-block,export-cpu,export-jetson,export-ios
+    python -m benchmarks.scale run /tmp/sd15 [--stages info,plan,prune-block,plan-package,prune-package,export-cpu,...]
 
 The weights are random, so quality means nothing here; memory and time are real. Nothing is downloaded: the
 configs below are SD 1.5's and SDXL's published ones, and the tokenizer is the project's own (a CLIP BPE over
@@ -100,20 +100,29 @@ def measure(cmd: list[str], log: Path) -> dict:
             "peak_rss_gb": usage.ru_maxrss / 1024**2, "log": str(log)}  # GiB (ru_maxrss is in KiB)
 
 
-def stages(model: Path, work: Path, blocks: str, height: int) -> dict[str, list[str]]:
+# The biggest package of SD 1.5's `--plan --max-memory 12` (package 4 of 6: 21 layers, 5.64 GiB of Hessians).
+SD15_BIGGEST_PACKAGE = "up_blocks.0.resnets.2,up_blocks.0.upsamplers.0,up_blocks.1.resnets.0,up_blocks.1.attentions.0"
+
+
+def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> dict[str, list[str]]:
     obsdiff = [sys.executable, "-m", "obsdiff"]
     small = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--height", "256", "--width", "256"]
     size = ["--height", str(height), "--width", str(height), "--gate-prompts", "1", "--gate-steps", "2"]
     pruned = work / "pruned"
+    one_package = ["--pattern", "2:4", "--max-memory", "12", *small, "--blocks", package]
     return {
         "info": [*obsdiff, "info", str(model)],
         "plan": [*obsdiff, "prune", str(model), "--out", str(work / "plan"), "--pattern", "2:4", "--plan",
                  "--max-memory", "12"],
         "prune-block": [*obsdiff, "prune", str(model), "--out", str(pruned), "--overwrite", "--pattern", "2:4", *small,
                         "--blocks", blocks],
+        "plan-package": [*obsdiff, "prune", str(model), "--out", str(work / "package"), "--plan", *one_package],
+        "prune-package": [*obsdiff, "prune", str(model), "--out", str(work / "package"), "--overwrite", *one_package],
         "export-cpu": [*obsdiff, "export", str(pruned), "--target", "cpu", "--out", str(work / "cpu"), "--overwrite", *size],
+        "validate-cpu": [*obsdiff, "validate", str(work / "cpu")],
         "export-jetson": [*obsdiff, "export", str(pruned), "--target", "jetson", "--out", str(work / "jetson"),
                           "--overwrite", *size],
+        "validate-jetson": [*obsdiff, "validate", str(work / "jetson")],
         "export-ios": [*obsdiff, "export", str(pruned), "--target", "ios", "--out", str(work / "ios"), "--overwrite",
                        "--height", str(height), "--width", str(height)],
     }
@@ -128,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run")
     r.add_argument("model", type=Path)
     r.add_argument("--work", type=Path, default=Path("/tmp/obsdiff-scale"))
-    r.add_argument("--stages", default="info,plan,prune-block,export-cpu,export-jetson,export-ios")
+    r.add_argument("--stages", default="info,plan,prune-block,plan-package,prune-package,export-cpu,validate-cpu,"
+                                       "export-jetson,validate-jetson,export-ios")
     r.add_argument("--blocks", default="up_blocks.0.resnets.0,up_blocks.1.attentions.0")
+    r.add_argument("--package", default=SD15_BIGGEST_PACKAGE, help="blocks of one package (plan-package, prune-package)")
     r.add_argument("--height", type=int, default=512)
     r.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     m = sub.add_parser("markdown", help="rewrite scale.md from scale.json")
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     key = args.model.name
-    table = stages(args.model, args.work, args.blocks, args.height)
+    table = stages(args.model, args.work, args.blocks, args.height, args.package)
     for name in args.stages.split(","):
         row = measure(table[name], args.work / f"{name}.log")
         results.setdefault(key, {})[name] = {**row, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
