@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -34,6 +35,15 @@ class TorchPipelines:
     def release(self) -> None:
         self._pipe = self._dense = None
         gc.collect()
+        return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise), so that the next phase starts low."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class BundleBuilder(ABC):

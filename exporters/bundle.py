@@ -125,7 +125,7 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
     profile = load_profile(target)
     prec = Precision(precision) if precision else profile.precision
     _check_out_dir(out, overwrite)
-    check_model_folder(model_dir)
+    model_index = check_model_folder(model_dir)
     check_disjoint(out, {"model": model_dir, "dense model": dense_model})
     profile = replace(profile, shapes=SizeRule.from_folder(model_dir).resolve(shapes.apply(profile.shapes)))
     record = read_pruning_record(model_dir)
@@ -135,7 +135,7 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
     prompts = model_prompts(model_dir, profile.shapes.gate_prompts)
     builder = make_builder(profile, prec, prompts, compress, deployment_target)
     # No local name holds the pipelines: the builder lets them go before it loads the exported runtime.
-    models = TorchPipelines(load_pipeline(model_dir), load_pipeline(dense_model) if dense_model else None)
+    models = TorchPipelines(load_pipeline(model_dir, model_index), load_pipeline(dense_model) if dense_model else None)
     specs = specs_for(models.pipe)
     dims = pipeline_dims(models.pipe, profile.shapes)
     staging = staging_path(out)

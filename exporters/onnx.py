@@ -230,13 +230,22 @@ def match_weights(initializers: OnnxWeights, probes: dict[str, WeightProbe]) -> 
 # ---- ONNX Runtime ----------------------------------------------------------------------------------
 
 
-def ort_session(path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+def host_session_options():
+    """Options for the host's checking sessions: no CPU memory arena, which at SD size holds gigabytes of activation
+    memory after a run and grows in doubling steps; allocations go to the system and back instead."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False
+    return opts
+
+
+def ort_session(path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    import onnxruntime as ort
+
     try:
-        return ort.InferenceSession(str(path), opts, providers=list(providers))
+        return ort.InferenceSession(str(path), host_session_options(), providers=list(providers))
     except Exception as exc:
         raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
 
@@ -311,6 +320,7 @@ class OnnxBundleBuilder(BundleBuilder):
         profile = self.profile
         side = self.torch_side(models.pipe, models.dense, record)
         t0 = time.time()
+        log.info("exporting %d components to ONNX (%s exporter)", len(side.specs), profile.exporter)
         paths = export_onnx(models.pipe, staging, side.specs, side.dims, exporter=profile.exporter)
         models.release()  # from here on only the exported files are in memory
         convert_precision(paths, self.precision)
@@ -318,6 +328,7 @@ class OnnxBundleBuilder(BundleBuilder):
         if profile.ort_format:
             convert_to_ort(staging)
         for spec in side.specs:
+            log.info("%s: ONNX Runtime vs PyTorch on the sample inputs", spec.name)
             inputs, ref_out = side.references[spec.name]
             model_file = component_model_file(staging, spec, profile)
             session = ort_session(model_file, profile.providers)
@@ -373,7 +384,9 @@ class OnnxBundleBuilder(BundleBuilder):
         from optimum.onnxruntime import ORTDiffusionPipeline  # picks the ORT pipeline named in model_index.json
 
         shapes = self.profile.shapes
-        ort_pipe = ORTDiffusionPipeline.from_pretrained(staging, provider=self.profile.providers[0])
+        log.info("end to end through ONNX Runtime: %d prompts × %d steps", len(self.prompts), shapes.steps)
+        ort_pipe = ORTDiffusionPipeline.from_pretrained(staging, provider=self.profile.providers[0],
+                                                        session_options=host_session_options())
         ort_pipe.set_progress_bar_config(disable=True)
         onnx_images = self._images(ort_pipe, side.latents, side.prompts_per_call)
         torch_images = side.images["pruned PyTorch"]

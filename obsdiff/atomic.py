@@ -3,7 +3,8 @@
 Every output folder is built in a predictable hidden staging folder beside it (``.NAME.obsdiff-staging``,
 cleared by the next run if a killed one left it) and moved into place by renames at the end; single files are
 written to a temporary name, fsynced, then renamed. ``check_disjoint`` refuses an output that is, contains or
-lies inside an input. ``fault_point`` lets tests kill a run at a stage boundary (``OBSDIFF_FAULT=stage``).
+lies inside an input. ``fault_point`` lets tests kill a run, or one rank of it, at a stage boundary
+(``OBSDIFF_FAULT=stage[@rank]``).
 """
 
 from __future__ import annotations
@@ -106,10 +107,11 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def fault_point(stage: str) -> None:
-    """Test hook: ``OBSDIFF_FAULT=stage[:signal]`` kills this process here (default SIGKILL: no clean-up at all)."""
-    spec = os.environ.get("OBSDIFF_FAULT", "")
+def fault_point(stage: str, rank: int = 0) -> None:
+    """Test hook: ``OBSDIFF_FAULT=stage[:signal][@rank]`` kills this process here (default SIGKILL: no clean-up at
+    all); with ``@rank``, only that rank of a distributed run."""
+    spec, _, only_rank = os.environ.get("OBSDIFF_FAULT", "").partition("@")
     name, _, sig = spec.partition(":")
-    if name == stage:
-        log.error("fault injection: %s at %s", sig or "SIGKILL", stage)
+    if name == stage and (not only_rank or int(only_rank) == rank):
+        log.error("fault injection: %s at %s (rank %d)", sig or "SIGKILL", stage, rank)
         os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))

@@ -110,14 +110,3 @@ def shutdown(world: World) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def fault_point(world: World, packages_done: int) -> None:
-    """Fault injection for tests: OBSDIFF_FAULT_EXIT="RANK:PACKAGES" kills that rank after that many packages."""
-    spec = os.environ.get("OBSDIFF_FAULT_EXIT")
-    if not spec:
-        return
-    rank, packages = (int(x) for x in spec.split(":"))
-    if world.rank == rank and packages_done >= packages:
-        log.error("fault injection: rank %d exits after %d package(s)", rank, packages_done)
-        os._exit(17)

@@ -70,10 +70,13 @@ def read_pruning_record(path: Path) -> dict | None:
     return json.loads(record.read_text()) if record.is_file() else None
 
 
-def load_pipeline(path: Path | str):
-    """Load a local diffusers pipeline folder (dense, pruned, or structurally shrunk)."""
+def load_pipeline(path: Path | str, model_index: dict | None = None):
+    """Load a local diffusers pipeline folder (dense, pruned, or structurally shrunk).
+
+    ``model_index``: what ``check_model_folder`` returned for it, when the caller checked it already.
+    """
     path = Path(path)
-    model_index = check_model_folder(path)
+    model_index = model_index if model_index is not None else check_model_folder(path)
     # Components saved as [null, null] (SD3 without T5, no safety checker) must be passed as None.
     absent = {k: None for k, v in model_index.items() if isinstance(v, list) and v == [None, None]}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

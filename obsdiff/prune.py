@@ -8,6 +8,7 @@ progress is saved next to the output, so ``resume`` restarts at the first unfini
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +30,6 @@ from obsdiff.atomic import check_disjoint, fault_point, fsync_file, replace_dir,
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
 from obsdiff.config import DENOISER, Method, PruneConfig
 from obsdiff.distributed import World, all_reduce_hessians, barrier, broadcast_layer, device_for, init_world
-from obsdiff.distributed import fault_point as rank_fault_point
 from obsdiff.errors import ObsdiffError, UsageError
 from obsdiff.hessian import StepContext, timestep_weights
 from obsdiff.layers import column_permutation, reduction_size, set_weight_matrix, weight_matrix
@@ -365,7 +365,7 @@ class Pruner:
         check_blocks_spec(config.blocks)
         self.model_dir, self.out_dir, self.config = Path(model_dir), Path(out_dir), config
         self.resume, self.overwrite, self.stop_after = resume, overwrite, stop_after_packages
-        check_model_folder(self.model_dir)
+        self.model_index = check_model_folder(self.model_dir)  # before any work: bad input fails first
         check_disjoint(self.out_dir, {"model": self.model_dir, "prompt file": config.prompts_file})
         if self.out_dir.exists() and not overwrite:
             raise UsageError(f"{self.out_dir} already exists (pass --overwrite to replace it)")
@@ -381,10 +381,15 @@ class Pruner:
         self._replay: dict[str, tuple] = {}  # one captured denoiser call per component, for FLOP counts
         self.costs_before: dict[str, dict] = {}
 
+    @functools.cached_property
+    def prompts(self) -> list[str]:
+        """The calibration prompts, read once (none for a method that needs no calibration)."""
+        return read_prompts(self.config, self.model_dir) if self.config.needs_calibration else []
+
     def run(self) -> dict:
         config = self.config
         started = time.time()
-        prompts = read_prompts(config, self.model_dir) if config.needs_calibration else []
+        prompts = self.prompts
         prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
         world = self.world
         if prompts and -(-len(prompts) // config.batch_size) < world.size:
@@ -433,8 +438,7 @@ class Pruner:
                     if world.is_main:
                         _save_checkpoint(partial, progress, name, components[name])
                     ran += 1
-                    fault_point("after-package")
-                    rank_fault_point(world, ran)
+                    fault_point("after-package", world.rank)
         except (KeyboardInterrupt, SystemExit) as exc:
             log.warning("interrupted (%s); rerun with --resume to continue from %s", type(exc).__name__, partial)
             raise
@@ -458,7 +462,7 @@ class Pruner:
     def _prepare(self) -> dict:
         """Load the pipeline and plan every component's packages, sized to the memory budget; nothing calibrates."""
         config = self.config
-        self.pipe = load_pipeline(self.model_dir).to(self.device)
+        self.pipe = load_pipeline(self.model_dir, self.model_index).to(self.device)
         components = pipeline_components(self.pipe)
         config = self.config = replace(config, components=resolve_components(config.components, components))
         unknown = [c for c in config.components if c not in components]
@@ -495,8 +499,7 @@ class Pruner:
         dtype_bytes = 8 if config.hessian_dtype == "float64" else 4
         summary: dict = {"budget_gib": budget / GIB, "budget_from": "--max-memory" if config.max_memory_gib
                          else "available memory", "base_rss_gib": base / GIB, "activation_gib": activations / GIB,
-                         "calibration_passes_per_package": -(-len(read_prompts(config, self.model_dir)) //
-                                                              config.batch_size) * config.steps
+                         "calibration_passes_per_package": -(-len(self.prompts) // config.batch_size) * config.steps
                          if config.needs_calibration else 0, "components": {}}
         worst = 0
         for name, (adapter, packages, skipped) in plans.items():
@@ -534,7 +537,7 @@ class Pruner:
             handle = module.register_forward_pre_hook(
                 lambda mod, args, kwargs: captured.append((args, kwargs)) if not captured else None, with_kwargs=True)
             extra = {k: v for k, v in (("height", self.config.height), ("width", self.config.width)) if v}
-            prompt = read_prompt_lines(self.config.prompts_file or default_prompts_file(self.model_dir))[:1] or [""]
+            prompt = self.prompts[:1] or [""]
             try:
                 with torch.no_grad():
                     self.pipe(prompt[0], num_inference_steps=1, output_type="latent", guidance_scale=self.config.guidance,

@@ -43,8 +43,8 @@ def test_a_dying_rank_leaves_no_output_and_resume_continues(default_model, tmp_p
     reference = tmp_path / "ref"
     assert _run(1, default_model, reference).returncode == 0
     out = tmp_path / "out"
-    proc = _run(2, default_model, out, env={"OBSDIFF_FAULT_EXIT": "1:1"})  # rank 1 dies after package 1
-    assert proc.returncode != 0 and "exitcode: 17" in proc.stderr
+    proc = _run(2, default_model, out, env={"OBSDIFF_FAULT": "after-package@1"})  # rank 1 is killed after package 1
+    assert proc.returncode != 0 and "exitcode: -9" in proc.stderr
     assert not out.exists()
     assert (tmp_path / ".out.obsdiff-partial" / "progress.json").is_file()
     proc = _run(2, default_model, out, "--resume")
