@@ -109,7 +109,7 @@ def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> d
     small = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--height", "256", "--width", "256"]
     size = ["--height", str(height), "--width", str(height), "--gate-prompts", "1", "--gate-steps", "2"]
     pruned = work / "pruned"
-    one_package = ["--pattern", "2:4", "--max-memory", "12", *small, "--blocks", package]
+    one_package = ["--pattern", "2:4", "--max-memory", "12", "--packages", "1", *small, "--blocks", package]
     return {
         "info": [*obsdiff, "info", str(model)],
         "plan": [*obsdiff, "prune", str(model), "--out", str(work / "plan"), "--pattern", "2:4", "--plan",

@@ -410,15 +410,15 @@ class OnnxBundleBuilder(BundleBuilder):
     def report_sections(self, results: dict) -> list[str]:
         """Components vs PyTorch and the end-to-end comparison."""
         lines = ["", "## Components vs PyTorch (sample inputs)", "",
-                 "| component | output | cosine | rel. L2 | max abs | median ms | p90 ms | pruned zeros (torch → export) |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "| component | output | cosine | rel. L2 | max abs | median ms | p90 ms | runs | pruned zeros (torch → export) |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for name, comp in results["components"].items():
             sp = comp["sparsity"]
             zeros = (f"{sp['zero_fraction_torch']:.4f} → {sp['zero_fraction_onnx']:.4f}" if sp.get("pruned_layers") else "dense")
             for out, c in comp["outputs"].items():
                 lat = comp["latency"]
                 lines.append(f"| {name} | {out} | {c['cosine']:.7f} | {c['relative_l2']:.2e} | {c['max_abs']:.2e} | "
-                             f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {zeros} |")
+                             f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {lat['runs']} | {zeros} |")
         e2e = results["end_to_end"]
         lines += ["", "## End to end", "",
                   f"{len(e2e['prompts'])} prompts, {e2e['steps']} steps, guidance {e2e['guidance']}, seed {e2e['seed']}, "
@@ -426,9 +426,10 @@ class OnnxBundleBuilder(BundleBuilder):
                   f"- exported vs pruned PyTorch: **{e2e['psnr_db']:.2f} dB** PSNR"]
         if e2e.get("psnr_dense_vs_pruned_db") is not None:
             lines.append(f"- pruned vs dense PyTorch: {e2e['psnr_dense_vs_pruned_db']:.2f} dB PSNR (what pruning changed)")
-        lines += ["", "| pipeline (1 prompt) | median ms | p90 ms |", "|---|---|---|",
-                  f"| exported | {e2e['latency_onnx']['median_ms']:.1f} | {e2e['latency_onnx']['p90_ms']:.1f} |",
-                  f"| PyTorch | {e2e['latency_pytorch']['median_ms']:.1f} | {e2e['latency_pytorch']['p90_ms']:.1f} |",
+        onnx_ms, torch_ms = e2e["latency_onnx"], e2e["latency_pytorch"]
+        lines += ["", "| pipeline (1 prompt) | median ms | p90 ms | runs |", "|---|---|---|---|",
+                  f"| exported | {onnx_ms['median_ms']:.1f} | {onnx_ms['p90_ms']:.1f} | {onnx_ms['runs']} |",
+                  f"| PyTorch | {torch_ms['median_ms']:.1f} | {torch_ms['p90_ms']:.1f} | {torch_ms['runs']} |",
                   "", "![dense PyTorch, pruned PyTorch, exported](images.png)"]
         return lines
 
