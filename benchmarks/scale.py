@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.stages.split(","):
         row = measure(table[name], args.work / f"{name}.log")
         results.setdefault(key, {})[name] = {**row, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                                             "date": time.strftime("%Y-%m-%d")}
+                                             "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
+                                             "largest_component_gib": _largest_component_gib(args.model)}
         print(f"[scale] {key} {name}: exit {row['exit']}, {row['wall_s']:.0f} s, peak RSS {row['peak_rss_gb']:.2f} GiB",
               flush=True)
         args.out.write_text(json.dumps(results, indent=2))
@@ -169,15 +170,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    return proc.stdout.strip() or "-"
+
+
+def _largest_component_gib(model: Path) -> float:
+    """The fp32 size of the model's largest component (its safetensors), what export memory is measured against."""
+    sizes = [sum(f.stat().st_size for f in folder.glob("*.safetensors")) for folder in model.iterdir() if folder.is_dir()]
+    return max(sizes, default=0) / 1024**3
+
+
 def write_markdown(results: dict, path: Path) -> None:
     lines = ["# Real-size stages (random weights)", "", "Written by `python -m benchmarks.scale run MODEL` "
              "(build MODEL with `python -m benchmarks.scale build sd15|sdxl MODEL`). Peak RSS is the stage's own "
-             "process (`wait4`, GiB).", "", "| model | stage | exit | wall s | peak RSS GiB | command |",
-             "|---|---|---|---|---|---|"]
+             "process (`wait4`, GiB); ×largest is that peak over the fp32 size of the model's largest component "
+             "(export's budget is 3×). One stage at a time on the machine named in scale.json.", "",
+             "| model | stage | exit | wall s | peak RSS GiB | ×largest | commit | command |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = list(stages(Path("M"), Path("W"), "", 0, ""))
     for model, rows in results.items():
-        for name, row in rows.items():
-            lines.append(f"| {model} | {name} | {row['exit']} | {row['wall_s']:.0f} | {row['peak_rss_gb']:.2f} | "
-                         f"`{row['command']}` |")
+        for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
+            row = rows[name]
+            largest = row.get("largest_component_gib")
+            ratio = f"{row['peak_rss_gb'] / largest:.2f}" if largest else "-"
+            command = row["command"].replace(row["command"].split(" -m ")[0], "python", 1)
+            lines.append(f"| {model} | {name} | {row['exit']} | {row['wall_s']:.0f} | {row['peak_rss_gb']:.2f} | {ratio} | "
+                         f"{row.get('commit', '-')} | `{command}` |")
     path.write_text("\n".join(lines) + "\n")
 
 
