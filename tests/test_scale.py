@@ -137,3 +137,51 @@ def test_export_at_a_chosen_size_with_a_short_gate(tiny, tmp_path):
     assert len(e2e["prompts"]) == 2 and e2e["steps"] == 3 and (e2e["height"], e2e["width"]) == (24, 32)
     sample = manifest["components"]["unet"]["inputs"][0]
     assert sample["shape"][2:] == [12, 16]
+
+
+def test_the_onnx_builder_lets_pytorch_go_before_its_runtime_checks(tiny, tmp_path, monkeypatch):
+    """Phase 3 (fp16, ONNX Runtime) runs without the PyTorch pipeline: at SD size both do not fit in 3× the UNet."""
+    import gc
+    import weakref
+    from dataclasses import replace
+
+    from obsdiff.exporters.builder import TorchPipelines
+    from obsdiff.exporters.components import SizeRule
+    from obsdiff.exporters.onnx import OnnxBundleBuilder
+    from obsdiff.exporters.profiles import Precision, load_profile
+
+    model = tiny("sd")
+    profile = load_profile("cpu")
+    profile = replace(profile, shapes=SizeRule.from_folder(model).resolve(replace(profile.shapes, gate_prompts=1, steps=2)))
+    pipe = load_pipeline(model)
+    alive = weakref.ref(pipe.unet)
+    models = TorchPipelines(pipe)
+    del pipe
+    seen_alive_in_runtime_phase = []
+    import obsdiff.exporters.onnx as onnx_module
+
+    real_convert = onnx_module.convert_precision
+
+    def convert_and_look(paths, precision):  # the real conversion, after a look: PyTorch must be gone here
+        gc.collect()
+        seen_alive_in_runtime_phase.append(alive() is not None)
+        real_convert(paths, precision)
+
+    monkeypatch.setattr(onnx_module, "convert_precision", convert_and_look)
+    results = OnnxBundleBuilder(profile, Precision.FP16, ["a digit"]).build(models, tmp_path)
+    assert seen_alive_in_runtime_phase == [False]
+    assert all(g["passed"] for g in results["gates"]), results["gates"]
+    with pytest.raises(RuntimeError, match="released"):
+        _ = models.pipe
+
+
+def test_latency_runs_stop_at_the_time_budget():
+    import time
+
+    from obsdiff.exporters.device.validate_on_device import timings
+
+    calls = []
+    slow = timings(lambda: (calls.append(1), time.sleep(0.05)), warmup=3, runs=50, budget_s=0.3)
+    assert 3 <= slow["runs"] < 50 and len(calls) < 53
+    fast = timings(lambda: None, warmup=3, runs=20, budget_s=60)
+    assert fast["runs"] == 20
