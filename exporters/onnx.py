@@ -203,10 +203,6 @@ class OnnxWeights(Mapping[str, np.ndarray]):
         return int(np.prod(self._protos[name].dims))
 
 
-def onnx_initializers(path: Path) -> OnnxWeights:
-    return OnnxWeights(path)
-
-
 def match_weights(initializers: OnnxWeights, probes: dict[str, WeightProbe]) -> dict[str, str | None]:
     """Find each pruned PyTorch weight among the ONNX initializers (as is, or transposed for MatMul).
 

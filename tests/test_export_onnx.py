@@ -12,7 +12,7 @@ from obsdiff.errors import BundleError, UsageError
 from obsdiff.exporters.artifacts import WeightProbe
 from obsdiff.exporters.bundle import ShapeOverrides, export_bundle, validate_bundle_on_disk
 from obsdiff.exporters.components import pipeline_dims, specs_for
-from obsdiff.exporters.onnx import export_onnx, match_weights, onnx_initializers
+from obsdiff.exporters.onnx import OnnxWeights, export_onnx, match_weights
 from obsdiff.exporters.profiles import Precision, Shapes, load_profile
 from obsdiff.model_io import load_pipeline
 from obsdiff.prune import PruneConfig, prune
@@ -38,7 +38,7 @@ def test_cpu_bundle_passes_gates_and_keeps_zeros(cpu_bundle):
 
 def test_zero_fraction_in_onnx_equals_pytorch(cpu_bundle, pruned_24):
     pipe = load_pipeline(pruned_24)
-    inits = onnx_initializers(cpu_bundle / "unet" / "model.onnx")
+    inits = OnnxWeights(cpu_bundle / "unet" / "model.onnx")
     weights = {n: m.weight for n, m in pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     found = match_weights(inits, {n: WeightProbe.of(w) for n, w in weights.items()})
     for name, init_name in found.items():
@@ -115,7 +115,7 @@ def test_fp16_export_keeps_fidelity_and_zeros(pruned_24, tmp_path):
     assert manifest["precision"] == "fp16"
     assert gates["image PSNR dB"]["limit"] == 30 and gates["image PSNR dB"]["value"] >= 30
     assert manifest["validation"]["components"]["unet"]["sparsity"]["zeros_preserved"]
-    inits = onnx_initializers(tmp_path / "fp16" / "unet" / "model.onnx")
+    inits = OnnxWeights(tmp_path / "fp16" / "unet" / "model.onnx")
     assert any(v.dtype == np.float16 for v in inits.values())
 
 

@@ -153,7 +153,7 @@ def test_shrunk_transformer_families_export(family, tiny, tmp_path):
     """A shrunk SDXL UNet or SD3 transformer passes the cpu gates, and its graph is smaller by what was removed."""
     from obsdiff.exporters.bundle import export_bundle
     from obsdiff.exporters.components import pipeline_dims, specs_for
-    from obsdiff.exporters.onnx import export_onnx, onnx_initializers
+    from obsdiff.exporters.onnx import OnnxWeights, export_onnx
     from obsdiff.exporters.profiles import Shapes
 
     prune(tiny(family), tmp_path / "model", PruneConfig(sparsity=Structured(0.3, 0.3), num_prompts=2, steps=2,
@@ -163,7 +163,7 @@ def test_shrunk_transformer_families_export(family, tiny, tmp_path):
     dense = load_pipeline(tiny(family))
     export_onnx(dense, tmp_path / "dense", specs_for(dense), pipeline_dims(dense, Shapes()), exporter="optimum")
     name = DENOISER[family]
-    graph_size = lambda folder: sum(a.size for a in onnx_initializers(folder / name / "model.onnx").values())  # noqa: E731
+    graph_size = lambda folder: sum(a.size for a in OnnxWeights(folder / name / "model.onnx").values())  # noqa: E731
     removed = sum(p.numel() for p in getattr(dense, name).parameters()) - sum(
         p.numel() for p in getattr(load_pipeline(tmp_path / "model"), name).parameters())
     assert removed > 0.05 * sum(p.numel() for p in getattr(dense, name).parameters())
