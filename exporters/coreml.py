@@ -231,6 +231,8 @@ class CoreMLBundleBuilder(BundleBuilder):
         return revalidate_coreml(bundle, manifest)
 
     def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
+        import coremltools as ct
+
         profile, pipe = self.profile, models.pipe
         dims = pipeline_dims(pipe, profile.shapes)
         wanted = profile.backend.get("components", [TEXT_ENCODER, DENOISER, VAE_DECODER])
@@ -250,10 +252,13 @@ class CoreMLBundleBuilder(BundleBuilder):
                 model = convert_component(pipe, spec, dims, self.deployment_target, self.precision)
                 dense_path = Path(tmp) / f"{spec.name}.mlpackage"
                 model.save(str(dense_path))
+                del model  # it keeps its MIL program, every constant included; the pruner reloads them from disk
                 final = resources / f"{package_name(pipe, spec)}.mlpackage"
                 sparsity = _zero_fraction(weights)
                 if weights:
-                    sparsify(model, min_sparsity=min(0.3, 0.9 * sparsity), compress=self.compress).save(str(final))
+                    dense = ct.models.MLModel(str(dense_path), skip_model_load=True)
+                    sparsify(dense, min_sparsity=min(0.3, 0.9 * sparsity), compress=self.compress).save(str(final))
+                    del dense
                 else:
                     shutil.copytree(dense_path, final)
                 rel = str(final.relative_to(staging))
