@@ -226,22 +226,30 @@ def match_weights(initializers: OnnxWeights, probes: dict[str, WeightProbe]) -> 
 # ---- ONNX Runtime ----------------------------------------------------------------------------------
 
 
-def host_session_options():
-    """Options for the host's checking sessions: no CPU memory arena, which at SD size holds gigabytes of activation
-    memory after a run and grows in doubling steps; allocations go to the system and back instead."""
+def host_session_options(precision: Precision = Precision.FP32):
+    """Options for the host's checking sessions.
+
+    No CPU memory arena: at SD size it holds gigabytes of activation memory after a run and grows in doubling steps.
+    fp16 graphs run without graph optimizations: x86 ONNX Runtime has no fp16 kernels for most ops, so it casts to
+    fp32, and its constant folding would then keep an fp32 copy of every weight beside the fp16 one (for SDXL's UNet,
+    9.6 GiB more); unfolded, each cast lives only while its op runs.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = False
+    if precision is Precision.FP16:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return opts
 
 
-def ort_session(path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+def ort_session(path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                precision: Precision = Precision.FP32):
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), host_session_options(), providers=list(providers))
+        return ort.InferenceSession(str(path), host_session_options(precision), providers=list(providers))
     except Exception as exc:
         raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
 
@@ -327,7 +335,7 @@ class OnnxBundleBuilder(BundleBuilder):
             log.info("%s: ONNX Runtime vs PyTorch on the sample inputs", spec.name)
             inputs, ref_out = side.references[spec.name]
             model_file = component_model_file(staging, spec, profile)
-            session = ort_session(model_file, profile.providers)
+            session = ort_session(model_file, profile.providers, self.precision)
             got = run_session(session, inputs)
             save_reference(staging / REFERENCE_DIR, spec.name, inputs, ref_out, got)
             comp = {"file": str(model_file.relative_to(staging)), "outputs": compare_outputs(ref_out, got),
@@ -382,7 +390,7 @@ class OnnxBundleBuilder(BundleBuilder):
         shapes = self.profile.shapes
         log.info("end to end through ONNX Runtime: %d prompts × %d steps", len(self.prompts), shapes.steps)
         ort_pipe = ORTDiffusionPipeline.from_pretrained(staging, provider=self.profile.providers[0],
-                                                        session_options=host_session_options())
+                                                        session_options=host_session_options(self.precision))
         ort_pipe.set_progress_bar_config(disable=True)
         onnx_images = self._images(ort_pipe, side.latents, side.prompts_per_call)
         torch_images = side.images["pruned PyTorch"]
@@ -449,7 +457,7 @@ def revalidate_onnx(bundle: Path, manifest: dict) -> dict:
     results = {}
     for name, comp in manifest["components"].items():
         inputs, reference = load_reference(bundle / REFERENCE_DIR, name)
-        got = run_session(ort_session(bundle / comp["file"]), inputs)
+        got = run_session(ort_session(bundle / comp["file"], precision=Precision(manifest["precision"])), inputs)
         results[name] = compare_outputs(reference, got)
         worst = min(c["cosine"] for c in results[name].values())
         log.info("%s: cosine %.7f (gate %.4g)", name, worst, min_cos)

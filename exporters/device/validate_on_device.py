@@ -52,7 +52,7 @@ def psnr(ref: np.ndarray, got: np.ndarray, peak: float | None = None) -> float:
     ref, got = ref.astype(np.float64), got.astype(np.float64)
     peak = peak if peak is not None else (float(ref.max() - ref.min()) or 1.0)
     mse = float(((ref - got) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+    return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
 
 
 class OrtRunner:
