@@ -13,7 +13,7 @@ HEIGHT   ?=
 WIDTH    ?=
 EXTRA    ?=
 
-.PHONY: setup test lint export default-model bench bench-quick clean
+.PHONY: setup test lint export default-model bench bench-quick bench-structured clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ bench-quick: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# Structured pruning under FLOP budgets, with Torch-Pruning (an optional dependency) as the peer.
+bench-structured: setup
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[bench]"
+	$(BIN)/python -m benchmarks.structured_budget
+	$(BIN)/python -m benchmarks.structured_latency --flops 0.6 --runs 20
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from obsdiff.api import __version__, check_image_size, check_model_folder, load_pipeline, read_pruning_record
-from obsdiff.atomic import check_disjoint, fault_point, replace_dir, staging_path
+from obsdiff.atomic import check_disjoint, discard_staging, fault_point, replace_dir, staging_path
 from obsdiff.errors import BundleError, GateError, UsageError
 from obsdiff.exporters.artifacts import record_sparsity, sha256
 from obsdiff.exporters.builder import TorchPipelines
@@ -161,7 +161,7 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
             Path(f"{zip_staging}.zip").replace(out.with_name(out.name + ".zip"))
             log.info("wrote %s.zip", out)
     except BaseException:
-        staging_path(out)  # removes the staging folder
+        discard_staging(out)
         Path(f"{zip_staging}.zip").unlink(missing_ok=True)
         raise
     for g in results["gates"]:

@@ -30,9 +30,11 @@ from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
 from obsdiff.exporters.components import ComponentSpec, pipeline_dims, specs_for
 from obsdiff.exporters.profiles import Precision, TargetProfile
 from obsdiff.exporters.validate import (
+    TIMING_BUDGET_S,
     compare_outputs,
     gate,
     initial_latents,
+    interleaved_ms,
     psnr,
     reference_io,
     run_pipeline_images,
@@ -326,9 +328,51 @@ class OnnxBundleBuilder(BundleBuilder):
         t0 = time.time()
         log.info("exporting %d components to ONNX (%s exporter)", len(side.specs), profile.exporter)
         paths = export_onnx(models.pipe, staging, side.specs, side.dims, exporter=profile.exporter)
-        models.release()  # from here on only the exported files are in memory
-        convert_precision(paths, self.precision)
-        results: dict = {"export_s": time.time() - t0, "components": {}, "gates": []}
+        with contextlib.ExitStack() as cleanup:
+            dense_graph = None
+            if models.dense is not None and record is not None and record.get("structured"):
+                folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(dir=staging.parent,
+                                                                                prefix=".obsdiff-dense-")))
+                dense_graph = self._export_dense_denoiser(models.dense, folder, side)
+            models.release()  # from here on only the exported files are in memory
+            convert_precision({**paths, **({"dense " + dense_graph[0]: dense_graph[1]} if dense_graph else {})},
+                              self.precision)
+            export_s = time.time() - t0
+            results = self._runtime_checks(side, staging)
+            if dense_graph is not None:
+                results["against_dense"] = self._against_dense(dense_graph, staging, record)
+        results["export_s"] = export_s
+        return results, side
+
+    def _export_dense_denoiser(self, dense_pipe, folder: Path, side: TorchSide) -> tuple[str, Path]:
+        """The dense model's denoiser, exported like the bundle's, for the latency comparison (not shipped)."""
+        spec = next(s for s in side.specs if s.source in ("unet", "transformer"))
+        log.info("exporting the dense %s for the latency comparison", spec.name)
+        return spec.name, export_onnx(dense_pipe, folder, (spec,), side.dims, exporter=self.profile.exporter)[spec.name]
+
+    def _against_dense(self, dense_graph: tuple[str, Path], staging: Path, record: dict) -> dict:
+        """Dense and pruned denoiser timed alternately on the same inputs; FLOPs from the prune record."""
+        name, dense_path = dense_graph
+        inputs, _ = load_reference(staging / REFERENCE_DIR, name)
+        sessions = {"dense": ort_session(dense_path, self.profile.providers, self.precision),
+                    "pruned": ort_session(staging / name / "model.onnx", self.profile.providers, self.precision)}
+        calls = {k: (lambda s=s: run_session(s, inputs)) for k, s in sessions.items()}
+        t0 = time.perf_counter()
+        for call in calls.values():
+            call()
+        runs = max(5, min(30, int(TIMING_BUDGET_S / max(time.perf_counter() - t0, 1e-6))))
+        log.info("%s: dense and pruned timed alternately, %d runs each", name, runs)
+        timed = interleaved_ms(calls, runs)
+        component = next((c for c in record.get("components", {}).values() if "flops_before" in c), {})
+        flops = component["flops_after"] / component["flops_before"] if component.get("flops_before") else None
+        return {"component": name, "runs": runs, **timed,
+                "latency_ratio": timed["median_ms"]["pruned"] / timed["median_ms"]["dense"], "flops_ratio": flops,
+                "params_ratio": component["params_after"] / component["params_before"] if flops else None}
+
+    def _runtime_checks(self, side: TorchSide, staging: Path) -> dict:
+        """Every component through ONNX Runtime against PyTorch's outputs, then the end-to-end gate."""
+        profile = self.profile
+        results: dict = {"components": {}, "gates": []}
         if profile.ort_format:
             convert_to_ort(staging)
         for spec in side.specs:
@@ -358,7 +402,7 @@ class OnnxBundleBuilder(BundleBuilder):
         if budget:
             results["gates"].append(gate("pipeline median latency ms", results["end_to_end"]["latency_onnx"]["median_ms"],
                                           "<=", budget))
-        return results, side
+        return results
 
     def torch_side(self, pipe, dense_pipe, record: dict | None) -> TorchSide:
         shapes = self.profile.shapes
@@ -423,6 +467,17 @@ class OnnxBundleBuilder(BundleBuilder):
                 lat = comp["latency"]
                 lines.append(f"| {name} | {out} | {c['cosine']:.7f} | {c['relative_l2']:.2e} | {c['max_abs']:.2e} | "
                              f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {lat['runs']} | {zeros} |")
+        dense = results.get("against_dense")
+        if dense:
+            ms = dense["median_ms"]
+            lines += ["", "## Against the dense export", "",
+                      f"{dense['component']}, dense and pruned graphs timed alternately ({dense['runs']} runs each, "
+                      "ONNX Runtime, the profile's providers):", "",
+                      "| | dense | pruned | pruned / dense |", "|---|---|---|---|",
+                      f"| median ms | {ms['dense']:.2f} | {ms['pruned']:.2f} | **{dense['latency_ratio']:.3f}** |"]
+            if dense.get("flops_ratio") is not None:
+                lines += [f"| FLOPs per call | | | {dense['flops_ratio']:.3f} |",
+                          f"| parameters | | | {dense['params_ratio']:.3f} |"]
         e2e = results["end_to_end"]
         lines += ["", "## End to end", "",
                   f"{len(e2e['prompts'])} prompts, {e2e['steps']} steps, guidance {e2e['guidance']}, seed {e2e['seed']}, "

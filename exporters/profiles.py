@@ -169,10 +169,15 @@ def _table(data: dict, key: str, cls, converters: dict | None = None):
     return obj
 
 
+BUDGET_KEYS = ("flops", "params", "allocation")
+
+
 def _prune_sparsity(raw: dict) -> dict:
-    """``pattern`` and ``sparsity`` of ``[prune]`` parsed once into the typed spec."""
+    """``pattern``, ``sparsity`` and a structured budget (``flops``/``params``, ``allocation``) of ``[prune]``, parsed
+    once into the typed spec."""
     try:
-        return {"sparsity": parse_sparsity(raw.get("pattern", "unstructured"), raw.get("sparsity"))}
+        return {"sparsity": parse_sparsity(raw.get("pattern", "unstructured"), raw.get("sparsity"),
+                                           **{k: raw.get(k) for k in BUDGET_KEYS})}
     except UsageError as exc:
         raise ValueError(str(exc)) from None
 
@@ -210,7 +215,8 @@ def load_profile(name_or_path: str | Path) -> TargetProfile:
             providers=tuple(data.get("providers", ["CPUExecutionProvider"])),
             shapes=_table(data, "shapes", Shapes), gates=_table(data, "gates", Gates),
             prune=_table(data, "prune", PruneDefaults, {"pattern": _prune_sparsity, "sparsity": lambda raw: {},
-                                                        "accepts": _accepts}),
+                                                        "accepts": _accepts,
+                                                        **{k: (lambda raw: {}) for k in BUDGET_KEYS}}),
             ort_format=data.get("ort_format", False), session_options=data.get("session_options", {}),
             backend=data.get(data["format"], {}), path=path,
         )

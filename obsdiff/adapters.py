@@ -73,9 +73,12 @@ class StructuredLayout:
     add_q/k/v for joint attention) lose rows; ``to_out.0`` (and ``to_add_out``) lose columns.
     ``ffns``: pairs (up, down) regexes: the up projection loses rows (both halves when gated),
     the down projection columns.
+    ``resnets``: regex over block names: blocks that are ResnetBlock2Ds lose conv1/norm2/conv2 channels in whole
+    GroupNorm groups.
     """
 
     attentions: str = r"(.*\.)?attn\d?"
+    resnets: str | None = None
     ffns: tuple[tuple[str, str, bool], ...] = field(default_factory=tuple)  # (up, down, gated)
     skip_attr: str | None = None  # a block whose attribute of this name is true is left whole ...
     skip_reason: str = ""  # ... for this reason
@@ -95,6 +98,7 @@ UNET = Adapter(
     structured=StructuredLayout(
         attentions=r"transformer_blocks\.\d+\.attn[12]",
         ffns=((r"transformer_blocks\.\d+\.ff\.net\.0\.proj", r"transformer_blocks\.\d+\.ff\.net\.2", True),),
+        resnets=r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.resnets\.\d+",
     ),
 )
 
@@ -132,6 +136,8 @@ VAE = Adapter(
         r"(encoder|decoder)\.mid_block\.(attentions|resnets)\.\d+",
     ),
     order=("encoder.down_blocks", "encoder.mid_block", "decoder.mid_block", "decoder.up_blocks"),
+    # The decoder's resnets only: text-to-image never runs the encoder, so its shape is not worth a calibration.
+    structured=StructuredLayout(attentions=r"(?!)", resnets=r"decoder\.(up_blocks\.\d+|mid_block)\.resnets\.\d+"),
 )
 
 CLIP_TEXT = Adapter(

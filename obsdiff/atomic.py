@@ -32,6 +32,11 @@ def staging_path(final: Path, suffix: str = STAGING_SUFFIX) -> Path:
     return path
 
 
+def discard_staging(final: Path, suffix: str = STAGING_SUFFIX) -> None:
+    """Remove this run's own hidden work folder beside ``final`` (after publishing, or on failure)."""
+    remove(final.with_name(f".{final.name}{suffix}"))
+
+
 def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

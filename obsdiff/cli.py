@@ -79,7 +79,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from obsdiff.prune import PruneConfig, prune
     from obsdiff.sparsity import parse_sparsity
 
-    spec = parse_sparsity(args.pattern, args.sparsity, head_sparsity=args.head_sparsity, ffn_sparsity=args.ffn_sparsity)
+    spec = parse_sparsity(args.pattern, args.sparsity, head_sparsity=args.head_sparsity, ffn_sparsity=args.ffn_sparsity,
+                          channel_sparsity=args.channel_sparsity, flops=args.flops, params=args.params,
+                          allocation=args.allocation)
     config = PruneConfig(
         method=args.method, sparsity=spec, components=args.components,
         prompts_file=args.prompts, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
@@ -105,10 +107,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     for name, comp in record["components"].items():
         if "units" in comp:
-            log.info("%s: %d/%d heads and %d/%d FFN neurons removed; parameters %d → %d, FLOPs/forward %.3g → %.3g",
-                     name, comp["heads_removed"], comp["heads_total"], comp["ffn_neurons_removed"],
-                     comp["ffn_neurons_total"], comp["params_before"], comp["params_after"], comp["flops_before"],
-                     comp["flops_after"])
+            log.info("%s: %d/%d heads, %d/%d FFN neurons and %d/%d channel groups removed; parameters %d → %d, "
+                     "FLOPs/forward %.3g → %.3g (%.1f%% kept)", name, comp["heads_removed"], comp["heads_total"],
+                     comp["ffn_neurons_removed"], comp["ffn_neurons_total"], comp["channel_groups_removed"],
+                     comp["channel_groups_total"], comp["params_before"], comp["params_after"], comp["flops_before"],
+                     comp["flops_after"], 100 * comp["flops_after"] / max(comp["flops_before"], 1))
         else:
             log.info("%s: %d layers pruned, sparsity %.3f over %d weights, %d skipped", name, comp["pruned_layers"],
                      comp["sparsity_of_pruned_layers"], comp["pruned_weights"], len(comp["skipped"]))
@@ -259,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float64 makes results independent of batching and of the number of processes")
     p.add_argument("--head-sparsity", type=_float_arg, help="structured: fraction of heads removed")
     p.add_argument("--ffn-sparsity", type=_float_arg, help="structured: fraction of FFN neurons removed")
+    p.add_argument("--channel-sparsity", type=_float_arg,
+                   help="structured: fraction of each resnet's GroupNorm channel groups removed")
+    p.add_argument("--flops", type=_float_arg,
+                   help="structured: keep this fraction of the denoiser's per-step FLOPs (e.g. 0.7); units are chosen "
+                        "by --allocation")
+    p.add_argument("--params", type=_float_arg, help="structured: keep this fraction of the denoiser's parameters")
+    p.add_argument("--allocation", choices=["global", "uniform"],
+                   help="structured budget: rank every group of every unit by OBS error per FLOP saved (global, the "
+                        "default), or one fraction for all units (uniform)")
     p.add_argument("--no-compensate", action="store_true", help="structured: remove without OBS update")
     p.set_defaults(func=cmd_prune)
 

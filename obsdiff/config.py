@@ -15,7 +15,7 @@ from pathlib import Path
 
 from obsdiff.errors import UsageError
 from obsdiff.hessian import Weighting
-from obsdiff.sparsity import NM, Dense, SparsitySpec, Structured, Unstructured, to_json
+from obsdiff.sparsity import NM, Allocation, Dense, SparsitySpec, Structured, Unstructured, to_json
 
 DENOISER = "denoiser"  # alias: the pipeline's UNet or transformer
 LATENT_SCALE = 8  # the smallest VAE downscale of the supported families: image sizes are multiples of it
@@ -93,6 +93,8 @@ class PruneConfig:
                 raise UsageError("--pattern structured takes --method obs-diff or l1")
             if self.method is Method.L1 and not self.compensate:
                 raise UsageError("--no-compensate is implied by --method l1")
+            if self.method is Method.L1 and spec.budget is not None and spec.budget.allocation is Allocation.GLOBAL:
+                raise UsageError("--allocation global ranks groups by OBS error; --method l1 takes --allocation uniform")
         else:
             if self.method is Method.L1:
                 raise UsageError("--method l1 is the structured baseline: use it with --pattern structured")

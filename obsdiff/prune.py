@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from obsdiff import __version__
 from obsdiff.adapters import Adapter, Skipped, TargetLayer, adapter_for, find_targets
-from obsdiff.atomic import check_disjoint, fault_point, fsync_file, replace_dir, staging_path, write_bytes_atomic
+from obsdiff.atomic import check_disjoint, discard_staging, fault_point, fsync_file, replace_dir, staging_path, write_bytes_atomic
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
 from obsdiff.config import DENOISER, Method, PruneConfig
 from obsdiff.distributed import World, all_reduce_hessians, barrier, broadcast_layer, device_for, init_world
@@ -45,7 +45,7 @@ from obsdiff.solver import (
     output_energy,
     wanda_prune,
 )
-from obsdiff.sparsity import NM, MaskPattern, Structured
+from obsdiff.sparsity import NM, Allocation, MaskPattern, Measure, Structured
 
 __all__ = ["DENOISER", "Method", "PruneConfig", "Pruner", "prune"]
 
@@ -147,10 +147,12 @@ class Progress:
     done: dict[str, int] = field(default_factory=dict)  # component -> packages finished
     layers: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    allocation: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> unit -> groups to remove
 
     def forget(self, component: str) -> None:
         """Start ``component`` over (its checkpoint was unusable)."""
         self.done.pop(component, None)
+        self.allocation.pop(component, None)
         self.layers = [r for r in self.layers if r.get("component") != component
                        and not str(r.get("name", "")).startswith(component + ".")]
 
@@ -215,7 +217,7 @@ def _load_checkpoint(partial: Path, fingerprint: str, components: dict) -> Progr
 def _structured_shapes(records: list[dict], component: str) -> dict:
     from obsdiff.structured import shapes_from_records
 
-    recs = [r for r in records if r.get("component") == component and r.get("kind") in ("heads", "ffn")]
+    recs = [r for r in records if r.get("component") == component and r.get("kind") in ("heads", "ffn", "channels")]
     return shapes_from_records(recs) if recs else {}
 
 
@@ -245,6 +247,12 @@ class MaskStrategy:
 
     def hooked_layers(self, package: list[TargetLayer]) -> dict:
         return {t.name: t.module for t in package}
+
+    def before_packages(self, pruner: Pruner, plans: dict, settings: CalibrationSettings, progress: Progress) -> None:
+        """Nothing to decide across packages: every layer has its own sparsity."""
+
+    def take_hooks(self, component: str, index: int) -> PackageHooks | None:
+        return None
 
     def solve(self, pruner: Pruner, component: str, package: list[TargetLayer], index: int,
               hooks: PackageHooks | None, progress: Progress) -> None:
@@ -299,47 +307,113 @@ class MaskStrategy:
 
 
 class StructuredStrategy:
-    """Heads and FFN neurons: scored, compensated and physically removed; shapes recorded for the loader."""
+    """Heads, FFN neurons and resnet channel groups: scored, compensated and physically removed; shapes recorded.
+
+    With a budget (``--flops``/``--params``) the per-unit counts are allocated once, on the dense model, before the
+    first package (``before_packages``); they are saved with the progress, so a resumed prune keeps them.
+    """
 
     def __init__(self, config: PruneConfig, spec: Structured) -> None:
         self.config, self.spec = config, spec
+        self._ready_hooks: dict[tuple[str, int], PackageHooks] = {}
+        self.counts: dict[str, dict[str, int]] = {}
 
     def plan(self, name: str, module, adapter: Adapter) -> tuple[list[list], list[Skipped]]:
-        from obsdiff.structured import find_units
+        from obsdiff.structured import find_units, fraction_count
 
+        if self.spec.budget is not None and not adapter.denoiser:
+            raise UsageError(f"--{self.spec.budget.measure} budgets the denoiser; prune {name} with --head-sparsity, "
+                             "--ffn-sparsity or --channel-sparsity")
         found = find_units(module, adapter)
-        if not found.units:
-            raise UsageError(f"component {name} has no attention heads or FFN neurons to remove")
-        return _split_units(found.units, self.config.packages), [Skipped(b, r) for b, r in found.skipped]
+        units = found.units
+        if self.spec.budget is None:  # a kind whose fraction is 0 is not calibrated at all
+            units = [u for u in units if fraction_count(u, self.spec) > 0]
+        if not units:
+            raise UsageError(f"component {name} has no attention heads, FFN neurons or resnet channels to remove "
+                             f"at these fractions")
+        return _split_units(units, self.config.packages), [Skipped(b, r) for b, r in found.skipped]
 
     def hooked_layers(self, package: list) -> dict:
         return {n: m for unit in package for n, m in unit.down_layers().items()}
 
+    def before_packages(self, pruner: Pruner, plans: dict, settings: CalibrationSettings, progress: Progress) -> None:
+        """Allocate a budget over every unit of the component: from FLOP counts and, for ``global``, OBS scores."""
+        from obsdiff.structured import allocate, check_reachable, count_params, unit_costs, unit_scores
+
+        budget = self.spec.budget
+        if budget is None:
+            return
+        for name, (adapter, packages, _) in plans.items():
+            if name in progress.allocation:  # resumed: the model is no longer dense, keep the saved counts
+                self.counts[name] = progress.allocation[name]
+                continue
+            units = [u for p in packages for u in p]
+            if budget.measure is Measure.FLOPS:
+                total, by_module = pruner.flops_by_module(name)
+            else:
+                total, by_module = count_params(pruner.pipe.components[name]), {}
+            costs = unit_costs(units, budget.measure, by_module)
+            to_save = (1 - budget.keep) * total
+            check_reachable(costs, to_save, budget, total)
+            scores = None
+            if budget.allocation is Allocation.GLOBAL:
+                scores = {}
+                # Last package first, so the dense model's Hessians of package 1 are still held when it is pruned.
+                for index in reversed(range(len(packages))):
+                    hooks = pruner._calibrate(name, adapter, self.hooked_layers(packages[index]), index, settings,
+                                              progress, what="score")
+                    for unit in packages[index]:
+                        scores[unit.key] = unit_scores(unit, {n: hooks.hessian(n).hessian for n in unit.down_layers()},
+                                                       self.config.damp)
+                    if index == 0:
+                        self._ready_hooks[(name, 0)] = hooks
+                    del hooks
+            counts = allocate(costs, to_save, budget, scores, total)
+            saved = sum(counts[c.key] * c.saving for c in costs)
+            log.info("%s: %s budget keeps %.1f%% of %.4g %s; %d of %d groups go (%s)", name, budget.allocation,
+                     100 * (1 - saved / total), total, budget.measure, sum(counts.values()),
+                     sum(c.groups for c in costs), ", ".join(
+                         f"{k} {sum(counts[c.key] for c in costs if c.kind == k)}/{sum(c.groups for c in costs if c.kind == k)}"
+                         for k in dict.fromkeys(c.kind for c in costs)))
+            progress.allocation[name] = self.counts[name] = counts
+
+    def take_hooks(self, component: str, index: int) -> PackageHooks | None:
+        """Hessians already gathered on the unchanged model for this package (by the allocation pass)."""
+        return self._ready_hooks.pop((component, index), None)
+
     def solve(self, pruner: Pruner, component: str, package: list, index: int, hooks: PackageHooks | None,
               progress: Progress) -> None:
-        from obsdiff.structured import AttentionUnit, prune_attention, prune_ffn
+        from obsdiff.structured import prune_unit
 
         module = pruner.pipe.components[component]
+        counts = self.counts.get(component)
         for unit in tqdm(package, desc=f"shrink {component} {index + 1}", leave=False, mininterval=2):
             hessians = {n: hooks.hessian(n).hessian if hooks else None for n in unit.down_layers()}
-            if isinstance(unit, AttentionUnit):
-                record = prune_attention(unit, hessians, self.config)
-            else:
-                record = prune_ffn(unit, next(iter(hessians.values())), self.config, module)
+            n = counts[unit.key] if counts is not None else None
+            record = prune_unit(unit, hessians, self.config, module, n)
             progress.layers.append({**record, "component": component, "package": index})
+            if hooks is not None:
+                for layer in unit.down_layers():
+                    hooks.release(layer)
 
     def summary(self, name: str, adapter: Adapter, packages: list, skipped: list[Skipped], progress: Progress,
                 pruner: Pruner) -> dict:
         recs = [r for r in progress.layers if r.get("component") == name]
         before, after = pruner.costs_before[name], pruner.cost(name)
+
+        def removed(kind: str) -> int:
+            return sum(r["before"] - r["after"] for r in recs if r["kind"] == kind)
+
+        def total(kind: str) -> int:
+            return sum(r["before"] for r in recs if r["kind"] == kind)
+
         return {
-            "adapter": adapter.family, "packages": [[getattr(u, "path", getattr(u, "down_path", "")) for u in p]
-                                                   for p in packages],
+            "adapter": adapter.family, "packages": [[u.key for u in p] for p in packages],
             "units": len(recs),
-            "heads_removed": sum(r["before"] - r["after"] for r in recs if r["kind"] == "heads"),
-            "heads_total": sum(r["before"] for r in recs if r["kind"] == "heads"),
-            "ffn_neurons_removed": sum(r["before"] - r["after"] for r in recs if r["kind"] == "ffn"),
-            "ffn_neurons_total": sum(r["before"] for r in recs if r["kind"] == "ffn"),
+            "budget": str(self.spec.budget) if self.spec.budget else None,
+            "heads_removed": removed("heads"), "heads_total": total("heads"),
+            "ffn_neurons_removed": removed("ffn"), "ffn_neurons_total": total("ffn"),
+            "channel_groups_removed": removed("channels"), "channel_groups_total": total("channels"),
             "params_before": before["params"], "params_after": after["params"],
             "params_removed": before["params"] - after["params"],
             "flops_before": before["flops"], "flops_after": after["flops"],
@@ -402,7 +476,7 @@ class Pruner:
             self.costs_before = {n: self.cost(n) for n in config.components}
 
         partial = _partial_dir(self.out_dir)
-        layout = {name: [[getattr(u, "name", getattr(u, "path", getattr(u, "down_path", ""))) for u in p] for p in packages]
+        layout = {name: [[getattr(u, "name", None) or u.key for u in p] for p in packages]
                   for name, (_, packages, _) in plans.items()}  # package boundaries, which a budget may have moved
         fingerprint = config.fingerprint(prompts_sha + json.dumps(layout))
         progress = Progress(fingerprint)
@@ -422,6 +496,7 @@ class Pruner:
                                        hessian_dtype=getattr(torch, config.hessian_dtype))
         ran = 0
         try:
+            self.strategy.before_packages(self, plans, settings, progress)
             for name, (adapter, packages, _skipped) in plans.items():
                 for p, package in enumerate(packages):
                     if p < progress.done.get(name, 0):
@@ -429,7 +504,8 @@ class Pruner:
                     if self.stop_after is not None and ran >= self.stop_after:
                         raise KeyboardInterrupt("stopped on request")
                     log.info("%s package %d/%d: %d units", name, p + 1, len(packages), len(package))
-                    hooks = self._calibrate(name, adapter, self.strategy.hooked_layers(package), p, settings, progress)
+                    hooks = self.strategy.take_hooks(name, p) or \
+                        self._calibrate(name, adapter, self.strategy.hooked_layers(package), p, settings, progress)
                     t0 = time.time()
                     self.strategy.solve(self, name, package, p, hooks, progress)
                     del hooks
@@ -444,7 +520,7 @@ class Pruner:
             raise
         except ObsdiffError:  # bad input or data: nothing to resume
             if world.is_main:
-                staging_path(self.out_dir, ".obsdiff-partial")
+                discard_staging(self.out_dir, ".obsdiff-partial")
             raise
         except BaseException:
             log.error("prune stopped; finished packages are kept in %s: rerun with --resume", partial)
@@ -455,7 +531,7 @@ class Pruner:
         record = self._record(summaries, progress, prompts, prompts_sha, time.time() - started)
         if world.is_main:
             self._write_output(record)
-            staging_path(self.out_dir, ".obsdiff-partial")
+            discard_staging(self.out_dir, ".obsdiff-partial")
         barrier(world)
         return record
 
@@ -529,9 +605,18 @@ class Pruner:
         summary["expected_peak_gib"] = (base + worst) / GIB
         return summary
 
+    def _called_module(self, name: str) -> tuple[torch.nn.Module, str]:
+        """What one call of component ``name`` runs in generation: the denoiser itself, or the VAE's decoder (whose
+        path prefix inside the component is returned with it)."""
+        component = self.pipe.components[name]
+        if name == "vae":
+            return component.decoder, "decoder."
+        return component, ""
+
     def _denoiser_call(self, name: str) -> tuple[tuple, dict, int]:
-        """The inputs of one real denoiser call at the calibration size (one prompt, one step), and its batch."""
-        module = self.pipe.components[name]
+        """The inputs of one real call of the component (the denoiser, or the VAE decoder) at the calibration size
+        (one prompt, one step), and its batch."""
+        module, _ = self._called_module(name)
         if name not in self._replay:
             captured: list = []
             handle = module.register_forward_pre_hook(
@@ -540,8 +625,8 @@ class Pruner:
             prompt = self.prompts[:1] or [""]
             try:
                 with torch.no_grad():
-                    self.pipe(prompt[0], num_inference_steps=1, output_type="latent", guidance_scale=self.config.guidance,
-                              **extra)
+                    self.pipe(prompt[0], num_inference_steps=1, guidance_scale=self.config.guidance,
+                              output_type="np" if name == "vae" else "latent", **extra)
             finally:
                 handle.remove()
             self._replay[name] = captured[0]
@@ -550,7 +635,7 @@ class Pruner:
         return args, kwargs, int(sample.shape[0])
 
     def _calibrate(self, component: str, adapter: Adapter, layers: dict, index: int,
-                   settings: CalibrationSettings, progress: Progress) -> PackageHooks | None:
+                   settings: CalibrationSettings, progress: Progress, what: str = "calibrate") -> PackageHooks | None:
         """Hook one package's layers, run the pipeline over this rank's prompts, sum Hessians over ranks."""
         config = self.config
         if not config.needs_calibration:
@@ -564,18 +649,24 @@ class Pruner:
         after_batch = _vae_encoder_feed(module) if component == "vae" else None
         with hooks, torch.no_grad():
             run_pipeline(self.pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
-                         desc=f"calibrate {component} {index + 1}")
+                         desc=f"{what} {component} {index + 1}")
         all_reduce_hessians(self.world, hooks.accumulators)
         progress.timings["calibration_s"] = progress.timings.get("calibration_s", 0) + time.time() - t0
         return hooks
 
     def cost(self, name: str) -> dict:
-        """Parameters and per-forward FLOPs of a component, on the inputs of one real pipeline call."""
-        from obsdiff.structured import count_params, forward_flops
+        """Parameters and per-call FLOPs of a component, on the inputs of one real pipeline call."""
+        from obsdiff.structured import count_params
 
-        module = self.pipe.components[name]
+        return {"params": count_params(self.pipe.components[name]), "flops": self.flops_by_module(name)[0]}
+
+    def flops_by_module(self, name: str) -> tuple[int, dict[str, int]]:
+        """FLOPs of one real call of the component, in total and per submodule path (relative to the component)."""
+        from obsdiff.structured import flops_by_module
+
+        module, prefix = self._called_module(name)
         args, kwargs, _ = self._denoiser_call(name)
-        return {"params": count_params(module), "flops": forward_flops(lambda: module(*args, **kwargs))}
+        return flops_by_module(lambda: module(*args, **kwargs), prefix)
 
     def _record(self, summaries: dict, progress: Progress, prompts: list[str], prompts_sha: str, seconds: float) -> dict:
         config = self.config
@@ -603,7 +694,7 @@ class Pruner:
             fault_point("before-publish")
             replace_dir(staging, self.out_dir)
         except BaseException:
-            staging_path(self.out_dir)  # removes it
+            discard_staging(self.out_dir)
             raise
 
 

@@ -1,6 +1,6 @@
 """Physical shrinking of a component, and the loader of shrunk folders.
 
-Structured pruning decides which heads and FFN neurons go (``obsdiff.structured``); this module only slices
+Structured pruning decides which heads, FFN neurons and resnet channel groups go (``obsdiff.structured``); this module only slices
 the layers; ``apply_shapes`` resizes a freshly built component to the shapes recorded in ``pruning.json``
 (keeping the first n), so that ``model_io`` loads a shrunk folder without importing the pruning code.
 """
@@ -53,9 +53,50 @@ def shrink_ffn(root: nn.Module, up_path: str, down_path: str, gated: bool, keep:
     return new_up, new_down
 
 
+def _slice_conv(conv: nn.Conv2d, out: torch.Tensor | None = None, inp: torch.Tensor | None = None) -> nn.Conv2d:
+    w = conv.weight.data
+    b = conv.bias.data if conv.bias is not None else None
+    if out is not None:
+        w, b = w[out], (b[out] if b is not None else None)
+    if inp is not None:
+        w = w[:, inp]
+    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, bias=b is not None, padding_mode=conv.padding_mode, dtype=w.dtype,
+                    device=w.device)
+    new.weight.data.copy_(w)
+    if b is not None:
+        new.bias.data.copy_(b)
+    return new
+
+
+def shrink_resnet(block: nn.Module, keep_groups: list[int]) -> None:
+    """Keep GroupNorm groups ``keep_groups`` of a ResnetBlock2D's inner channels: conv1 (out), norm2, time_emb_proj
+    (out; both halves for scale_shift) and conv2 (in). Whole groups go, so the kept groups normalise exactly as before.
+    """
+    norm = block.norm2
+    size = norm.num_channels // norm.num_groups
+    channels = torch.cat([torch.arange(g * size, (g + 1) * size) for g in sorted(keep_groups)])
+    block.conv1 = _slice_conv(block.conv1, out=channels)
+    new_norm = nn.GroupNorm(len(keep_groups), len(channels), eps=norm.eps, affine=norm.affine,
+                            dtype=norm.weight.dtype if norm.affine else None,
+                            device=norm.weight.device if norm.affine else None)
+    if norm.affine:
+        new_norm.weight.data.copy_(norm.weight.data[channels])
+        new_norm.bias.data.copy_(norm.bias.data[channels])
+    block.norm2 = new_norm
+    if isinstance(getattr(block, "time_emb_proj", None), nn.Linear):
+        rows = channels
+        if getattr(block, "time_embedding_norm", "default") == "scale_shift":
+            rows = torch.cat([channels, channels + norm.num_channels])
+        block.time_emb_proj = _slice_linear(block.time_emb_proj, rows=rows)
+    block.conv2 = _slice_conv(block.conv2, inp=channels)
+
+
 def apply_shapes(component: nn.Module, shapes: dict) -> None:
     """Resize a freshly built component to the recorded structured shapes (weights loaded afterwards)."""
     for path, heads in shapes.get("attention_heads", {}).items():
         shrink_attention(component.get_submodule(path), list(range(heads)))
     for entry in shapes.get("ffn", []):
         shrink_ffn(component, entry["up"], entry["down"], entry["gated"], list(range(entry["inner"])))
+    for path, groups in shapes.get("resnet_groups", {}).items():
+        shrink_resnet(component.get_submodule(path), list(range(groups)))

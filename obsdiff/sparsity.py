@@ -1,4 +1,4 @@
-"""What a prune removes, as one typed value: ``Dense | Unstructured(s) | NM(n, m) | Structured(heads, ffn)``.
+"""What a prune removes, as one typed value: ``Dense | Unstructured(s) | NM(n, m) | Structured(heads, ffn, channels, budget)``.
 
 It is parsed once at the edge (the CLI's ``--pattern``/``--sparsity`` options, a target profile's ``[prune]``
 table, a pruned folder's ``pruning.json``) and passed typed inward; ``str()`` writes the canonical pattern back
@@ -9,6 +9,7 @@ Pure Python and numpy: the solver may import it.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -74,15 +75,52 @@ class NM:
         return bool(((groups == 0).sum(-1) >= self.n).all())
 
 
+class Allocation(enum.StrEnum):
+    """How a budget is spread over the units: ranked together by OBS error per unit of cost, or one ratio for all."""
+
+    GLOBAL = "global"
+    UNIFORM = "uniform"
+
+
+class Measure(enum.StrEnum):
+    """What a structured budget counts: the denoiser's per-step FLOPs, or its parameters."""
+
+    FLOPS = "flops"
+    PARAMS = "params"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Keep ``keep`` of the denoiser's ``measure`` (``--flops 0.7``: 70% of its per-step FLOPs)."""
+
+    measure: Measure
+    keep: float
+    allocation: Allocation = Allocation.GLOBAL
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.keep, (int, float)) and not isinstance(self.keep, bool) and 0 < self.keep < 1):
+            raise PatternError(f"--{self.measure} must be a fraction in (0, 1) of the denoiser's {self.measure} to keep, "
+                               f"got {self.keep!r}")
+
+    def __str__(self) -> str:
+        return f"{self.measure} {self.keep:g} ({self.allocation})"
+
+
 @dataclass(frozen=True)
 class Structured:
-    """Whole attention heads and FFN neurons removed (fractions of each), then the layers shrunk."""
+    """Whole attention heads, FFN neurons and resnet channel groups removed, then the layers shrunk.
+
+    Either a fraction of each kind in every unit (``heads``, ``ffn``, ``channels``), or a ``budget``: a share of the
+    denoiser's FLOPs or parameters to keep, the units' counts allocated by ``budget.allocation``.
+    """
 
     heads: float = DEFAULT_STRUCTURED
     ffn: float = DEFAULT_STRUCTURED
+    channels: float = DEFAULT_STRUCTURED
+    budget: Budget | None = None
 
     def __post_init__(self) -> None:
-        for name, value in (("head", self.heads), ("FFN", self.ffn)):
+        for name, value in (("head", self.heads), ("FFN", self.ffn), ("channel", self.channels)):
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise PatternError(f"structured {name} sparsity must be in [0, 1), got {value!r}")
 
@@ -120,13 +158,24 @@ def _fraction(value: float | None, name: str) -> float | None:
 
 
 def parse_sparsity(pattern: str, sparsity: float | None = None, *, head_sparsity: float | None = None,
-                   ffn_sparsity: float | None = None) -> SparsitySpec:
-    """``--pattern`` with its optional fractions, as one value; every inconsistent combination is an error."""
+                   ffn_sparsity: float | None = None, channel_sparsity: float | None = None,
+                   flops: float | None = None, params: float | None = None,
+                   allocation: str | None = None) -> SparsitySpec:
+    """``--pattern`` with its optional fractions or budget, as one value; every inconsistent combination is an error."""
     kind = parse_kind(pattern)
     sparsity = _fraction(sparsity, "sparsity")
-    head_sparsity, ffn_sparsity = _fraction(head_sparsity, "head sparsity"), _fraction(ffn_sparsity, "FFN sparsity")
-    if kind != "structured" and (head_sparsity is not None or ffn_sparsity is not None):
-        raise PatternError("head and FFN sparsity apply to the structured pattern only")
+    fractions = {"--head-sparsity": _fraction(head_sparsity, "head sparsity"),
+                 "--ffn-sparsity": _fraction(ffn_sparsity, "FFN sparsity"),
+                 "--channel-sparsity": _fraction(channel_sparsity, "channel sparsity")}
+    budgets = {Measure.FLOPS: _fraction(flops, "--flops"), Measure.PARAMS: _fraction(params, "--params")}
+    given = [m for m, v in budgets.items() if v is not None]
+    if kind != "structured":
+        if any(v is not None for v in fractions.values()):
+            raise PatternError("head, FFN and channel sparsity apply to the structured pattern only")
+        if given:
+            raise PatternError(f"--{given[0]} is a budget for --pattern structured; {kind} takes --sparsity")
+        if allocation is not None:
+            raise PatternError("--allocation applies to a structured budget (--flops or --params) only")
     if kind == "dense":
         if sparsity is not None:
             raise PatternError("the dense pattern takes no sparsity")
@@ -134,8 +183,22 @@ def parse_sparsity(pattern: str, sparsity: float | None = None, *, head_sparsity
     if kind == "unstructured":
         return Unstructured(DEFAULT_UNSTRUCTURED if sparsity is None else sparsity)
     if kind == "structured":
+        if given:
+            if len(given) > 1:
+                raise PatternError("give one budget: --flops or --params, not both")
+            fixed = [name for name, v in fractions.items() if v is not None] + (["--sparsity"] if sparsity is not None else [])
+            if fixed:
+                raise PatternError(f"--{given[0]} allocates the fractions itself; drop {', '.join(fixed)}")
+            try:
+                alloc = Allocation(allocation or Allocation.GLOBAL)
+            except ValueError:
+                raise PatternError(f"--allocation must be global or uniform, got {allocation!r}") from None
+            return Structured(budget=Budget(given[0], budgets[given[0]], alloc))
+        if allocation is not None:
+            raise PatternError("--allocation applies to a budget (--flops or --params)")
         base = DEFAULT_STRUCTURED if sparsity is None else sparsity
-        return Structured(base if head_sparsity is None else head_sparsity, base if ffn_sparsity is None else ffn_sparsity)
+        heads, ffn, channels = (base if v is None else v for v in fractions.values())
+        return Structured(heads, ffn, channels)
     n, m = (int(x) for x in kind.split(":"))
     spec = NM(n, m)
     if sparsity is not None and abs(sparsity - spec.sparsity) > 1e-9:
@@ -149,7 +212,10 @@ def to_json(spec: SparsitySpec) -> dict:
     if isinstance(spec, (Unstructured, NM)):
         out["sparsity"] = spec.sparsity
     if isinstance(spec, Structured):
-        out.update(head_sparsity=spec.heads, ffn_sparsity=spec.ffn)
+        if spec.budget is not None:
+            out["budget"] = {str(spec.budget.measure): spec.budget.keep, "allocation": str(spec.budget.allocation)}
+        else:
+            out.update(head_sparsity=spec.heads, ffn_sparsity=spec.ffn, channel_sparsity=spec.channels)
     return out
 
 
@@ -159,7 +225,13 @@ def from_json(data: dict) -> SparsitySpec:
         raise PatternError("no sparsity pattern recorded")
     kind = parse_kind(data["pattern"])
     if kind == "structured":
-        return parse_sparsity(kind, head_sparsity=data.get("head_sparsity"), ffn_sparsity=data.get("ffn_sparsity"))
+        budget = data.get("budget")
+        if isinstance(budget, dict):
+            return parse_sparsity(kind, flops=budget.get("flops"), params=budget.get("params"),
+                                  allocation=budget.get("allocation"))
+        # Records written before channel pruning existed removed no channels.
+        return parse_sparsity(kind, head_sparsity=data.get("head_sparsity"), ffn_sparsity=data.get("ffn_sparsity"),
+                              channel_sparsity=data.get("channel_sparsity", 0.0))
     if kind == "unstructured":
         return parse_sparsity(kind, data.get("sparsity"))
     return parse_sparsity(kind)  # dense, or N:M whose sparsity is N/M

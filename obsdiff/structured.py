@@ -1,4 +1,4 @@
-"""Structured OBS-Diff: remove attention heads and FFN neurons, compensate, physically shrink.
+"""Structured OBS-Diff: remove attention heads, FFN neurons and resnet channel groups, compensate, physically shrink.
 
 Units come from the adapter's ``StructuredLayout``:
 - FFN: hidden neuron q is column q of the down projection; scored by Σ_rows W[:, q]²/[H⁻¹]_qq, removed
@@ -8,7 +8,16 @@ Units come from the adapter's ``StructuredLayout``:
   from q/k/v and the attention's head count drops. MMDiT joint attention ranks heads on ``to_out.0`` (image)
   and ``to_add_out`` (text) separately and fuses the two rankings by reciprocal rank (k = 60), then removes
   the chosen heads from both with compensation, and shrinks ``add_q/k/v_proj`` too.
+- Resnet channels: ``conv1``'s output channels go in whole GroupNorm groups of ``norm2`` (the other groups'
+  statistics stay exactly what they were). A group is its channels × R × S columns of ``conv2`` (im2col order),
+  scored by the exact group OBS error on conv2's Hessian and compensated like FFN neurons; conv1 (out), norm2,
+  time_emb_proj (out) and conv2 (in) shrink.
 Head size is read from the layer shapes (to_q rows / heads), never assumed.
+
+A budget (``--flops 0.7``) is met by ``allocate``: every removable group of every unit is ranked by its OBS error,
+relative to its layer's ‖WX‖², per FLOP (or parameter) it saves, and the cheapest are taken until the budget holds;
+``uniform`` instead finds one fraction for every unit. The counts come from the dense model; which groups go is
+decided package by package on the partly pruned model, as always.
 """
 
 from __future__ import annotations
@@ -23,14 +32,14 @@ from torch import nn
 
 from obsdiff.config import Method, PruneConfig
 from obsdiff.errors import UsageError
-from obsdiff.shrink import shrink_attention, shrink_ffn
-from obsdiff.solver import damped_inverse, finite_or_none, group_obs_scores, remove_column_groups
-from obsdiff.sparsity import Structured
+from obsdiff.shrink import shrink_attention, shrink_ffn, shrink_resnet
+from obsdiff.solver import damped_inverse, finite_or_none, group_obs_scores, output_energy, remove_column_groups
+from obsdiff.sparsity import Allocation, Budget, Measure, Structured
 
 log = logging.getLogger(__name__)
 
 RRF_K = 60
-FFN_BATCHES = 8  # FFN neurons are removed in this many re-scored batches
+FFN_BATCHES = 8  # FFN neurons (and resnet channel groups) are removed in this many re-scored batches
 
 
 @dataclass
@@ -48,11 +57,36 @@ class AttentionUnit:
     def head_dim(self) -> int:
         return self.module.to_q.out_features // self.module.heads
 
+    kind = "heads"
+
+    @property
+    def key(self) -> str:
+        return self.path
+
+    @property
+    def total(self) -> int:
+        return self.heads
+
     def down_layers(self) -> dict[str, nn.Module]:
         out = {f"{self.path}.to_out.0": self.module.to_out[0]}
         if self.joint and getattr(self.module, "to_add_out", None) is not None:
             out[f"{self.path}.to_add_out"] = self.module.to_add_out
         return out
+
+    def column_groups(self) -> list[list[int]]:
+        d = self.head_dim
+        return [list(range(h * d, (h + 1) * d)) for h in range(self.heads)]
+
+    def flop_paths(self) -> list[str]:
+        """Modules whose FLOPs are proportional to the head count: the whole attention (q/k/v, SDPA, out)."""
+        return [self.path]
+
+    def params_per_group(self) -> int:
+        m, d = self.module, self.head_dim
+        rows = sum(_row_params(getattr(m, n, None)) for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                               "add_v_proj"))
+        cols = sum(layer.out_features for layer in self.down_layers().values())
+        return d * (rows + cols)
 
 
 @dataclass
@@ -64,12 +98,85 @@ class FFNUnit:
     down: nn.Linear
     gated: bool
 
+    kind = "ffn"
+
     @property
     def inner(self) -> int:
         return self.down.in_features
 
+    @property
+    def key(self) -> str:
+        return self.down_path
+
+    @property
+    def total(self) -> int:
+        return self.inner
+
     def down_layers(self) -> dict[str, nn.Module]:
         return {self.down_path: self.down}
+
+    def column_groups(self) -> list[list[int]]:
+        return [[q] for q in range(self.inner)]
+
+    def flop_paths(self) -> list[str]:
+        return [self.up_path, self.down_path]
+
+    def params_per_group(self) -> int:
+        return _row_params(self.up) * (2 if self.gated else 1) + self.down.out_features
+
+
+@dataclass
+class ResnetUnit:
+    """A ResnetBlock2D whose conv1 output channels go in whole GroupNorm groups of norm2."""
+
+    block: str
+    path: str  # the ResnetBlock2D, relative to the component
+    module: nn.Module
+    kind = "channels"
+
+    @property
+    def key(self) -> str:
+        return self.path
+
+    @property
+    def total(self) -> int:
+        return self.module.norm2.num_groups
+
+    @property
+    def group_size(self) -> int:
+        return self.module.norm2.num_channels // self.module.norm2.num_groups
+
+    def down_layers(self) -> dict[str, nn.Module]:
+        return {f"{self.path}.conv2": self.module.conv2}
+
+    def column_groups(self) -> list[list[int]]:
+        """conv2's im2col columns (C, R, S order, C slowest) of each group's channels."""
+        taps = self.module.conv2.kernel_size[0] * self.module.conv2.kernel_size[1]
+        per = self.group_size * taps
+        return [list(range(g * per, (g + 1) * per)) for g in range(self.total)]
+
+    def flop_paths(self) -> list[str]:
+        names = ["conv1", "conv2"] + (["time_emb_proj"] if self.module.time_emb_proj is not None else [])
+        return [f"{self.path}.{n}" for n in names]
+
+    def params_per_group(self) -> int:
+        m = self.module
+        conv1 = m.conv1.in_channels * m.conv1.kernel_size[0] * m.conv1.kernel_size[1] + (m.conv1.bias is not None)
+        conv2 = m.conv2.out_channels * m.conv2.kernel_size[0] * m.conv2.kernel_size[1]
+        temb = 0
+        if m.time_emb_proj is not None:
+            temb = _row_params(m.time_emb_proj) * (2 if m.time_embedding_norm == "scale_shift" else 1)
+        return self.group_size * (conv1 + 2 + temb + conv2)  # 2: norm2's weight and bias
+
+
+def _row_params(layer) -> int:
+    """Parameters of one output row of a Linear (its weights and bias); 0 for an absent layer."""
+    if not isinstance(layer, nn.Linear):
+        return 0
+    return layer.in_features + (layer.bias is not None)
+
+
+Unit = AttentionUnit | FFNUnit | ResnetUnit
 
 
 @dataclass
@@ -82,11 +189,18 @@ def find_units(model: nn.Module, adapter) -> StructuredPlan:
     layout = adapter.structured
     if layout is None:
         raise UsageError(f"structured pruning has no layout for {type(model).__name__} ({adapter.family}); "
-                         "it supports the UNet, SD3 and Flux denoisers")
+                         "it supports the UNet, SD3 and Flux denoisers and the VAE decoder")
     plan = StructuredPlan()
     for block_name, block in adapter.block_modules(model):
         if layout.skip_attr and getattr(block, layout.skip_attr, False):
             plan.skipped.append((block_name, layout.skip_reason))
+            continue
+        if layout.resnets and re.fullmatch(layout.resnets, block_name):
+            reason = _resnet_reason(block)
+            if reason:
+                plan.skipped.append((block_name, reason))
+            else:
+                plan.units.append(ResnetUnit(block_name, block_name, block))
             continue
         modules = dict(block.named_modules())
         found = 0
@@ -104,9 +218,26 @@ def find_units(model: nn.Module, adapter) -> StructuredPlan:
                                               modules[down], gated))
                     found += 1
         if not found and any(isinstance(m, nn.Linear) for m in modules.values()):
-            plan.skipped.append((block_name, "no heads or FFN neurons in a layout that can shrink (e.g. Flux single "
-                                             "blocks fuse attention and MLP into one proj_out): left whole"))
+            plan.skipped.append((block_name, "no heads, FFN neurons or resnet channels in a layout that can shrink "
+                                             "(e.g. Flux single blocks fuse attention and MLP into one proj_out): "
+                                             "left whole"))
     return plan
+
+
+def _resnet_reason(block: nn.Module) -> str | None:
+    """Why a resnet block's channels cannot be removed exactly (None: they can)."""
+    needed = ("conv1", "norm2", "conv2")
+    if not all(hasattr(block, n) for n in needed):
+        return f"{type(block).__name__} has no conv1/norm2/conv2 (e.g. a spatially conditioned norm): left whole"
+    if not isinstance(block.norm2, nn.GroupNorm):
+        return f"norm2 is {type(block.norm2).__name__}, not GroupNorm: channels cannot go in whole groups; left whole"
+    if block.conv1.groups != 1 or block.conv2.groups != 1:
+        return "grouped convolution: left whole"
+    if block.conv1.out_channels != block.norm2.num_channels or block.conv2.in_channels != block.norm2.num_channels:
+        return "conv1, norm2 and conv2 do not share one channel axis: left whole"
+    if block.norm2.num_groups < 2:
+        return "norm2 has a single group: removing it would empty the block; left whole"
+    return None
 
 
 def _same_parent(up: str, down: str) -> bool:
@@ -125,6 +256,12 @@ def _count(total: int, fraction: float, keep_min: int, what: str, where: str) ->
     return max(n, 0)
 
 
+def fraction_count(unit: Unit, spec: Structured) -> int:
+    """Groups to remove from ``unit`` under the spec's per-kind fractions (no budget)."""
+    fraction = {"heads": spec.heads, "ffn": spec.ffn, "channels": spec.channels}[unit.kind]
+    return _count(unit.total, fraction, 1, unit.kind, unit.key)
+
+
 def _head_scores(layer: nn.Linear, hessian: torch.Tensor | None, groups: list[list[int]], by_l1_norm: bool,
                  damp: float) -> torch.Tensor:
     """Cost of removing each head from one output projection: OBS error, or L1 norm for the baseline."""
@@ -140,10 +277,23 @@ def _spec(config: PruneConfig) -> Structured:
     return config.sparsity
 
 
-def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None], config: PruneConfig) -> dict:
+def _down_matrix(layer: nn.Module) -> torch.Tensor:
+    """The down layer's weight with columns in its Hessian's order (a conv flattened as im2col: C, R, S)."""
+    w = layer.weight.detach()
+    return w.reshape(w.shape[0], -1)
+
+
+def _layer_errors(results: dict) -> dict:
+    return {k: {"error": finite_or_none(v.error), "relative_error": finite_or_none(v.relative_error)}
+            for k, v in results.items()}
+
+
+def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None], config: PruneConfig,
+                    n: int | None = None) -> dict:
+    """Remove ``n`` heads (default: the spec's head fraction), compensating the output projection(s)."""
     heads, d = unit.heads, unit.head_dim
-    n = _count(heads, _spec(config).heads, 1, "heads", unit.path)
-    groups = [list(range(h * d, (h + 1) * d)) for h in range(heads)]
+    n = fraction_count(unit, _spec(config)) if n is None else n
+    groups = unit.column_groups()
     by_l1 = config.method is Method.L1
     compensate = config.compensate and not by_l1
     downs = unit.down_layers()
@@ -162,16 +312,16 @@ def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None
     keep = [h for h in range(heads) if h not in removed]
     shrink_attention(unit.module, keep)
     return {"unit": unit.path, "kind": "heads", "before": heads, "after": len(keep), "head_dim": d,
-            "removed": sorted(removed),
-            "layers": {k: {"error": finite_or_none(v.error), "relative_error": finite_or_none(v.relative_error)}
-                       for k, v in results.items()}}
+            "removed": sorted(removed), "layers": _layer_errors(results)}
 
 
-def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config: PruneConfig, component: nn.Module) -> dict:
+def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config: PruneConfig, component: nn.Module,
+              n: int | None = None) -> dict:
+    """Remove ``n`` hidden neurons (default: the spec's FFN fraction), compensating the down projection."""
     inner = unit.inner
-    n = _count(inner, _spec(config).ffn, 1, "neurons", unit.down_path)
+    n = fraction_count(unit, _spec(config)) if n is None else n
     by_l1 = config.method is Method.L1
-    res = remove_column_groups(unit.down.weight.detach(), hessian, [[q] for q in range(inner)], n, by_l1_norm=by_l1,
+    res = remove_column_groups(unit.down.weight.detach(), hessian, unit.column_groups(), n, by_l1_norm=by_l1,
                                compensate=config.compensate and not by_l1, damp=config.damp,
                                batch=max(1, math.ceil(n / FFN_BATCHES)))
     unit.down.weight.data.copy_(res.weight.to(unit.down.weight.dtype))
@@ -179,16 +329,144 @@ def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config: PruneConfig, 
     keep = [q for q in range(inner) if q not in removed]
     unit.up, unit.down = shrink_ffn(component, unit.up_path, unit.down_path, unit.gated, keep)
     return {"unit": unit.down_path, "up": unit.up_path, "kind": "ffn", "before": inner, "after": len(keep),
-            "gated": unit.gated, "layers": {unit.down_path: {"error": finite_or_none(res.error),
-                                                             "relative_error": finite_or_none(res.relative_error)}}}
+            "gated": unit.gated, "layers": _layer_errors({unit.down_path: res})}
+
+
+def prune_resnet(unit: ResnetUnit, hessian: torch.Tensor | None, config: PruneConfig, n: int | None = None) -> dict:
+    """Remove ``n`` GroupNorm groups of channels (default: the spec's channel fraction), compensating conv2."""
+    groups = unit.total
+    n = fraction_count(unit, _spec(config)) if n is None else n
+    by_l1 = config.method is Method.L1
+    conv2 = unit.module.conv2
+    res = remove_column_groups(_down_matrix(conv2), hessian, unit.column_groups(), n, by_l1_norm=by_l1,
+                               compensate=config.compensate and not by_l1, damp=config.damp,
+                               batch=max(1, math.ceil(n / FFN_BATCHES)))
+    conv2.weight.data.copy_(res.weight.reshape(conv2.weight.shape).to(conv2.weight.dtype))
+    removed = set(res.removed)
+    keep = [g for g in range(groups) if g not in removed]
+    shrink_resnet(unit.module, keep)
+    return {"unit": unit.path, "kind": "channels", "before": groups, "after": len(keep), "group_size": unit.group_size,
+            "removed": sorted(removed), "layers": _layer_errors({f"{unit.path}.conv2": res})}
+
+
+def prune_unit(unit: Unit, hessians: dict[str, torch.Tensor | None], config: PruneConfig, component: nn.Module,
+               n: int | None = None) -> dict:
+    """One unit of any kind: its groups scored on its down layers' Hessians, removed, compensated, shrunk."""
+    if isinstance(unit, AttentionUnit):
+        return prune_attention(unit, hessians, config, n)
+    hessian = next(iter(hessians.values()))
+    if isinstance(unit, FFNUnit):
+        return prune_ffn(unit, hessian, config, component, n)
+    return prune_resnet(unit, hessian, config, n)
+
+
+# ---- budget allocation ------------------------------------------------------------------------------
+
+
+def unit_scores(unit: Unit, hessians: dict[str, torch.Tensor], damp: float) -> torch.Tensor:
+    """Each group's OBS removal error relative to its layer's ‖WX‖², summed over the unit's down layers.
+
+    Relative errors make layers of different widths and activation scales comparable, so one ranking can span
+    every block (the budget's "error per FLOP saved").
+    """
+    groups = [torch.as_tensor(g) for g in unit.column_groups()]
+    total = torch.zeros(len(groups), dtype=torch.float64)
+    for name, layer in unit.down_layers().items():
+        h = hessians[name].float().clone()
+        dead = h.diagonal() == 0
+        h[dead, dead] = 1
+        w = _down_matrix(layer).float()
+        energy = 2 * output_energy(w, h)  # the scores are w_S [H⁻¹_SS]⁻¹ w_Sᵀ = 2 × the ½(δW)H(δW)ᵀ error
+        scores = group_obs_scores(w, damped_inverse(h, damp), groups).double()
+        total += scores / energy if energy > 0 else scores
+    return total
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """What removing one group of a unit saves, and how many groups it has."""
+
+    key: str
+    kind: str
+    groups: int
+    saving: float  # FLOPs per forward, or parameters, per group
+
+
+def unit_costs(units: list[Unit], measure: Measure, flops_by_module: dict[str, int]) -> list[UnitCost]:
+    costs = []
+    for u in units:
+        if measure is Measure.FLOPS:
+            saving = sum(flops_by_module.get(p, 0) for p in u.flop_paths()) / u.total
+        else:
+            saving = u.params_per_group()
+        costs.append(UnitCost(u.key, u.kind, u.total, float(saving)))
+    return costs
+
+
+def allocate(costs: list[UnitCost], to_save: float, budget: Budget, scores: dict[str, torch.Tensor] | None = None,
+             total: float | None = None) -> dict[str, int]:
+    """Groups to remove per unit so that the saving reaches ``to_save``; every unit keeps at least one group.
+
+    global: every group is an item costing (its relative OBS error) / (its saving); the cheapest are taken, each
+    unit's in its own ascending order, until the saving is reached. uniform: the smallest single fraction, rounded per
+    unit, that reaches it. ``total`` (the denoiser's whole FLOPs or parameters) only words the error.
+    """
+    check_reachable(costs, to_save, budget, total)
+    if budget.allocation is Allocation.UNIFORM:
+        return _uniform(costs, to_save)
+    if scores is None:
+        raise UsageError("global allocation ranks groups by OBS error; it needs calibration (--method obs-diff)")
+    items = []
+    for c in costs:
+        ordered = scores[c.key].sort().values.tolist()[: c.groups - 1]
+        items += [(err / max(c.saving, 1e-12), c.key, c.saving) for err in ordered]
+    items.sort(key=lambda item: item[0])
+    counts = {c.key: 0 for c in costs}
+    saved = 0.0
+    for _, key, saving in items:
+        if saved >= to_save:
+            break
+        counts[key] += 1
+        saved += saving
+    return counts
+
+
+def check_reachable(costs: list[UnitCost], to_save: float, budget: Budget, total: float | None = None) -> None:
+    """A budget that needs more than every unit but one group each is refused, naming the unit it would empty."""
+    reachable = sum((c.groups - 1) * c.saving for c in costs)
+    if reachable >= to_save:
+        return
+    worst = max(costs, key=lambda c: c.saving * c.groups) if costs else None
+    kept = f"{1 - reachable / total:.1%} of its {budget.measure}" if total else "more than the budget"
+    raise UsageError(
+        f"--{budget.measure} {budget.keep:g} cannot be met without removing every group of some layer: with one group "
+        f"left in each of the {len(costs)} units the denoiser still keeps {kept}"
+        + (f"; {worst.key} would have to lose all {worst.groups} {worst.kind} groups" if worst else ""))
+
+
+def _uniform(costs: list[UnitCost], to_save: float) -> dict[str, int]:
+    def counts(fraction: float) -> dict[str, int]:
+        return {c.key: min(c.groups - 1, int(round(c.groups * fraction))) for c in costs}
+
+    def saved(fraction: float) -> float:
+        n = counts(fraction)
+        return sum(n[c.key] * c.saving for c in costs)
+
+    low, high = 0.0, 1.0
+    for _ in range(60):  # saved() is a non-decreasing step function of the fraction
+        mid = (low + high) / 2
+        low, high = (mid, high) if saved(mid) < to_save else (low, mid)
+    return counts(high)
 
 
 def shapes_from_records(records: list[dict]) -> dict:
     """The structured shapes of one component, from its unit records (what the loader needs)."""
-    shapes: dict = {"attention_heads": {}, "ffn": []}
+    shapes: dict = {"attention_heads": {}, "ffn": [], "resnet_groups": {}}
     for r in records:
         if r["kind"] == "heads":
             shapes["attention_heads"][r["unit"]] = r["after"]
+        elif r["kind"] == "channels":
+            shapes["resnet_groups"][r["unit"]] = r["after"]
         else:
             shapes["ffn"].append({"up": r["up"], "down": r["unit"], "inner": r["after"], "gated": r["gated"]})
     return shapes
@@ -208,16 +486,26 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 
 
 @torch.no_grad()
-def forward_flops(run) -> int:
-    """FLOPs of ``run()`` (one denoiser call), counted by torch's own ``FlopCounterMode`` (matmuls, convs, attention).
-
-    torch 2.13's registry has no formula for the CPU flash-attention kernel that ``scaled_dot_product_attention``
-    dispatches to here, so the same SDPA formula torch uses for the GPU kernels is added for it.
-    """
+def flops_by_module(run, prefix: str = "") -> tuple[int, dict[str, int]]:
+    """Total FLOPs of ``run()`` and each submodule's, keyed by its path (``prefix`` + path in the called module)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
     with counter:
         run()
-    return int(counter.get_total_flops())
+    by_module = {}
+    for name, ops in counter.get_flop_counts().items():
+        _, _, path = name.partition(".")  # "UNet2DConditionModel.down_blocks.0…": the root class comes first
+        if path:
+            by_module[prefix + path] = int(sum(ops.values()))
+    return int(counter.get_total_flops()), by_module
+
+
+def forward_flops(run) -> int:
+    """FLOPs of ``run()`` (one denoiser call), counted by torch's own ``FlopCounterMode`` (matmuls, convs, attention).
+
+    torch 2.13's registry has no formula for the CPU flash-attention kernel that ``scaled_dot_product_attention``
+    dispatches to here, so the same SDPA formula torch uses for the GPU kernels is added for it.
+    """
+    return flops_by_module(run)[0]

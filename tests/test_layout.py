@@ -18,7 +18,20 @@ from obsdiff.exporters.profiles import load_profile
 from obsdiff.exporters.ship import resolve_pattern
 from obsdiff.prune import PruneConfig
 from obsdiff.solver import obs_prune
-from obsdiff.sparsity import NM, Dense, PatternError, Structured, Unstructured, from_json, parse_kind, parse_sparsity, to_json
+from obsdiff.sparsity import (
+    NM,
+    Allocation,
+    Budget,
+    Dense,
+    Measure,
+    PatternError,
+    Structured,
+    Unstructured,
+    from_json,
+    parse_kind,
+    parse_sparsity,
+    to_json,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -29,10 +42,16 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize("text,sparsity,expect", [
     ("unstructured", None, Unstructured(0.5)), ("unstructured", 0.7, Unstructured(0.7)), ("2:4", None, NM(2, 4)),
     (" 2:4 ", None, NM(2, 4)), ("4:8", 0.5, NM(4, 8)), ("1:4", None, NM(1, 4)), ("2:5", None, NM(2, 5)),
-    ("structured", None, Structured(0.3, 0.3)), ("structured", 0.2, Structured(0.2, 0.2)), ("dense", None, Dense()),
+    ("structured", None, Structured(0.3, 0.3, 0.3)), ("structured", 0.2, Structured(0.2, 0.2, 0.2)),
+    ("dense", None, Dense()),
+    ("structured", {"flops": 0.7}, Structured(budget=Budget(Measure.FLOPS, 0.7, Allocation.GLOBAL))),
+    ("structured", {"params": 0.5, "allocation": "uniform"},
+     Structured(budget=Budget(Measure.PARAMS, 0.5, Allocation.UNIFORM))),
+    ("structured", {"channel_sparsity": 0.5}, Structured(0.3, 0.3, 0.5)),
 ])
 def test_patterns_parse_once_and_round_trip(text, sparsity, expect):
-    spec = parse_sparsity(text, sparsity)
+    options = sparsity if isinstance(sparsity, dict) else {}
+    spec = parse_sparsity(text, None if options else sparsity, **options)
     assert spec == expect
     assert from_json(json.loads(json.dumps(to_json(spec)))) == spec
     assert parse_kind(str(spec)) == str(spec)
@@ -41,11 +60,15 @@ def test_patterns_parse_once_and_round_trip(text, sparsity, expect):
 @pytest.mark.parametrize("text,sparsity,message", [
     ("2:4", 0.3, "means sparsity 0.5"), ("4:2", None, "0 < N < M"), ("2:x", None, "N:M such as 2:4"),
     ("unstructured", 1.0, "(0, 1)"), ("unstructured", float("nan"), "must be a number"), ("dense", 0.5, "no sparsity"),
-    ("sparse", None, "pattern must be"),
+    ("sparse", None, "pattern must be"), ("structured", {"flops": 1.0}, "--flops must be a fraction in (0, 1)"),
+    ("structured", {"flops": 0.7, "allocation": "greedy"}, "--allocation must be global or uniform"),
+    ("2:4", {"params": 0.7}, "--params is a budget for --pattern structured"),
+    ("structured", {"allocation": "uniform"}, "applies to a budget"),
 ])
 def test_bad_patterns_are_one_clear_error(text, sparsity, message):
+    options = sparsity if isinstance(sparsity, dict) else {}
     with pytest.raises(PatternError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        parse_sparsity(text, sparsity)
+        parse_sparsity(text, None if options else sparsity, **options)
 
 
 def test_nm_checker_runs_along_the_given_axis():
@@ -80,10 +103,8 @@ def test_spaced_pattern_is_canonical_in_the_record_and_the_tensorrt_preflight_ac
 
 def test_a_one_of_four_profile_needs_no_sparsity(tmp_path):
     """A profile with pattern 1:4 used to fail unless it also said sparsity = 0.25."""
-    text = (REPO / "targets" / "cpu.toml").read_text().replace('pattern = "unstructured"', 'pattern = "1:4"')
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("sparsity ="))
     path = tmp_path / "cpu14.toml"
-    path.write_text(text)
+    path.write_text('name = "cpu14"\nformat = "onnx"\nprecision = "fp32"\n[prune]\npattern = "1:4"\n')
     profile = load_profile(path)
     spec = resolve_pattern(profile, None, None)
     assert spec == NM(1, 4)

@@ -75,7 +75,8 @@ def test_ship_checks_every_option_before_touching_the_previous_output(tiny, tmp_
     out = tmp_path / "OUT"
     (out / "model").mkdir(parents=True)
     (out / "model" / "keep.txt").write_text("previous result")
-    proc = run_cli("ship", "--target", "cpu", "--model", tiny("sd"), "--out", out, "--sparsity", "2")
+    proc = run_cli("ship", "--target", "cpu", "--model", tiny("sd"), "--out", out, "--pattern", "unstructured",
+                   "--sparsity", "2")
     assert proc.returncode == 2 and "(0, 1)" in error_line(proc)
     assert (out / "model" / "keep.txt").read_text() == "previous result"
 

@@ -1,4 +1,5 @@
-"""Structured OBS-Diff: heads and FFN neurons removed with compensation, models physically smaller."""
+"""Structured OBS-Diff: heads, FFN neurons and resnet channel groups removed with compensation, models physically
+smaller; FLOP and parameter budgets allocated over all of them."""
 
 import json
 
@@ -10,6 +11,7 @@ from tiny_pipelines import DENOISER
 
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
 from obsdiff.digits.data import prompt_for
+from obsdiff.errors import UsageError
 from obsdiff.hessian import HessianAccumulator, StepContext, timestep_weights
 from obsdiff.model_io import load_pipeline
 from obsdiff.prune import Method, PruneConfig, prune
@@ -37,6 +39,9 @@ def test_default_model_shrinks_by_the_recorded_amount(default_model, structured_
     assert unet["params_removed"] > 0 and unet["flops_after"] < unet["flops_before"]
     assert 0.25 <= unet["heads_removed"] / unet["heads_total"] <= 0.4
     assert unet["ffn_neurons_removed"] / unet["ffn_neurons_total"] == pytest.approx(0.3, abs=0.01)
+    assert unet["channel_groups_removed"] / unet["channel_groups_total"] == pytest.approx(0.25)  # 2 of 8 per resnet
+    resnet = pipe.unet.up_blocks[1].resnets[0]
+    assert resnet.norm2.num_groups == 6 and resnet.conv1.out_channels == resnet.conv2.in_channels == 6 * 4
     saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     live = pipe.unet.state_dict()
     assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
@@ -117,8 +122,9 @@ def test_every_head_cannot_go(default_model, tmp_path):
 
 
 def test_structured_bad_inputs(default_model, tmp_path):
-    proc = run_cli("prune", default_model, "--out", tmp_path / "v", "--pattern", "structured", "--components", "vae")
-    assert proc.returncode != 0 and "no layout for AutoencoderKL" in error_line(proc)
+    proc = run_cli("prune", default_model, "--out", tmp_path / "v", "--pattern", "structured", "--components",
+                   "text_encoder")
+    assert proc.returncode != 0 and "no layout for CLIPTextModel" in error_line(proc)
     proc = run_cli("prune", default_model, "--out", tmp_path / "w", "--pattern", "structured", "--method", "wanda")
     assert proc.returncode != 0 and "obs-diff or l1" in error_line(proc)
     proc = run_cli("prune", default_model, "--out", tmp_path / "x", "--no-compensate")
@@ -130,19 +136,28 @@ def test_structured_record_lists_shapes_for_the_loader(structured_30):
     out, record = structured_30
     on_disk = json.loads((out / "pruning.json").read_text())
     shapes = on_disk["structured"]["components"]["unet"]
-    assert shapes["attention_heads"] and shapes["ffn"]
+    assert shapes["attention_heads"] and shapes["ffn"] and shapes["resnet_groups"]
     assert all(entry["gated"] for entry in shapes["ffn"])  # GEGLU: both halves of the up projection shrank
 
 
-def test_structured_model_exports_to_onnx(structured_30, tmp_path):
+def test_structured_model_exports_to_onnx(default_model, structured_30, tmp_path):
     """Shapes changed by structured pruning go through the same exporter and gates."""
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     from obsdiff.exporters.bundle import export_bundle
 
     out, record = structured_30
-    manifest = export_bundle(out, "cpu", tmp_path / "b")
+    manifest = export_bundle(out, "cpu", tmp_path / "b", dense_model=default_model)
     assert all(g["passed"] for g in manifest["validation"]["gates"])
+    # The report puts the measured latency against the dense export next to the FLOP ratio of the prune.
+    dense = manifest["validation"]["against_dense"]
+    unet = record["components"]["unet"]
+    assert dense["component"] == "unet" and dense["runs"] >= 5
+    assert dense["flops_ratio"] == pytest.approx(unet["flops_after"] / unet["flops_before"]) and dense["flops_ratio"] < 1
+    assert dense["latency_ratio"] == pytest.approx(dense["median_ms"]["pruned"] / dense["median_ms"]["dense"])
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "## Against the dense export" in report and f"**{dense['latency_ratio']:.3f}**" in report
+    assert not list(tmp_path.glob(".obsdiff-dense-*"))  # the dense graph is not shipped and not left behind
     image = ORTStableDiffusionPipeline.from_pretrained(tmp_path / "b")(
         "a handwritten digit one", num_inference_steps=5, height=16, width=16, output_type="np").images
     assert torch.isfinite(torch.from_numpy(image)).all()
@@ -153,7 +168,7 @@ def test_shrunk_transformer_families_export(family, tiny, tmp_path):
     """A shrunk SDXL UNet or SD3 transformer passes the cpu gates, and its graph is smaller by what was removed."""
     from obsdiff.exporters.bundle import export_bundle
     from obsdiff.exporters.components import pipeline_dims, specs_for
-    from obsdiff.exporters.onnx import OnnxWeights, export_onnx
+    from obsdiff.exporters.onnx import export_onnx
     from obsdiff.exporters.profiles import Shapes
 
     prune(tiny(family), tmp_path / "model", PruneConfig(sparsity=Structured(0.3, 0.3), num_prompts=2, steps=2,
@@ -163,11 +178,29 @@ def test_shrunk_transformer_families_export(family, tiny, tmp_path):
     dense = load_pipeline(tiny(family))
     export_onnx(dense, tmp_path / "dense", specs_for(dense), pipeline_dims(dense, Shapes()), exporter="optimum")
     name = DENOISER[family]
-    graph_size = lambda folder: sum(a.size for a in OnnxWeights(folder / name / "model.onnx").values())  # noqa: E731
+    graph_size = lambda folder: parameters_in_graph(folder / name / "model.onnx")  # noqa: E731
     removed = sum(p.numel() for p in getattr(dense, name).parameters()) - sum(
         p.numel() for p in getattr(load_pipeline(tmp_path / "model"), name).parameters())
     assert removed > 0.05 * sum(p.numel() for p in getattr(dense, name).parameters())
     assert graph_size(tmp_path / "dense") - graph_size(tmp_path / "b") == removed
+
+
+def parameters_in_graph(path) -> int:
+    """Parameter elements in a graph: each initializer once per parameter it stands for. The exporter stores
+    equal-valued tensors once (a tiny model's fresh GroupNorm weights are all ones) and aliases the copies with
+    Identity nodes, so an initializer counts once per Identity reading it, plus once if other nodes read it directly."""
+    from obsdiff.exporters.onnx import OnnxWeights
+
+    weights = OnnxWeights(path)
+    aliases: dict[str, int] = {}
+    direct: set[str] = set()
+    for node in weights.graph.node:
+        for name in node.input:
+            if node.op_type == "Identity":
+                aliases[name] = aliases.get(name, 0) + 1
+            else:
+                direct.add(name)
+    return sum(weights.numel(n) * (aliases.get(n, 0) + (n in direct or n not in aliases)) for n in weights)
 
 
 def test_joint_attention_drops_one_head_set_from_both_streams(tiny):
@@ -189,3 +222,155 @@ def test_joint_attention_drops_one_head_set_from_both_streams(tiny):
     assert record["after"] == 2 and unit.module.to_add_out.in_features == unit.module.to_out[0].in_features == 2 * d
     for layer in (unit.module.to_out[0], unit.module.to_add_out):
         assert not (layer.weight == 0).all(0).any()
+
+
+def _unet_out(unet, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([500, 20]), text).sample
+
+
+@pytest.mark.parametrize("method", ["obs-diff", "l1"])
+def test_zero_channel_groups_go_first_and_change_nothing(default_model, tmp_path, method):
+    """Groups whose conv2 columns are zero are the ones removed (OBS error 0, L1 norm 0), and the shrunk UNet computes
+    exactly what the dense one did: whole GroupNorm groups go, so the kept groups normalise as before."""
+    pipe = load_pipeline(default_model)
+    zeroed = {}
+    for path, block in pipe.unet.named_modules():
+        if path.endswith(tuple(f"resnets.{i}" for i in range(3))):
+            size = block.norm2.num_channels // block.norm2.num_groups
+            groups = [1, block.norm2.num_groups - 2]
+            with torch.no_grad():
+                for g in groups:
+                    block.conv2.weight[:, g * size : (g + 1) * size] = 0
+            zeroed[path] = groups
+    pipe.save_pretrained(tmp_path / "zeroed", safe_serialization=True)
+    dense = _unet_out(pipe.unet)
+    record = prune(tmp_path / "zeroed", tmp_path / "out", PruneConfig(
+        method=Method(method), sparsity=Structured(0.0, 0.0, 0.25), **FAST))
+    channels = {r["unit"]: r["removed"] for r in record["layers"] if r["kind"] == "channels"}
+    assert channels == zeroed and not any(r["kind"] != "channels" for r in record["layers"])
+    shrunk = load_pipeline(tmp_path / "out").unet
+    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in pipe.unet.parameters())
+    torch.testing.assert_close(_unet_out(shrunk), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_flops_budget_is_met_and_allocations_differ(default_model, tmp_path):
+    """--flops 0.7 keeps ≤ 70% of the UNet's FLOPs (measured after the prune, on a real call), within one group's worth;
+    global and uniform allocation spend it on different units."""
+    from obsdiff.sparsity import Allocation, Budget, Measure
+
+    records = {}
+    for alloc in Allocation:
+        spec = Structured(budget=Budget(Measure.FLOPS, 0.7, alloc))
+        records[alloc] = prune(default_model, tmp_path / str(alloc), PruneConfig(sparsity=spec, **FAST))
+        unet = records[alloc]["components"]["unet"]
+        assert 0.64 <= unet["flops_after"] / unet["flops_before"] <= 0.7
+        assert unet["budget"] == str(spec.budget)
+        assert json.loads((tmp_path / str(alloc) / "pruning.json").read_text())["settings"]["budget"] == {
+            "flops": 0.7, "allocation": str(alloc)}
+        pipe = load_pipeline(tmp_path / str(alloc))
+        assert sum(p.numel() for p in pipe.unet.parameters()) == unet["params_after"]
+        images = pipe(["a handwritten digit four"], num_inference_steps=3, output_type="pt").images
+        assert torch.isfinite(images).all()
+
+    def kept(record):
+        return {r["unit"]: r["after"] for r in record["layers"]}
+
+    assert kept(records[Allocation.GLOBAL]) != kept(records[Allocation.UNIFORM])
+    uniform = records[Allocation.UNIFORM]["layers"]
+    for kind in ("heads", "ffn", "channels"):  # one fraction everywhere (rounded per unit)
+        fractions = {round(1 - r["after"] / r["before"], 1) for r in uniform if r["kind"] == kind and r["before"] >= 8}
+        assert len(fractions) <= 1, (kind, fractions)
+
+
+def test_params_budget(default_model, tmp_path):
+    from obsdiff.sparsity import Allocation, Budget, Measure
+
+    spec = Structured(budget=Budget(Measure.PARAMS, 0.8, Allocation.GLOBAL))
+    unet = prune(default_model, tmp_path / "p", PruneConfig(sparsity=spec, **FAST))["components"]["unet"]
+    assert 0.75 <= unet["params_after"] / unet["params_before"] <= 0.8
+
+
+def test_allocation_ranks_error_per_flop_and_keeps_one_group():
+    from obsdiff.sparsity import Allocation, Budget, Measure
+    from obsdiff.structured import UnitCost, allocate
+
+    costs = [UnitCost("cheap", "channels", 4, 10.0), UnitCost("dear", "heads", 4, 1.0)]
+    scores = {"cheap": torch.tensor([0.1, 0.2, 0.3, 0.4]), "dear": torch.tensor([0.005, 0.025, 0.5, 0.9])}
+    budget = Budget(Measure.FLOPS, 0.5, Allocation.GLOBAL)
+    # error per FLOP: cheap 0.01, 0.02, 0.03 (one of its 4 groups stays), dear 0.005, 0.025, 0.5; cheapest first:
+    # dear (saves 1), cheap (10), cheap (10) reach 21
+    assert allocate(costs, 21, budget, scores) == {"cheap": 2, "dear": 1}
+    assert allocate(costs, 33, budget, scores) == {"cheap": 3, "dear": 3}
+    assert allocate(costs, 20, Budget(Measure.FLOPS, 0.5, Allocation.UNIFORM)) == {"cheap": 2, "dear": 2}
+    with pytest.raises(UsageError, match="without removing every group of some layer.*cheap would have to lose all 4"):
+        allocate(costs, 34, budget, scores, total=40)
+
+
+def test_budget_bad_inputs(default_model, tmp_path):
+    """Each is one line, a non-zero exit, and nothing written."""
+    cases = [
+        (["--pattern", "structured", "--flops", "1.5"], "--flops must be a fraction in (0, 1)"),
+        (["--pattern", "structured", "--flops", "0"], "--flops must be a fraction in (0, 1)"),
+        (["--pattern", "2:4", "--flops", "0.7"], "--flops is a budget for --pattern structured"),
+        (["--pattern", "unstructured", "--flops", "0.7"], "--flops is a budget for --pattern structured"),
+        (["--pattern", "structured", "--flops", "0.7", "--head-sparsity", "0.2"], "drop --head-sparsity"),
+        (["--pattern", "structured", "--flops", "0.7", "--params", "0.7"], "not both"),
+        (["--pattern", "structured", "--flops", "0.7", "--method", "l1"], "takes --allocation uniform"),
+        (["--pattern", "structured", "--flops", "0.7", "--components", "vae"], "--flops budgets the denoiser"),
+        (["--pattern", "structured", "--flops", "0.05", "--num-prompts", "2", "--steps", "2"],
+         "cannot be met without removing every group of some layer"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        proc = run_cli("prune", default_model, "--out", tmp_path / f"o{i}", *args)
+        assert proc.returncode != 0 and message in error_line(proc), (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "would have to lose all" in error_line(proc)
+    assert not list(tmp_path.iterdir())
+
+
+def test_budget_prune_resumes_to_the_same_model(default_model, tmp_path):
+    """The allocation is made once on the dense model and saved with the first package: a resumed prune uses it."""
+    from obsdiff.prune import Pruner
+    from obsdiff.sparsity import Allocation, Budget, Measure
+
+    config = dict(sparsity=Structured(budget=Budget(Measure.FLOPS, 0.7, Allocation.GLOBAL)), **FAST)
+    whole = prune(default_model, tmp_path / "whole", PruneConfig(**config))
+    with pytest.raises(KeyboardInterrupt):
+        Pruner(default_model, tmp_path / "cut", PruneConfig(**config), stop_after_packages=1).run()
+    resumed = prune(default_model, tmp_path / "cut", PruneConfig(**config), resume=True)
+    assert [r["after"] for r in resumed["layers"]] == [r["after"] for r in whole["layers"]]
+    a, b = load_file(tmp_path / "whole" / "unet" / "diffusion_pytorch_model.safetensors"), \
+        load_file(tmp_path / "cut" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sd_unet_and_vae_decoder_shrink_and_export_smaller_graphs(tiny, tmp_path):
+    """Channel groups of a tiny SD UNet and of the VAE decoder's resnets go; both generate, pass the cpu gates, and
+    each ONNX graph is smaller than the dense one by exactly the parameters removed."""
+    from obsdiff.exporters.bundle import export_bundle
+    from obsdiff.exporters.components import pipeline_dims, specs_for
+    from obsdiff.exporters.onnx import export_onnx
+    from obsdiff.exporters.profiles import Shapes
+
+    record = prune(tiny("sd"), tmp_path / "model", PruneConfig(sparsity=Structured(0.3, 0.3, 0.5),
+                                                              components=("unet", "vae"), num_prompts=2, steps=2,
+                                                              packages=1))
+    vae = record["components"]["vae"]
+    assert vae["channel_groups_removed"] > 0 and vae["heads_removed"] == 0 and vae["flops_after"] < vae["flops_before"]
+    assert all(r["unit"].startswith("decoder.") for r in record["layers"] if r["component"] == "vae")
+    pipe = load_pipeline(tmp_path / "model")
+    images = pipe(["a handwritten digit six"], num_inference_steps=3, height=16, width=16, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(images).all()
+    manifest = export_bundle(tmp_path / "model", "cpu", tmp_path / "b")
+    assert all(g["passed"] for g in manifest["validation"]["gates"]), manifest["validation"]["gates"]
+    dense = load_pipeline(tiny("sd"))
+    export_onnx(dense, tmp_path / "dense", specs_for(dense), pipeline_dims(dense, Shapes()), exporter="optimum")
+    for name, graph in (("unet", "unet"), ("vae", "vae_decoder")):
+        removed = record["components"][name]["params_removed"]
+        shrunk_by = parameters_in_graph(tmp_path / "dense" / graph / "model.onnx") - parameters_in_graph(
+            tmp_path / "b" / graph / "model.onnx")
+        assert removed > 0 and shrunk_by == removed, name
