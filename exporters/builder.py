@@ -47,6 +47,12 @@ def return_freed_memory() -> None:
 
 
 class BundleBuilder(ABC):
+    def component_specs(self, pipe, dims: dict[str, int]) -> tuple:
+        """The component descriptions this format writes, which the manifest lists (default: the pipeline's own)."""
+        from obsdiff.exporters.components import specs_for
+
+        return specs_for(pipe)
+
     @abstractmethod
     def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
         """Write the format's files into ``staging``; return results with ``components`` and ``gates``."""

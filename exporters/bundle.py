@@ -20,9 +20,10 @@ from pathlib import Path
 from obsdiff.api import __version__, check_image_size, check_model_folder, load_pipeline, read_pruning_record
 from obsdiff.atomic import check_disjoint, discard_staging, fault_point, replace_dir, staging_path
 from obsdiff.errors import BundleError, GateError, UsageError
+from obsdiff.exporters.apple import AppleOptions
 from obsdiff.exporters.artifacts import record_sparsity, sha256
 from obsdiff.exporters.builder import TorchPipelines
-from obsdiff.exporters.components import SizeRule, pipeline_dims, specs_for
+from obsdiff.exporters.components import SizeRule, pipeline_dims
 from obsdiff.exporters.profiles import Precision, Shapes, TargetProfile, load_profile
 from obsdiff.exporters.registry import builder_class, make_builder
 from obsdiff.resources import model_prompts
@@ -115,7 +116,8 @@ NO_OVERRIDES = ShapeOverrides()
 def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | None = None, overwrite: bool = False,
                   zip_bundle: bool = False, force: bool = False, dense_model: Path | None = None,
                   compress: str | None = None, deployment_target: str | None = None,
-                  source_name: str | None = None, shapes: ShapeOverrides = NO_OVERRIDES) -> dict:
+                  source_name: str | None = None, shapes: ShapeOverrides = NO_OVERRIDES,
+                  apple: AppleOptions | None = None) -> dict:
     """Export, validate, publish: the bundle appears at ``out`` whole, and only when every gate passed.
 
     Shapes default to the model's native size (``SizeRule``) and are checked against it before anything is
@@ -133,11 +135,11 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
     if spec is not None:
         profile.check_pattern(spec, force)
     prompts = model_prompts(model_dir, profile.shapes.gate_prompts)
-    builder = make_builder(profile, prec, prompts, compress, deployment_target)
+    builder = make_builder(profile, prec, prompts, compress, deployment_target, apple)
     # No local name holds the pipelines: the builder lets them go before it loads the exported runtime.
     models = TorchPipelines(load_pipeline(model_dir, model_index), load_pipeline(dense_model) if dense_model else None)
-    specs = specs_for(models.pipe)
     dims = pipeline_dims(models.pipe, profile.shapes)
+    specs = builder.component_specs(models.pipe, dims)
     staging = staging_path(out)
     staging.mkdir()
     zip_staging = out.with_name(f".{out.name}.zip.obsdiff-staging")

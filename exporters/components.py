@@ -62,10 +62,10 @@ class ComponentSpec:
         out = {}
         for t in self.inputs:
             shape = self.resolve(dims, t)
-            if t.dtype in (torch.int64, torch.int32):
-                if t.high is None:
-                    raise ExportError(f"{self.name}: integer input {t.name} has no upper bound in its description")
-                out[t.name] = torch.randint(0, dims[t.high], shape, generator=g, dtype=t.dtype)
+            if t.dtype in (torch.int64, torch.int32) and t.high is None:
+                raise ExportError(f"{self.name}: integer input {t.name} has no upper bound in its description")
+            if t.high is not None:  # token ids or positions (float32 ones in Apple's text encoder input)
+                out[t.name] = torch.randint(0, dims[t.high], shape, generator=g).to(t.dtype)
             elif t.name == "timestep":
                 out[t.name] = torch.full(shape, float(dims["timestep"]), dtype=t.dtype)
             else:

@@ -1,12 +1,14 @@
 """Core ML exporter: traced PyTorch → mlprogram (fp16) → pruned weights stored sparsely, for app bundles.
 
-Layout (Apple's Swift Stable Diffusion names): ``Resources/TextEncoder.mlpackage`` (SDXL and SD3 add
-``TextEncoder2``; a T5 encoder is ``TextEncoderT5``), ``Unet.mlpackage`` or, for SD3,
-``MultiModalDiffusionTransformer.mlpackage`` (Flux: ``FluxTransformer.mlpackage``, our name, as Apple ships
-no Flux pipeline), ``VAEDecoder.mlpackage``, ``vocab.json``, ``merges.txt`` (plus ``tokenizer.json`` and
-``tokenizer_config.json`` for T5), ``scheduler_config.json``, and the shared ``manifest.json``. Inputs and
-outputs keep the names of the component descriptions (the same as the ONNX bundles; ``.`` becomes ``_``),
-with fixed shapes from the target profile.
+Two layouts. ``apple`` (the ios/macos default; ``exporters/apple.py``): what Apple's Swift ``StableDiffusion``
+package loads: ``Packages/TextEncoder.mlpackage`` (SDXL adds ``TextEncoder2``), ``Unet`` or ``UnetChunk1`` +
+``UnetChunk2``, ``VAEDecoder``, with Apple's IO names and layouts; ``Resources/vocab.json`` and ``merges.txt``;
+``compile_models.sh`` compiles the packages into ``Resources/*.mlmodelc`` on a Mac; ``README_DEVICE.md`` has the
+Swift call. ``ours``: ``Resources/TextEncoder.mlpackage`` (SDXL and SD3 add ``TextEncoder2``; a T5 encoder is
+``TextEncoderT5``), ``Unet.mlpackage`` or, for SD3, ``MultiModalDiffusionTransformer.mlpackage`` (Flux:
+``FluxTransformer.mlpackage``, our name), ``VAEDecoder.mlpackage``, the tokenizer files and
+``scheduler_config.json``, with the inputs and outputs of the component descriptions (the same as the ONNX bundles;
+``.`` becomes ``_``). Both have fixed shapes from the target profile and the shared ``manifest.json``.
 
 Sparse storage uses coremltools' own threshold pruner at |w| ≤ 1e-12, so exactly the OBS zeros become
 the sparse mask (iOS 16+). ``compress`` adds palettization or int8 on top, which needs iOS 18.
@@ -26,6 +28,21 @@ import numpy as np
 import torch
 
 from obsdiff.errors import BundleError, UsageError
+from obsdiff.exporters.apple import (
+    COMPILE_SCRIPT,
+    AppleOptions,
+    AttentionImplementation,
+    Layout,
+    apple_specs,
+    attention_implementation,
+    auto_chunk,
+    check_family,
+    chunk_of,
+    chunk_split,
+    contract_files,
+    device_readme,
+    layout_check,
+)
 from obsdiff.exporters.artifacts import pruned_weights
 from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
 from obsdiff.exporters.components import (
@@ -44,6 +61,8 @@ from obsdiff.exporters.validate import gate, psnr, reference_io, timings_ms
 log = logging.getLogger(__name__)
 
 RESOURCES = "Resources"
+PACKAGES = "Packages"  # Apple layout: the .mlpackage sources that compile_models.sh compiles into Resources/
+LAYOUT_MIN_COSINE = 0.9999
 PACKAGE_NAMES = {"text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "text_encoder_3": "TextEncoderT5",
                  "unet": "Unet", "transformer": "MultiModalDiffusionTransformer", "vae_decoder": "VAEDecoder",
                  "vae_encoder": "VAEEncoder"}
@@ -210,21 +229,50 @@ def check_weights(path: Path, wrapper_attr: str, weights: dict[str, torch.Tensor
 
 
 def check_io(path: Path, spec: ComponentSpec, dims: dict[str, int]) -> dict:
-    """(c) input and output names, and input shapes, match the component description."""
+    """(c) input names, shapes and dtypes, and output names in order, match the component description (for the
+    Apple layout: the Swift contract, e.g. float32 token ids and (B, C, 1, S) text states; the noise first)."""
+    from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType
+
     mlspec, _ = load_program(path)
-    got_in = {i.name: list(i.type.multiArrayType.shape) for i in mlspec.description.input}
+    names = {ArrayFeatureType.FLOAT32: "float32", ArrayFeatureType.FLOAT16: "float16", ArrayFeatureType.INT32: "int32"}
+    got_in = {i.name: [list(i.type.multiArrayType.shape), names.get(i.type.multiArrayType.dataType, "other")]
+              for i in mlspec.description.input}
     got_out = [o.name for o in mlspec.description.output]
-    want_in = {t.name: list(spec.resolve(dims, t)) or [1] for t in spec.inputs}
+    want_in = {t.name: [list(spec.resolve(dims, t)) or [1], "float32" if t.dtype.is_floating_point else "int32"]
+               for t in spec.inputs}
     want_out = [feature_name(t.name) for t in spec.outputs]
     return {"inputs": got_in, "outputs": got_out, "passed": got_in == want_in and got_out == want_out}
 
 
 class CoreMLBundleBuilder(BundleBuilder):
     def __init__(self, profile: TargetProfile, precision: Precision, compress: str | None = None,
-                 deployment_target: str | None = None) -> None:
+                 deployment_target: str | None = None, apple: AppleOptions | None = None) -> None:
         self.profile, self.precision, self.compress = profile, precision, compress
         self.deployment_target = resolve_deployment_target(deployment_target, profile.backend.get(
             "deployment_target", "iOS17"), compress)
+        self.layout, self.chunk_unet, self.attention = (apple or AppleOptions()).resolve(profile.backend)
+        self._specs: tuple[ComponentSpec, ...] | None = None
+
+    def component_specs(self, pipe, dims: dict[str, int]) -> tuple[ComponentSpec, ...]:
+        """The packages to convert, for the profile's component roles: Apple's contract (chunked or not), or our own
+        descriptions. Made once per export (the chunk interface comes from running chunk 1)."""
+        if self._specs is not None:
+            return self._specs
+        wanted = self.profile.backend.get("components", [TEXT_ENCODER, DENOISER, VAE_DECODER])
+        unknown = sorted(set(wanted) - set(ROLES))
+        if unknown:
+            raise UsageError(f"target {self.profile.name}: [coreml] components are roles ({', '.join(ROLES)}); "
+                             f"unknown: {', '.join(unknown)}")
+        if self.layout is Layout.OURS:
+            specs = specs_for(pipe)
+        else:
+            check_family(pipe)
+            chunk = self.chunk_unet
+            if chunk is None:  # "auto": as Apple does for iPhones, above 1 GB of UNet weights
+                chunk = auto_chunk(pipe.unet, 2 if self.precision is Precision.FP16 else 4)
+            specs = apple_specs(pipe, dims, chunk)
+        self._specs = tuple(s for s in specs if s.role in wanted)
+        return self._specs
 
     @classmethod
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
@@ -235,25 +283,31 @@ class CoreMLBundleBuilder(BundleBuilder):
 
         profile, pipe = self.profile, models.pipe
         dims = pipeline_dims(pipe, profile.shapes)
-        wanted = profile.backend.get("components", [TEXT_ENCODER, DENOISER, VAE_DECODER])
-        unknown = sorted(set(wanted) - set(ROLES))
-        if unknown:
-            raise UsageError(f"target {profile.name}: [coreml] components are roles ({', '.join(ROLES)}); "
-                             f"unknown: {', '.join(unknown)}")
-        specs = [s for s in specs_for(pipe) if s.role in wanted]
+        specs = self.component_specs(pipe, dims)
+        apple = self.layout is Layout.APPLE
         resources = staging / RESOURCES
         resources.mkdir(parents=True)
+        packages = staging / PACKAGES if apple else resources  # Apple: Resources/ gets the compiled models
+        packages.mkdir(exist_ok=True)
         results: dict = {"deployment_target": self.deployment_target, "compress": self.compress, "components": {},
-                         "gates": [], "notes": []}
+                         "gates": [], "notes": [], "layout": str(self.layout),
+                         "attention_implementation": str(self.attention)}
         with tempfile.TemporaryDirectory() as tmp:
             for spec in specs:
                 t0 = time.time()
                 weights = pruned_weights(pipe, record, spec.source)
-                model = convert_component(pipe, spec, dims, self.deployment_target, self.precision)
+                if spec.name.startswith("UnetChunk"):  # each chunk holds its own stages' weights
+                    split = chunk_split(pipe.unet)
+                    weights = {k: v for k, v in weights.items() if chunk_of(k, pipe.unet, split) == spec.name}
+                layout = layout_check(pipe, spec, dims, self.attention) if apple else {}
+                # Apple's split-einsum formulation is for the UNet's attention (MMDiT joint attention keeps its own)
+                impl = self.attention if spec.source == "unet" else AttentionImplementation.ORIGINAL
+                with attention_implementation(getattr(pipe, spec.source), impl):
+                    model = convert_component(pipe, spec, dims, self.deployment_target, self.precision)
                 dense_path = Path(tmp) / f"{spec.name}.mlpackage"
                 model.save(str(dense_path))
                 del model  # it keeps its MIL program, every constant included; the pruner reloads them from disk
-                final = resources / f"{package_name(pipe, spec)}.mlpackage"
+                final = packages / f"{spec.name if apple else package_name(pipe, spec)}.mlpackage"
                 sparsity = _zero_fraction(weights)
                 if weights:
                     dense = ct.models.MLModel(str(dense_path), skip_model_load=True)
@@ -268,6 +322,10 @@ class CoreMLBundleBuilder(BundleBuilder):
                         "pruned_sparsity": sparsity, "io": check_io(final, spec, dims)}
                 results["gates"].append(gate(f"{spec.name} IO matches the description", float(comp["io"]["passed"]),
                                              ">=", 1.0))
+                if layout:
+                    comp["layout_cosine"] = layout
+                    results["gates"].append(gate(f"{spec.name} Apple layout vs the original module cosine",
+                                                 min(layout.values()), ">=", LAYOUT_MIN_COSINE))
                 if weights:
                     comp["weights"] = check_weights(final, WRAPPED_ATTR, weights, exact_values=not self.compress)
                     results["gates"].append(gate(f"{spec.name} pruned weights read back exactly",
@@ -283,6 +341,9 @@ class CoreMLBundleBuilder(BundleBuilder):
                                                  profile.gates.min_psnr(self.precision)))
                 results["components"][spec.name] = comp
         _copy_tokenizer_files(pipe, staging, resources)
+        if apple:
+            self._device_files(pipe, specs, staging)
+            results["contract_files"] = contract_files(specs)
         results["notes"].append(
             "Size gate on the weight blob: Core ML stores one mask bit per pruned weight (1/16 of its fp16 size), so "
             "the gate allows that on top of (1 − s) × dense + 5%, where s is the share of the dense weight blob that "
@@ -290,9 +351,24 @@ class CoreMLBundleBuilder(BundleBuilder):
             "and does not shrink with sparsity; package totals are shown beside it.")
         return results
 
+    def _device_files(self, pipe, specs: tuple[ComponentSpec, ...], staging: Path) -> None:
+        """``compile_models.sh`` (Packages/ → Resources/*.mlmodelc on a Mac) and ``README_DEVICE.md``; the scheduler
+        config moves beside them, so that Resources/ holds exactly what the Swift pipeline reads."""
+        (staging / RESOURCES / "scheduler_config.json").rename(staging / "scheduler_config.json")
+        pipeline = "XL" if type(pipe).__name__ == "StableDiffusionXLPipeline" else ""
+        script = staging / "compile_models.sh"
+        script.write_text(COMPILE_SCRIPT.replace("{pipeline}", pipeline + "Pipeline"))
+        script.chmod(0o755)
+        (staging / "README_DEVICE.md").write_text(device_readme(
+            pipe, specs, self.attention, self.profile.backend.get("compute_units", "ALL")))
+
     def report_sections(self, results: dict) -> list[str]:
         """Sizes dense vs sparse, the weight read-back, IO, and prediction (macOS only)."""
         lines: list[str] = []
+        if results.get("layout") == str(Layout.APPLE):
+            lines += ["", f"Layout: Apple's Swift StableDiffusion contract; attention "
+                      f"`{results['attention_implementation']}`. `./compile_models.sh` on a Mac fills `Resources/` "
+                      f"with: {', '.join(results['contract_files'])} (see README_DEVICE.md)."]
         lines += ["", f"## Core ML packages (deployment target {results['deployment_target']}, "
                   f"compression {results['compress'] or 'sparse only'})", "",
                   "| component | package | package KB dense → sparse | weights KB dense → sparse (limit) | sparsity "

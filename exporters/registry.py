@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from obsdiff.errors import BundleError, UsageError
+from obsdiff.exporters.apple import AppleOptions
 from obsdiff.exporters.builder import BundleBuilder
 from obsdiff.exporters.profiles import Format, Precision, TargetProfile
 
@@ -26,11 +27,14 @@ def builder_class(fmt: Format | str) -> type[BundleBuilder]:
 
 
 def make_builder(profile: TargetProfile, precision: Precision, prompts: list[str], compress: str | None = None,
-                 deployment_target: str | None = None) -> BundleBuilder:
-    """The bundle builder for a target's format (Core ML alone takes compression options)."""
+                 deployment_target: str | None = None, apple: AppleOptions | None = None) -> BundleBuilder:
+    """The bundle builder for a target's format (Core ML alone takes compression and Apple-layout options)."""
     cls = builder_class(profile.format)
     if profile.format is Format.COREML:
-        return cls(profile, precision, compress, deployment_target)
+        return cls(profile, precision, compress, deployment_target, apple or AppleOptions())
     if compress or deployment_target:
         raise UsageError("--compress and --deployment-target apply to Core ML targets (ios, macos) only")
+    if apple is not None and apple.given:
+        raise UsageError("--layout, --chunk-unet and --attention-implementation apply to Core ML targets (ios, macos) "
+                         "only")
     return cls(profile, precision, prompts)

@@ -13,9 +13,11 @@ from pathlib import Path
 from obsdiff.api import Dense, PruneConfig, SparsitySpec, check_model_folder, parse_sparsity, prune
 from obsdiff.atomic import check_disjoint, remove, replace_dir, staging_path
 from obsdiff.errors import UsageError
+from obsdiff.exporters.apple import AppleOptions
 from obsdiff.exporters.bundle import NO_OVERRIDES, ShapeOverrides, export_bundle
 from obsdiff.exporters.components import SizeRule
 from obsdiff.exporters.profiles import Precision, TargetProfile, load_profile
+from obsdiff.exporters.registry import make_builder
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ def resolve_pattern(profile: TargetProfile, pattern: str | None, sparsity: float
 
 def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, sparsity: float | None = None,
          precision: str | None = None, force: bool = False, zip_bundle: bool = False,
-         shapes: ShapeOverrides = NO_OVERRIDES) -> dict:
+         shapes: ShapeOverrides = NO_OVERRIDES, apple: AppleOptions | None = None) -> dict:
     """Writes ``OUT/model`` (the pruned diffusers folder) and ``OUT/bundle`` (the validated bundle)."""
     model, out = Path(model), Path(out)
     profile = load_profile(target)
@@ -37,6 +39,7 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
         Precision(precision)
     spec = resolve_pattern(profile, pattern, sparsity)
     profile.check_pattern(spec, force)
+    make_builder(profile, Precision(precision) if precision else profile.precision, [], apple=apple)  # options checked
     defaults = profile.prune
     config = None
     if not isinstance(spec, Dense):
@@ -63,7 +66,8 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
             source = new_model
         manifest = export_bundle(source, target, bundle_dir, precision=precision, overwrite=True, zip_bundle=zip_bundle,
                                  force=force, dense_model=model if config is not None else None,
-                                 source_name=str(pruned_dir if config is not None else model), shapes=shapes)
+                                 source_name=str(pruned_dir if config is not None else model), shapes=shapes,
+                                 apple=apple)
         if config is not None:
             replace_dir(new_model, pruned_dir)
     except BaseException:

@@ -170,12 +170,22 @@ def _shape_overrides(args: argparse.Namespace):
                           gate_steps=args.gate_steps)
 
 
+def _apple_options(args: argparse.Namespace):
+    """``--layout``, ``--chunk-unet``, ``--attention-implementation`` parsed here, once."""
+    from obsdiff.exporters.apple import AppleOptions, parse_attention, parse_layout
+
+    return AppleOptions(layout=parse_layout(args.layout) if args.layout else None,
+                        chunk_unet=True if args.chunk_unet else None,
+                        attention=parse_attention(args.attention_implementation) if args.attention_implementation
+                        else None)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from obsdiff.exporters.bundle import export_bundle
 
     export_bundle(args.model, args.target, args.out, precision=args.precision, overwrite=args.overwrite,
                   zip_bundle=args.zip, force=args.force, dense_model=args.dense, compress=args.compress,
-                  deployment_target=args.deployment_target, shapes=_shape_overrides(args))
+                  deployment_target=args.deployment_target, shapes=_shape_overrides(args), apple=_apple_options(args))
     return 0
 
 
@@ -183,7 +193,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
     from obsdiff.exporters.ship import ship
 
     ship(args.target, args.model, args.out, pattern=args.pattern, sparsity=args.sparsity, precision=args.precision,
-         force=args.force, zip_bundle=args.zip, shapes=_shape_overrides(args))
+         force=args.force, zip_bundle=args.zip, shapes=_shape_overrides(args), apple=_apple_options(args))
     return 0
 
 
@@ -192,6 +202,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     validate_bundle_on_disk(args.bundle)
     return 0
+
+
+def _add_apple_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", help="Core ML: apple (what Apple's Swift StableDiffusion pipeline loads; the ios/macos "
+                   "default) or ours (the ONNX bundles' names and layouts)")
+    p.add_argument("--chunk-unet", action="store_true",
+                   help="Core ML, --layout apple: the UNet as UnetChunk1 + UnetChunk2 of about equal weight (ios does "
+                        "it by default above 1 GB)")
+    p.add_argument("--attention-implementation", metavar="original|split-einsum",
+                   help="Core ML UNet attention: diffusers' own, or Apple's ANE-friendly split-einsum")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -297,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
     p.add_argument("--overwrite", action="store_true")
     _add_shape_options(p)
+    _add_apple_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ship", help="prune with the target's defaults, export, validate (what `make export` runs)")
@@ -310,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
     p.add_argument("--zip", action="store_true")
     _add_shape_options(p)
+    _add_apple_options(p)
     p.set_defaults(func=cmd_ship)
 
     p = sub.add_parser("validate", help="re-check a bundle on disk against its manifest and gates")

@@ -8,6 +8,7 @@ import pytest
 from conftest import error_line, run_cli
 
 from obsdiff.errors import UsageError
+from obsdiff.exporters.apple import AppleOptions, Layout
 from obsdiff.exporters.bundle import ShapeOverrides, export_bundle
 from obsdiff.exporters.coreml import resolve_deployment_target, stored_weights
 from obsdiff.model_io import load_pipeline
@@ -17,10 +18,11 @@ from obsdiff.sparsity import Unstructured, parse_sparsity
 
 @pytest.fixture(scope="module", params=["unstructured", "2:4"])
 def ios_bundle(request, tiny, tmp_path_factory):
-    """A tiny UNet pruned 50% (unstructured or 2:4) and exported for iOS."""
+    """A tiny UNet pruned 50% (unstructured or 2:4) and exported for iOS with our own IO (``--layout ours``; Apple's
+    layout is tests/test_apple.py)."""
     root = tmp_path_factory.mktemp(f"ios_{request.param.replace(':', '')}")
     prune(tiny("sd"), root / "model", PruneConfig(sparsity=parse_sparsity(request.param, 0.5), num_prompts=2, steps=2, packages=1))
-    export_bundle(root / "model", "ios", root / "bundle")
+    export_bundle(root / "model", "ios", root / "bundle", apple=AppleOptions(layout=Layout.OURS))
     return root
 
 
@@ -71,7 +73,7 @@ def test_deployment_target_rules(tmp_path, ios_bundle):
     assert resolve_deployment_target(None, "iOS17", "palettize-4bit") == "iOS18"  # raised automatically
     with pytest.raises(UsageError, match="minimum is iOS18"):
         resolve_deployment_target("iOS17", "iOS17", "int8")
-    proc = run_cli("export", ios_bundle / "model", "--target", "ios", "--out", tmp_path / "x",
+    proc = run_cli("export", ios_bundle / "model", "--target", "ios", "--out", tmp_path / "x", "--layout", "ours",
                    "--compress", "palettize-4bit", "--deployment-target", "iOS16")
     assert proc.returncode != 0 and "the minimum is iOS18" in error_line(proc)
     assert not (tmp_path / "x").exists()
@@ -89,7 +91,8 @@ def test_transformer_app_bundles(family, kwargs, packages, tiny, tmp_path):
     blob the zeros free, not the pruned layers' sparsity.
     """
     prune(tiny(family, **kwargs), tmp_path / "model", PruneConfig(sparsity=Unstructured(0.5), num_prompts=2, steps=2, packages=1))
-    manifest = export_bundle(tmp_path / "model", "ios", tmp_path / "bundle", shapes=ShapeOverrides(height=16, width=16))
+    manifest = export_bundle(tmp_path / "model", "ios", tmp_path / "bundle", shapes=ShapeOverrides(height=16, width=16),
+                             apple=AppleOptions(layout=Layout.OURS))  # Apple's Swift pipeline has no layout for them
     results = manifest["validation"]
     assert all(g["passed"] for g in results["gates"]), results["gates"]
     resources = tmp_path / "bundle" / "Resources"

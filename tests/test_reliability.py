@@ -328,7 +328,7 @@ def test_coreml_size_gate_refuses_dense_storage(pruned_tiny, tmp_path, monkeypat
     out = tmp_path / "b"
     with pytest.raises(GateError) as exc:
         export_bundle(pruned_tiny, "ios", out)
-    _refused(exc, "unet weight bytes ≤ (1−s)·dense + 5% + mask", out)
+    _refused(exc, "Unet weight bytes ≤ (1−s)·dense + 5% + mask", out)
 
 
 def test_coreml_read_back_gate_refuses_a_swapped_weight(pruned_tiny, tmp_path, monkeypatch):
@@ -349,7 +349,7 @@ def test_coreml_read_back_gate_refuses_a_swapped_weight(pruned_tiny, tmp_path, m
     out = tmp_path / "b"
     with pytest.raises(GateError) as exc:
         export_bundle(pruned_tiny, "ios", out)
-    _refused(exc, "unet pruned weights read back exactly", out)
+    _refused(exc, "Unet pruned weights read back exactly", out)
 
 
 # ---- faults: killed at each stage boundary, nothing half-written, the rerun succeeds ---------------------------
