@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -361,6 +362,11 @@ class CoreMLBundleBuilder(BundleBuilder):
         script.chmod(0o755)
         (staging / "README_DEVICE.md").write_text(device_readme(
             pipe, specs, self.attention, self.profile.backend.get("compute_units", "ALL")))
+        if platform.system() == "Darwin" and shutil.which("xcrun"):  # pragma: no cover - macOS with Xcode only
+            log.info("compiling the packages into %s/ (xcrun coremlcompiler)", RESOURCES)
+            proc = subprocess.run([str(script)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise BundleError(f"compile_models.sh failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
 
     def report_sections(self, results: dict) -> list[str]:
         """Sizes dense vs sparse, the weight read-back, IO, and prediction (macOS only)."""

@@ -77,8 +77,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from obsdiff.prune import PruneConfig, prune
+    from obsdiff.quantize import parse_quantization
     from obsdiff.sparsity import parse_sparsity
 
+    quantization = parse_quantization(args.quantize, args.group_size, args.quantize_method)
     spec = parse_sparsity(args.pattern, args.sparsity, head_sparsity=args.head_sparsity, ffn_sparsity=args.ffn_sparsity,
                           channel_sparsity=args.channel_sparsity, flops=args.flops, params=args.params,
                           allocation=args.allocation)
@@ -88,7 +90,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, weighting=args.weighting, alpha_min=args.alpha_min,
         alpha_max=args.alpha_max, packages=args.packages, damp=args.damp, blocks=args.blocks, seed=args.seed,
         batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, compensate=not args.no_compensate,
-        max_memory_gib=args.max_memory,
+        max_memory_gib=args.max_memory, quantization=quantization,
     )
     from obsdiff.distributed import init_world, shutdown
 
@@ -292,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="structured budget: rank every group of every unit by OBS error per FLOP saved (global, the "
                         "default), or one fraction for all units (uniform)")
     p.add_argument("--no-compensate", action="store_true", help="structured: remove without OBS update")
+    p.add_argument("--quantize", metavar="int8|int4",
+                   help="also quantize the weights (symmetric, per output channel; --pattern dense: quantize only)")
+    p.add_argument("--group-size", type=_int_arg, help="--quantize: one scale per this many columns (e.g. 32 for int4)")
+    p.add_argument("--quantize-method", metavar="gptq|rtn",
+                   help="gptq (default): rounded inside the OBS sweep, each error compensated; rtn: round to nearest "
+                        "after pruning (the baseline)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("evaluate", help="conditional digit accuracy and Fréchet distance (default model family)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from obsdiff.errors import UsageError
 from obsdiff.hessian import Weighting
+from obsdiff.quantize import Quantization, QuantMethod
 from obsdiff.sparsity import NM, Allocation, Dense, SparsitySpec, Structured, Unstructured, to_json
 
 DENOISER = "denoiser"  # alias: the pipeline's UNet or transformer
@@ -75,6 +76,7 @@ class PruneConfig:
     hessian_dtype: str = "float32"  # "float64": the sum no longer depends on batching or sharding
     compensate: bool = True  # structured only: OBS update of the remaining columns
     max_memory_gib: float | None = None  # packages are split to fit; None: the device's available memory
+    quantization: Quantization | None = None  # weights rounded in the same pass (GPTQ) or after it (RTN)
 
     def validate(self) -> None:
         """Every option, with a one-line error naming it; called before the model is loaded."""
@@ -86,8 +88,17 @@ class PruneConfig:
         spec = self.sparsity
         if not isinstance(spec, (Dense, Unstructured, NM, Structured)):
             raise UsageError(f"sparsity must be a parsed pattern, got {spec!r}")
-        if isinstance(spec, Dense):
-            raise UsageError("the dense pattern prunes nothing: export the model as it is")
+        if isinstance(spec, Dense) and self.quantization is None:
+            raise UsageError("the dense pattern prunes nothing: export the model as it is (or quantize it: --quantize)")
+        if self.quantization is not None:
+            if not isinstance(self.quantization, Quantization):
+                raise UsageError(f"quantization must be a parsed value, got {self.quantization!r}")
+            if isinstance(spec, Structured):
+                raise UsageError("--quantize with --pattern structured is not supported yet: quantize the shrunk "
+                                 "model in a second prune (--pattern dense --quantize int8)")
+            if self.quantization.method is QuantMethod.GPTQ and self.method is not Method.OBS_DIFF:
+                raise UsageError(f"GPTQ rounds inside the OBS sweep and needs the full Hessian: use --method obs-diff, "
+                                 f"or --quantize-method rtn with --method {self.method}")
         if isinstance(spec, Structured):
             if self.method not in (Method.OBS_DIFF, Method.L1):
                 raise UsageError("--pattern structured takes --method obs-diff or l1")
@@ -123,7 +134,8 @@ class PruneConfig:
 
     def to_json(self) -> dict:
         """The settings as ``pruning.json`` records them (the pattern in its canonical form)."""
-        data = {k: v for k, v in asdict(self).items() if k != "sparsity"}
+        data = {k: v for k, v in asdict(self).items() if k not in ("sparsity", "quantization")}
+        data["quantization"] = self.quantization.to_json() if self.quantization else None
         data = {k: (str(v) if isinstance(v, (Path, enum.Enum)) else v) for k, v in data.items()}
         return {**data, **to_json(self.sparsity), "components": list(self.components)}
 

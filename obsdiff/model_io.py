@@ -18,6 +18,7 @@ from obsdiff.errors import ModelFolderError
 log = logging.getLogger(__name__)
 
 PRUNING_JSON = "pruning.json"
+QUANT_SCALES = "obsdiff_quantization.safetensors"  # beside a component's weights: "<layer>.weight_scale" tensors
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -137,7 +138,8 @@ def load_shrunk_components(path: Path, components: dict) -> dict:
         apply_shapes(model, shapes)
         state = {}
         for f in sorted(folder.glob("*.safetensors")):
-            state.update(load_file(f))
+            if f.name != QUANT_SCALES:  # the scales of quantized weights are not module state
+                state.update(load_file(f))
         load_state_strict(model, state, folder)
         out[name] = model.eval()
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
 
 from obsdiff import __version__
@@ -33,7 +33,16 @@ from obsdiff.distributed import World, all_reduce_hessians, barrier, broadcast_l
 from obsdiff.errors import ObsdiffError, UsageError
 from obsdiff.hessian import StepContext, timestep_weights
 from obsdiff.layers import column_permutation, reduction_size, set_weight_matrix, weight_matrix
-from obsdiff.model_io import PRUNING_JSON, check_model_folder, copy_model_files, load_pipeline, pipeline_components
+from obsdiff.model_io import (
+    PRUNING_JSON,
+    QUANT_SCALES,
+    check_model_folder,
+    copy_model_files,
+    load_pipeline,
+    pipeline_components,
+    read_pruning_record,
+)
+from obsdiff.quantize import Quantization, QuantMethod, rtn
 from obsdiff.resources import default_prompts_file, read_prompt_lines
 from obsdiff.shrink import apply_shapes
 from obsdiff.solver import (
@@ -41,11 +50,13 @@ from obsdiff.solver import (
     finite_or_none,
     inverse_factor,
     magnitude_prune,
+    obs_prune,
     obs_prune_factored,
     output_energy,
+    reconstruction_error,
     wanda_prune,
 )
-from obsdiff.sparsity import NM, Allocation, MaskPattern, Measure, Structured
+from obsdiff.sparsity import NM, Allocation, Dense, MaskPattern, Measure, Structured
 
 __all__ = ["DENOISER", "Method", "PruneConfig", "Pruner", "prune"]
 
@@ -166,6 +177,8 @@ def resolve_components(requested: tuple[str, ...], available: dict) -> tuple[str
 # ---- checkpoints -------------------------------------------------------------------------------------
 
 PACKAGES_DONE = "obsdiff.packages_done"  # safetensors metadata: which progress state the weights belong to
+# Scales index the solver's columns: a Linear's in_features; a Conv's (kernel row, kernel column, input channel).
+SCALE_COLUMNS = "linear: in_features; conv: (kernel row, kernel column, input channel), channel fastest"
 
 
 def _partial_dir(out_dir: Path) -> Path:
@@ -214,6 +227,14 @@ def _load_checkpoint(partial: Path, fingerprint: str, components: dict) -> Progr
     return saved
 
 
+def _merge_shapes(earlier: dict, new: dict) -> dict:
+    """Structured shapes of a component pruned twice: the second run's units override the first's."""
+    ffn = {e["down"]: e for e in earlier.get("ffn", [])} | {e["down"]: e for e in new.get("ffn", [])}
+    return {"attention_heads": {**earlier.get("attention_heads", {}), **new.get("attention_heads", {})},
+            "ffn": list(ffn.values()),
+            "resnet_groups": {**earlier.get("resnet_groups", {}), **new.get("resnet_groups", {})}}
+
+
 def _structured_shapes(records: list[dict], component: str) -> dict:
     from obsdiff.structured import shapes_from_records
 
@@ -227,12 +248,20 @@ def _structured_shapes(records: list[dict], component: str) -> dict:
 class MaskStrategy:
     """Unstructured or N:M: OBS (or a baseline) sets weights to zero; shapes stay."""
 
-    def __init__(self, config: PruneConfig, pattern: MaskPattern) -> None:
-        self.config, self.pattern = config, pattern
+    def __init__(self, config: PruneConfig, pattern: MaskPattern | None) -> None:
+        self.config, self.pattern = config, pattern  # pattern None: nothing pruned, only quantized
+        self.scales: dict[str, torch.Tensor] = {}  # "component.layer" → quantization scales
 
     def plan(self, name: str, module, adapter: Adapter) -> tuple[list[list], list[Skipped]]:
         all_blocks = [b for b, _ in adapter.block_modules(module)]
         targets, skipped = find_targets(module, adapter, block_filter(self.config.blocks, all_blocks))
+        quant = self.config.quantization
+        if quant is not None and quant.group_size:
+            misfits = [f"{t.name} ({weight_matrix(t.module).shape[1]} columns)" for t in targets
+                       if weight_matrix(t.module).shape[1] % quant.group_size]
+            if misfits:
+                raise UsageError(f"--group-size {quant.group_size} does not divide the columns of {len(misfits)} "
+                                 f"layer(s) of {name}: {', '.join(misfits[:3])}{' …' if len(misfits) > 3 else ''}")
         fit = []
         for t in targets:
             if isinstance(self.pattern, NM) and reduction_size(t.module) % self.pattern.m:
@@ -271,6 +300,8 @@ class MaskStrategy:
                 result = self._solve(weight_matrix(t.module), hooks, t.name, column_permutation(t.module), last)
                 solve_s = time.time() - t0
                 set_weight_matrix(t.module, result.weight)
+                if result.scales is not None:
+                    self.scales[f"{component}.{t.name}"] = result.scales
                 record = asdict(LayerRecord(
                     name=f"{component}.{t.name}", kind=type(t.module).__name__, shape=list(t.module.weight.shape),
                     package=index, sparsity=float((t.module.weight == 0).float().mean()),
@@ -282,7 +313,9 @@ class MaskStrategy:
 
     def _solve(self, weight: torch.Tensor, hooks: PackageHooks | None, name: str, perm: torch.Tensor | None,
                last: bool) -> SolveResult:
-        method = self.config.method
+        method, quant = self.config.method, self.config.quantization
+        if quant is not None and quant.method is QuantMethod.RTN:
+            return self._prune_then_round(weight, hooks, name, perm, quant)
         if method is Method.MAGNITUDE:
             return magnitude_prune(weight, self.pattern)
         hessian = hooks.hessian(name).hessian
@@ -293,14 +326,35 @@ class MaskStrategy:
         del hessian
         if last:  # the sweep is the solve's peak: H goes first when no later layer reads it
             hooks.release(name)
-        return obs_prune_factored(weight, factor, self.pattern, energy)
+        return obs_prune_factored(weight, factor, self.pattern, energy, quant=quant)
+
+    def _prune_then_round(self, weight: torch.Tensor, hooks: PackageHooks | None, name: str,
+                          perm: torch.Tensor | None, quant: Quantization) -> SolveResult:
+        """The RTN baseline: prune as the method does, then round every kept weight to its nearest grid point; the
+        error of both together is measured on H (when the method calibrated a full one)."""
+        method = self.config.method
+        hessian = hooks.hessian(name).hessian if hooks is not None else None
+        full = hessian if hessian is not None and hessian.dim() == 2 else None
+        if self.pattern is None:
+            pruned = weight.float()
+        elif method is Method.MAGNITUDE:
+            pruned = magnitude_prune(weight, self.pattern).weight
+        elif method is Method.WANDA:
+            pruned = wanda_prune(weight, hessian, self.pattern, perm).weight
+        else:
+            pruned = obs_prune(weight, hessian, self.pattern, damp=self.config.damp, perm=perm).weight
+        rounded, scale = rtn(pruned, quant)
+        err, rel = reconstruction_error(weight, rounded, full, perm) if full is not None else (math.nan, math.nan)
+        return SolveResult(rounded, rounded == 0, err, rel, self.config.damp, scale)
 
     def summary(self, name: str, adapter: Adapter, packages: list, skipped: list[Skipped], progress: Progress,
                 pruner: Pruner) -> dict:
         layers = [r for r in progress.layers if r["name"].startswith(name + ".")]
         pruned = sum(math.prod(r["shape"]) for r in layers)
         zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers)
+        quant = self.config.quantization
         return {"adapter": adapter.family, "packages": [[t.name for t in p] for p in packages],
+                "quantization": str(quant) if quant else None,
                 "pruned_layers": len(layers), "pruned_weights": pruned,
                 "sparsity_of_pruned_layers": zeros / max(pruned, 1),
                 "skipped": [{"name": f"{name}.{s.name}", "reason": s.reason} for s in skipped]}
@@ -423,7 +477,9 @@ class StructuredStrategy:
 
 def make_strategy(config: PruneConfig) -> MaskStrategy | StructuredStrategy:
     spec = config.sparsity
-    return StructuredStrategy(config, spec) if isinstance(spec, Structured) else MaskStrategy(config, spec)
+    if isinstance(spec, Structured):
+        return StructuredStrategy(config, spec)
+    return MaskStrategy(config, None if isinstance(spec, Dense) else spec)
 
 
 # ---- the driver -----------------------------------------------------------------------------------------
@@ -466,6 +522,8 @@ class Pruner:
         prompts = self.prompts
         prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
         world = self.world
+        if config.quantization is not None and world.size > 1:
+            raise UsageError("--quantize runs in one process for now (the scales are not broadcast between ranks)")
         if prompts and -(-len(prompts) // config.batch_size) < world.size:
             raise UsageError(f"{len(prompts)} prompts in batches of {config.batch_size} give fewer batches than "
                              f"the {world.size} processes")
@@ -482,6 +540,8 @@ class Pruner:
         progress = Progress(fingerprint)
         if self.resume and partial.is_dir():
             progress = _load_checkpoint(partial, fingerprint, components)
+            for name in progress.done:
+                self._load_scales(name, partial / f"{name}.{QUANT_SCALES}")
             log.info("resuming: %s", ", ".join(f"{c} {n} package(s) done" for c, n in progress.done.items()) or "nothing")
         elif world.is_main:
             staging_path(self.out_dir, ".obsdiff-partial")  # a stale one is removed
@@ -504,14 +564,17 @@ class Pruner:
                     if self.stop_after is not None and ran >= self.stop_after:
                         raise KeyboardInterrupt("stopped on request")
                     log.info("%s package %d/%d: %d units", name, p + 1, len(packages), len(package))
-                    hooks = self.strategy.take_hooks(name, p) or \
-                        self._calibrate(name, adapter, self.strategy.hooked_layers(package), p, settings, progress)
+                    hooks = self.strategy.take_hooks(name, p)
+                    if hooks is None:
+                        hooks = self._calibrate(name, adapter, self.strategy.hooked_layers(package), p, settings,
+                                                progress)
                     t0 = time.time()
                     self.strategy.solve(self, name, package, p, hooks, progress)
                     del hooks
                     progress.timings["solve_s"] = progress.timings.get("solve_s", 0) + time.time() - t0
                     progress.done[name] = p + 1
                     if world.is_main:
+                        self._save_scales(name, partial / f"{name}.{QUANT_SCALES}")
                         _save_checkpoint(partial, progress, name, components[name])
                     ran += 1
                     fault_point("after-package", world.rank)
@@ -672,6 +735,10 @@ class Pruner:
         config = self.config
         structured = {name: _structured_shapes(progress.layers, name) for name in summaries} \
             if isinstance(self.strategy, StructuredStrategy) else {}
+        # A source that was already shrunk keeps its shapes (for the components, or units, not shrunk again here).
+        earlier = ((read_pruning_record(self.model_dir) or {}).get("structured") or {}).get("components", {})
+        structured = {name: _merge_shapes(earlier.get(name, {}), structured.get(name, {}))
+                      for name in {*earlier, *structured}}
         return {
             "tool": "obsdiff", "version": __version__, "source": str(self.model_dir), "settings": config.to_json(),
             "calibration": {"prompts": len(prompts), "prompts_sha256": prompts_sha,
@@ -683,6 +750,26 @@ class Pruner:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 
+    def _save_scales(self, component: str, path: Path) -> None:
+        """The quantization scales of one component's layers, beside its weights (which hold the dequantized values,
+        so diffusers loads the folder as it is); an exporter turns weight / scale back into the integer codes."""
+        scales = getattr(self.strategy, "scales", {})
+        mine = {k.removeprefix(component + ".") + ".weight_scale": v.contiguous()
+                for k, v in scales.items() if k.startswith(component + ".")}
+        if not mine:
+            return
+        quant = self.config.quantization
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(mine, str(tmp), metadata={"bits": str(quant.bits), "group_size": str(quant.group_size or 0),
+                                            "method": str(quant.method), "columns": SCALE_COLUMNS})
+        fsync_file(tmp)
+        tmp.replace(path)
+
+    def _load_scales(self, component: str, path: Path) -> None:
+        if path.is_file() and isinstance(self.strategy, MaskStrategy):
+            self.strategy.scales.update({f"{component}.{k.removesuffix('.weight_scale')}": v
+                                         for k, v in load_file(str(path)).items()})
+
     def _write_output(self, record: dict) -> None:
         """The pruned folder is built in a staging folder and renamed into place whole."""
         staging = staging_path(self.out_dir)
@@ -690,6 +777,7 @@ class Pruner:
             copy_model_files(self.model_dir, staging, skip=set(self.config.components) | {PRUNING_JSON})
             for name in self.config.components:
                 self.pipe.components[name].save_pretrained(staging / name, safe_serialization=True)
+                self._save_scales(name, staging / name / QUANT_SCALES)
             (staging / PRUNING_JSON).write_text(json.dumps(record, indent=2))
             fault_point("before-publish")
             replace_dir(staging, self.out_dir)

@@ -10,11 +10,13 @@ return a ``SolveResult``. Nothing here knows about modules, diffusers or logging
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from obsdiff import quantize
 from obsdiff.errors import SolverError
+from obsdiff.quantize import Quantization
 from obsdiff.sparsity import NM, MaskPattern
 
 
@@ -25,6 +27,7 @@ class SolveResult:
     error: float  # ‖(W − Ŵ)X‖² per calibration row, from H (NaN when no H was given)
     relative_error: float  # error / ‖WX‖²
     damp: float  # damping actually used (after retries)
+    scales: torch.Tensor | None = None  # quantization scales (per row, or per row and column group)
 
 
 def finite_or_none(x: float) -> float | None:
@@ -195,22 +198,38 @@ def inverse_factor(hessian: torch.Tensor, perm: torch.Tensor | None = None, damp
     return InverseFactor(upper, dead, damp_used, damp_used * mean_diag)
 
 
-def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern, block_size: int = 128,
-              mask_block: int = 32) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _sweep_block(block_size: int, pattern: MaskPattern | None, quant: Quantization | None) -> int:
+    """The column block: a multiple of N:M's M and of the quantization group, so neither straddles two blocks."""
+    step = math.lcm(pattern.m if isinstance(pattern, NM) else 1, quant.group_size if quant and quant.group_size else 1)
+    return max(step, block_size // step * step)
+
+
+def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern | None, block_size: int = 128,
+              mask_block: int = 32, quant: Quantization | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
     """SparseGPT's column sweep: per column block choose the mask by w²/[H⁻¹]_qq², prune, compensate.
 
-    Returns the pruned weight, the mask, and ½·ΣE² over the sweep's scaled errors E = (W − Ŵ)·U⁻¹, which is exactly
-    ½·(W − Ŵ)(H + λI)(W − Ŵ)ᵀ: the loss, known without H.
+    With ``quant`` (GPTQ) every kept weight of the visited column is also rounded onto its grid before the error is
+    taken, so rounding is compensated like pruning; ``pattern`` None only quantizes. Scales: per row from the weights
+    before the sweep, or per group of columns from the (compensated) weights when the sweep enters the group.
+
+    Returns the pruned (and rounded) weight, the mask, ½·ΣE² over the sweep's scaled errors E = (W − Ŵ)·U⁻¹, which is
+    exactly ½·(W − Ŵ)(H + λI)(W − Ŵ)ᵀ: the loss, known without H, and the scales (None without ``quant``).
     """
-    _check(weight, pattern)
+    if pattern is not None:
+        _check(weight, pattern)
+    if quant is not None and quant.group_size and weight.shape[1] % quant.group_size:
+        raise ValueError(f"{weight.shape[1]} columns do not split into quantization groups of {quant.group_size}")
     nm = pattern if isinstance(pattern, NM) else None
-    if nm is not None:
-        block_size = max(nm.m, block_size // nm.m * nm.m)
+    block_size = _sweep_block(block_size, pattern, quant)
     w = weight.float().clone()
     rows, cols = w.shape
     w[:, factor.dead] = 0
     hinv = factor.upper
     mask = torch.zeros_like(w, dtype=torch.bool)
+    scale = None
+    if quant is not None:
+        scale = quantize.scales(w, quant) if quant.group_size is None else torch.ones(rows, cols // quant.group_size)
     loss = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -219,7 +238,7 @@ def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern,
         d = hinv1.diagonal()
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
-            if nm is None and i % mask_block == 0:
+            if pattern is not None and nm is None and i % mask_block == 0:
                 j = min(i + mask_block, i2 - i1)
                 scores = w1[:, i:j] ** 2 / d[i:j].unsqueeze(0) ** 2
                 mask[:, i1 + i : i1 + j] = _mask_from_scores(scores, pattern, per_row=False)
@@ -228,6 +247,12 @@ def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern,
                 mask[:, i1 + i : i1 + i + nm.m] = _mask_from_scores(scores, pattern, per_row=True)
             col = w1[:, i]
             q = col.masked_fill(mask[:, i1 + i], 0)
+            if quant is not None:
+                g = quant.group_size
+                if g and (i1 + i) % g == 0:  # entering a group: its scale from the weights as compensated so far
+                    group = w1[:, i : i + g].masked_fill(mask[:, i1 + i : i1 + i + g], 0)
+                    scale[:, (i1 + i) // g] = quantize.scales(group, replace(quant, group_size=None)).squeeze(1)
+                q = quantize.round_to_grid(q, scale[:, (i1 + i) // g if g else 0], quant)
             e = (col - q) / d[i]
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             w1[:, i] = q
@@ -236,12 +261,12 @@ def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern,
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
         loss += 0.5 * err1.double().pow(2).sum().item()
     w[mask] = 0
-    return w, mask, loss
+    return w, mask, loss, scale
 
 
-def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern, damp: float = 0.01,
+def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern | None, damp: float = 0.01,
               block_size: int = 128, mask_block: int = 32, max_retries: int = 3,
-              perm: torch.Tensor | None = None) -> SolveResult:
+              perm: torch.Tensor | None = None, quant: Quantization | None = None) -> SolveResult:
     """SparseGPT-style OBS: ``inverse_factor`` then ``obs_sweep``, the error measured on H itself.
 
     Dead inputs (H_ii = 0) get H_ii = 1 and their weight column zeroed. Damping is ``damp`` times
@@ -249,28 +274,31 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern,
     weights already updated by the compensation so far (SparseGPT's adaptive mask selection; our
     layers are narrow, so a finer step than its 128 pays off). Each mask block keeps exactly its
     share, so the layer ends within one weight per block of the target. For N:M the column block is
-    rounded down to a multiple of M (at least M), so no group straddles two blocks.
+    rounded down to a multiple of M (at least M), so no group straddles two blocks. ``quant``: GPTQ in the same sweep.
 
     Memory: ``hessian`` is only read (it may be float64 and shared by q/k/v); beyond it the solve holds one
     float32 Hessian-sized buffer, and the reconstruction error is computed from H in row chunks.
     """
-    _check(weight, pattern)
+    if pattern is not None:
+        _check(weight, pattern)
     factor = inverse_factor(hessian, perm, damp, max_retries)
-    w, mask, _ = obs_sweep(weight, factor, pattern, block_size, mask_block)
+    w, mask, _, scale = obs_sweep(weight, factor, pattern, block_size, mask_block, quant)
     damp_used = factor.damp
     del factor  # the workspace goes before the error is measured on H
-    return _finish(weight.float(), w, mask, hessian, damp_used, perm)
+    result = _finish(weight.float(), w, mask, hessian, damp_used, perm)
+    result.scales = scale
+    return result
 
 
-def obs_prune_factored(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern, output_energy: float,
-                       block_size: int = 128, mask_block: int = 32) -> SolveResult:
+def obs_prune_factored(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern | None, output_energy: float,
+                       block_size: int = 128, mask_block: int = 32, quant: Quantization | None = None) -> SolveResult:
     """OBS once H itself is gone (freed to make room for the sweep): the error comes from the sweep,
     ½(W − Ŵ)H(W − Ŵ)ᵀ = loss − ½λ‖W − Ŵ‖², relative to ``output_energy`` = ½·tr(W H Wᵀ) taken before."""
-    w, mask, loss = obs_sweep(weight, factor, pattern, block_size, mask_block)
+    w, mask, loss, scale = obs_sweep(weight, factor, pattern, block_size, mask_block, quant)
     original = weight.float().clone()
     original[:, factor.dead] = 0
     err = max(0.0, loss - 0.5 * factor.lam * (original - w).double().pow(2).sum().item())
-    return SolveResult(w, mask, err, err / output_energy if output_energy > 0 else math.nan, factor.damp)
+    return SolveResult(w, mask, err, err / output_energy if output_energy > 0 else math.nan, factor.damp, scale)
 
 
 def output_energy(weight: torch.Tensor, hessian: torch.Tensor, perm: torch.Tensor | None = None) -> float:

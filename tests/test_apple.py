@@ -170,6 +170,14 @@ def test_chunked_sdxl_and_default_bundles(default_ios, tiny, tmp_path):
                           sequence=dims["text_encoder.sequence"])
 
 
+def test_tiny_sd_bundle_follows_the_swift_contract(tiny, tmp_path):
+    manifest = export_bundle(tiny("sd"), "ios", tmp_path / "b", shapes=ShapeOverrides(height=16, width=16))
+    assert all(g["passed"] for g in manifest["validation"]["gates"]), manifest["validation"]["gates"]
+    dims = pipeline_dims(load_pipeline(tiny("sd")), Shapes(height=16, width=16))
+    assert_swift_contract(tmp_path / "b", xl=False, latent=dims["latent_height"], chunked=False,
+                          sequence=dims["text_encoder.sequence"])
+
+
 def _options(**kwargs):
     from obsdiff.exporters.apple import AppleOptions
 
