@@ -211,7 +211,8 @@ def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern 
 
     With ``quant`` (GPTQ) every kept weight of the visited column is also rounded onto its grid before the error is
     taken, so rounding is compensated like pruning; ``pattern`` None only quantizes. Scales: per row from the weights
-    before the sweep, or per group of columns from the (compensated) weights when the sweep enters the group.
+    as a prune-only sweep leaves them (before the sweep when nothing is pruned), or per group of columns from the
+    compensated weights when the sweep enters the group.
 
     Returns the pruned (and rounded) weight, the mask, ½·ΣE² over the sweep's scaled errors E = (W − Ŵ)·U⁻¹, which is
     exactly ½·(W − Ŵ)(H + λI)(W − Ŵ)ᵀ: the loss, known without H, and the scales (None without ``quant``).
@@ -228,8 +229,13 @@ def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern 
     hinv = factor.upper
     mask = torch.zeros_like(w, dtype=torch.bool)
     scale = None
-    if quant is not None:
-        scale = quantize.scales(w, quant) if quant.group_size is None else torch.ones(rows, cols // quant.group_size)
+    if quant is not None and quant.group_size is None:
+        # Per-row scales from the weights as pruning leaves them: compensation grows the kept weights, and scales
+        # taken from the dense rows would clamp them at ±levels (worse than pruning, then rounding to nearest).
+        reach = w if pattern is None else obs_sweep(weight, factor, pattern, block_size, mask_block)[0]
+        scale = quantize.scales(reach, quant)
+    elif quant is not None:
+        scale = torch.ones(rows, cols // quant.group_size)
     loss = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
