@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -345,13 +346,14 @@ def unet_chunks(unet: nn.Module, whole: ComponentSpec, dims: dict[str, int]) -> 
 # ---- options, checks and device files ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class AppleOptions:
     """``--layout``, ``--chunk-unet`` and ``--attention-implementation``, parsed once; ``None`` where the profile
     decides (its ``[coreml]`` table: ``layout``, ``chunk_unet`` true/false/"auto", ``attention_implementation``)."""
 
-    def __init__(self, layout: Layout | None = None, chunk_unet: bool | None = None,
-                 attention: AttentionImplementation | None = None) -> None:
-        self.layout, self.chunk_unet, self.attention = layout, chunk_unet, attention
+    layout: Layout | None = None
+    chunk_unet: bool | None = None
+    attention: AttentionImplementation | None = None
 
     @property
     def given(self) -> bool:
