@@ -218,6 +218,22 @@ def current_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory, in bytes (Linux: the memory map's high-water mark, VmHWM).
+
+    Not ``getrusage().ru_maxrss``: Linux carries the parent's high-water mark into a process started with
+    fork/vfork + exec, so a prune launched from a 2 GiB test runner reported a 2 GiB peak of its own.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def available_memory(device: torch.device) -> int:
     """The default budget: free memory of the GPU, or RAM that is still available."""
     if device.type == "cuda":

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import re
-import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +41,7 @@ from obsdiff.model_io import (
     pipeline_components,
     read_pruning_record,
 )
+from obsdiff.plan import peak_rss
 from obsdiff.quantize import Quantization, QuantMethod, rtn
 from obsdiff.resources import default_prompts_file, read_prompt_lines
 from obsdiff.shrink import apply_shapes
@@ -747,7 +747,7 @@ class Pruner:
             "components": summaries, "layers": progress.layers,
             **({"structured": {"components": structured}} if structured else {}),
             "memory_plan": self.memory, "timings": {**progress.timings, "total_s": seconds},
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss() / 2**20,
         }
 
     def _save_scales(self, component: str, path: Path) -> None:

@@ -185,3 +185,17 @@ def test_latency_runs_stop_at_the_time_budget():
     assert 3 <= slow["runs"] < 50 and len(calls) < 53
     fast = timings(lambda: None, warmup=3, runs=20, budget_s=60)
     assert fast["runs"] == 20
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """Linux carries a parent's high-water mark into ru_maxrss across fork + exec; the prune record's peak must not
+    (a prune run from the 2 GiB test runner once reported the runner's peak as its own)."""
+    import subprocess
+    import sys
+
+    held = bytearray(400 * 2**20)
+    held[:: 4096] = b"\x01" * len(held[:: 4096])  # resident, not just reserved
+    code = "from obsdiff.plan import peak_rss; print(peak_rss())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 300 * 2**20, child / 2**20
+    del held
