@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.run import run_prune
 from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline
 from obsdiff.digits.train import DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
 from obsdiff.model_io import load_pipeline
@@ -41,14 +40,6 @@ RUNS: list[tuple[str, str | None, list[str]]] = [  # label, source row (None: th
 ]
 
 
-def prune_cli(source: Path, out: Path, args: list[str], num_prompts: int) -> float:
-    cmd = [sys.executable, "-m", "obsdiff", "-q", "prune", str(source), "--out", str(out), "--num-prompts",
-           str(num_prompts), *args]
-    t0 = time.time()
-    subprocess.run(cmd, check=True, capture_output=True)
-    return time.time() - t0
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="100 samples, 16 prompts")
@@ -64,9 +55,9 @@ def main(argv=None) -> dict:
         folders: dict[str, Path] = {}
         for i, (label, source, prune_args) in enumerate(RUNS):
             out = Path(tmp_name) / f"run{i}"
-            seconds = prune_cli(folders[source] if source else DEFAULT_MODEL_DIR, out, prune_args, num_prompts)
+            record, seconds = run_prune(folders[source] if source else DEFAULT_MODEL_DIR, out,
+                                        ["--num-prompts", str(num_prompts), *prune_args])
             folders[label] = out
-            record = json.loads((out / "pruning.json").read_text())
             errors = [r["relative_error"] for r in record["layers"] if r.get("relative_error") is not None]
             scores = evaluate_pipeline(load_pipeline(out), DEFAULT_JUDGE_DIR, settings)
             row = {"label": label, "args": prune_args, "accuracy": scores["conditional_accuracy"],

@@ -74,13 +74,17 @@ def plan(quick: bool) -> list[Run]:
     return runs
 
 
-def prune_cli(run: Run, out: Path, num_prompts: int) -> dict:
-    cmd = [sys.executable, "-m", "obsdiff", "-q", "prune", str(DEFAULT_MODEL_DIR), "--out", str(out), *run.cli_args(),
-           "--num-prompts", str(num_prompts)]
+def run_prune(source: Path, out: Path, args: list[str]) -> tuple[dict, float]:
+    """``obsdiff prune`` in its own process (so wall time and peak RSS are its own): the record and the seconds."""
     t0 = time.time()
-    subprocess.run(cmd, check=True, capture_output=True)
-    record = json.loads((out / "pruning.json").read_text())
-    record["wall_s"] = time.time() - t0
+    subprocess.run([sys.executable, "-m", "obsdiff", "-q", "prune", str(source), "--out", str(out), *args],
+                   check=True, capture_output=True)
+    return json.loads((out / "pruning.json").read_text()), time.time() - t0
+
+
+def prune_cli(run: Run, out: Path, num_prompts: int) -> dict:
+    record, seconds = run_prune(DEFAULT_MODEL_DIR, out, [*run.cli_args(), "--num-prompts", str(num_prompts)])
+    record["wall_s"] = seconds
     return record
 
 

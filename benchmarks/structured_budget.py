@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.run import run_prune
 from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline
 from obsdiff.digits.train import DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
 from obsdiff.model_io import load_pipeline
@@ -76,12 +75,9 @@ def unet_flops(pipe) -> int:
 
 
 def prune_cli(method_args: list[str], flops: float, out: Path, num_prompts: int) -> dict:
-    cmd = [sys.executable, "-m", "obsdiff", "-q", "prune", str(DEFAULT_MODEL_DIR), "--out", str(out), "--pattern",
-           "structured", "--flops", str(flops), "--num-prompts", str(num_prompts), *method_args]
-    t0 = time.time()
-    subprocess.run(cmd, check=True, capture_output=True)
-    record = json.loads((out / "pruning.json").read_text())
-    return {"prune_s": time.time() - t0, "record": record}
+    record, seconds = run_prune(DEFAULT_MODEL_DIR, out, ["--pattern", "structured", "--flops", str(flops),
+                                                         "--num-prompts", str(num_prompts), *method_args])
+    return {"prune_s": seconds, "record": record}
 
 
 def torch_pruning_unet(pipe, flops: float) -> dict:

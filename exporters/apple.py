@@ -33,7 +33,14 @@ import torch
 from torch import nn
 
 from obsdiff.errors import UsageError
-from obsdiff.exporters.components import DENOISER, TEXT_ENCODER, VAE_DECODER, ComponentSpec, TensorSpec
+from obsdiff.exporters.components import (
+    DENOISER,
+    TEXT_ENCODER,
+    VAE_DECODER,
+    ComponentSpec,
+    TensorSpec,
+    VAEDecoderWrapper,
+)
 
 _F32 = torch.float32
 CHUNK_ABOVE_BYTES = 1 << 30  # ios chunks the UNet by default above 1 GB of weights, as Apple does for iPhones
@@ -99,17 +106,6 @@ class AppleUNet(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.model(sample, timestep, _states(encoder_hidden_states), added_cond_kwargs=added, return_dict=False)[0]
-
-
-class AppleVAEDecoder(nn.Module):
-    """``z`` (already divided by the scaling factor, in Swift) → ``image`` in [-1, 1]."""
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.model = vae
-
-    def forward(self, z: torch.Tensor):
-        return self.model.decode(z, return_dict=False)[0]
 
 
 # ---- the UNet in two chunks ---------------------------------------------------------------------------
@@ -324,7 +320,8 @@ def apple_specs(pipe, dims: dict[str, int], chunk: bool) -> tuple[ComponentSpec,
     specs.append(ComponentSpec(
         "VAEDecoder", "vae", VAE_DECODER,
         inputs=(TensorSpec("z", _F32, (1, "vae_latent_channels", "latent_height", "latent_width")),),
-        outputs=(TensorSpec("image", _F32, (1, "image_channels", "height", "width")),), wrapper=AppleVAEDecoder,
+        outputs=(TensorSpec("image", _F32, (1, "image_channels", "height", "width")),),
+        wrapper=VAEDecoderWrapper,  # z (divided by the scaling factor in Swift) → image in [-1, 1], as ours
         dynamic=()))
     return tuple(specs)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save, save_model
 from tqdm import tqdm
 
 from obsdiff import __version__
@@ -257,8 +257,8 @@ class MaskStrategy:
         targets, skipped = find_targets(module, adapter, block_filter(self.config.blocks, all_blocks))
         quant = self.config.quantization
         if quant is not None and quant.group_size:
-            misfits = [f"{t.name} ({weight_matrix(t.module).shape[1]} columns)" for t in targets
-                       if weight_matrix(t.module).shape[1] % quant.group_size]
+            columns = {t.name: t.module.weight[0].numel() for t in targets}  # in_features, or C·R·S of a conv
+            misfits = [f"{n} ({c} columns)" for n, c in columns.items() if c % quant.group_size]
             if misfits:
                 raise UsageError(f"--group-size {quant.group_size} does not divide the columns of {len(misfits)} "
                                  f"layer(s) of {name}: {', '.join(misfits[:3])}{' …' if len(misfits) > 3 else ''}")
@@ -627,7 +627,7 @@ class Pruner:
         denoiser = next((n for n in ("unet", "transformer") if n in components), None)
         activations, input_shapes = 0, {}
         if denoiser is not None and config.needs_calibration:
-            args, kwargs, batch = self._denoiser_call(denoiser)
+            args, kwargs, batch = self._component_call(denoiser)
             activations, shapes = activation_bytes(components[denoiser], *_batched(args, kwargs, batch,
                                                                                       config.batch_size * batch))
             input_shapes = {denoiser: shapes}
@@ -676,7 +676,7 @@ class Pruner:
             return component.decoder, "decoder."
         return component, ""
 
-    def _denoiser_call(self, name: str) -> tuple[tuple, dict, int]:
+    def _component_call(self, name: str) -> tuple[tuple, dict, int]:
         """The inputs of one real call of the component (the denoiser, or the VAE decoder) at the calibration size
         (one prompt, one step), and its batch."""
         module, _ = self._called_module(name)
@@ -728,7 +728,7 @@ class Pruner:
         from obsdiff.structured import flops_by_module
 
         module, prefix = self._called_module(name)
-        args, kwargs, _ = self._denoiser_call(name)
+        args, kwargs, _ = self._component_call(name)
         return flops_by_module(lambda: module(*args, **kwargs), prefix)
 
     def _record(self, summaries: dict, progress: Progress, prompts: list[str], prompts_sha: str, seconds: float) -> dict:
@@ -759,11 +759,8 @@ class Pruner:
         if not mine:
             return
         quant = self.config.quantization
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(mine, str(tmp), metadata={"bits": str(quant.bits), "group_size": str(quant.group_size or 0),
-                                            "method": str(quant.method), "columns": SCALE_COLUMNS})
-        fsync_file(tmp)
-        tmp.replace(path)
+        write_bytes_atomic(path, save(mine, metadata={"bits": str(quant.bits), "group_size": str(quant.group_size or 0),
+                                                      "method": str(quant.method), "columns": SCALE_COLUMNS}))
 
     def _load_scales(self, component: str, path: Path) -> None:
         if path.is_file() and isinstance(self.strategy, MaskStrategy):

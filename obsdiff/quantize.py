@@ -81,14 +81,17 @@ def round_to_grid(values: torch.Tensor, scale: torch.Tensor, quant: Quantization
     return (values / scale).round().clamp(-quant.levels, quant.levels) * scale
 
 
+def per_column(scale: torch.Tensor, quant: Quantization) -> torch.Tensor:
+    """Scales broadcastable against the weight: a column per row, or each group's scale repeated over its columns."""
+    return scale if quant.group_size is None else scale.repeat_interleave(quant.group_size, dim=1)
+
+
 def codes(weight: torch.Tensor, scale: torch.Tensor, quant: Quantization) -> torch.Tensor:
     """Integer codes of weights already on the grid (what an int8 exporter stores), int8."""
-    expanded = scale if quant.group_size is None else scale.repeat_interleave(quant.group_size, dim=1)
-    return (weight.float() / expanded).round().clamp(-quant.levels, quant.levels).to(torch.int8)
+    return (weight.float() / per_column(scale, quant)).round().clamp(-quant.levels, quant.levels).to(torch.int8)
 
 
 def rtn(weight: torch.Tensor, quant: Quantization) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest of every weight (zeros stay zero); returns the dequantized weight and its scales."""
     s = scales(weight, quant)
-    expanded = s if quant.group_size is None else s.repeat_interleave(quant.group_size, dim=1)
-    return round_to_grid(weight.float(), expanded, quant), s
+    return round_to_grid(weight.float(), per_column(s, quant), quant), s

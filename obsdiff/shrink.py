@@ -11,14 +11,20 @@ import torch
 from torch import nn
 
 
-def _slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+def _sliced(layer: nn.Linear | nn.Conv2d, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
+    """A copy of a Linear or Conv2d keeping output ``rows`` and input ``cols`` (input channels for a conv)."""
     w = layer.weight.data
     b = layer.bias.data if layer.bias is not None else None
     if rows is not None:
         w, b = w[rows], (b[rows] if b is not None else None)
     if cols is not None:
         w = w[:, cols]
-    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device=w.device)
+    kwargs = dict(bias=b is not None, dtype=w.dtype, device=w.device)
+    if isinstance(layer, nn.Conv2d):
+        new = nn.Conv2d(w.shape[1], w.shape[0], layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                        dilation=layer.dilation, padding_mode=layer.padding_mode, **kwargs)
+    else:
+        new = nn.Linear(w.shape[1], w.shape[0], **kwargs)
     new.weight.data.copy_(w)
     if b is not None:
         new.bias.data.copy_(b)
@@ -32,10 +38,10 @@ def shrink_attention(attn: nn.Module, keep_heads: list[int]) -> None:
     for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
         layer = getattr(attn, name, None)
         if isinstance(layer, nn.Linear):
-            setattr(attn, name, _slice_linear(layer, rows=rows))
-    attn.to_out[0] = _slice_linear(attn.to_out[0], cols=rows)
+            setattr(attn, name, _sliced(layer, rows=rows))
+    attn.to_out[0] = _sliced(attn.to_out[0], cols=rows)
     if isinstance(getattr(attn, "to_add_out", None), nn.Linear):
-        attn.to_add_out = _slice_linear(attn.to_add_out, cols=rows)
+        attn.to_add_out = _sliced(attn.to_add_out, cols=rows)
     attn.heads = len(keep_heads)
     attn.inner_dim = len(keep_heads) * d
     if hasattr(attn, "inner_kv_dim"):
@@ -47,26 +53,10 @@ def shrink_ffn(root: nn.Module, up_path: str, down_path: str, gated: bool, keep:
     up, down = root.get_submodule(up_path), root.get_submodule(down_path)
     keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
     rows = torch.cat([keep_t, keep_t + down.in_features]) if gated else keep_t
-    new_up, new_down = _slice_linear(up, rows=rows), _slice_linear(down, cols=keep_t)
+    new_up, new_down = _sliced(up, rows=rows), _sliced(down, cols=keep_t)
     root.set_submodule(up_path, new_up)
     root.set_submodule(down_path, new_down)
     return new_up, new_down
-
-
-def _slice_conv(conv: nn.Conv2d, out: torch.Tensor | None = None, inp: torch.Tensor | None = None) -> nn.Conv2d:
-    w = conv.weight.data
-    b = conv.bias.data if conv.bias is not None else None
-    if out is not None:
-        w, b = w[out], (b[out] if b is not None else None)
-    if inp is not None:
-        w = w[:, inp]
-    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, bias=b is not None, padding_mode=conv.padding_mode, dtype=w.dtype,
-                    device=w.device)
-    new.weight.data.copy_(w)
-    if b is not None:
-        new.bias.data.copy_(b)
-    return new
 
 
 def shrink_resnet(block: nn.Module, keep_groups: list[int]) -> None:
@@ -76,7 +66,7 @@ def shrink_resnet(block: nn.Module, keep_groups: list[int]) -> None:
     norm = block.norm2
     size = norm.num_channels // norm.num_groups
     channels = torch.cat([torch.arange(g * size, (g + 1) * size) for g in sorted(keep_groups)])
-    block.conv1 = _slice_conv(block.conv1, out=channels)
+    block.conv1 = _sliced(block.conv1, rows=channels)
     new_norm = nn.GroupNorm(len(keep_groups), len(channels), eps=norm.eps, affine=norm.affine,
                             dtype=norm.weight.dtype if norm.affine else None,
                             device=norm.weight.device if norm.affine else None)
@@ -88,8 +78,8 @@ def shrink_resnet(block: nn.Module, keep_groups: list[int]) -> None:
         rows = channels
         if getattr(block, "time_embedding_norm", "default") == "scale_shift":
             rows = torch.cat([channels, channels + norm.num_channels])
-        block.time_emb_proj = _slice_linear(block.time_emb_proj, rows=rows)
-    block.conv2 = _slice_conv(block.conv2, inp=channels)
+        block.time_emb_proj = _sliced(block.time_emb_proj, rows=rows)
+    block.conv2 = _sliced(block.conv2, cols=channels)
 
 
 def apply_shapes(component: nn.Module, shapes: dict) -> None:

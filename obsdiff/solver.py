@@ -323,6 +323,14 @@ class GroupResult:
     relative_error: float
 
 
+def fill_dead(hessian: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of H with dead inputs (H_ii = 0) given H_ii = 1, so that it can be inverted."""
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    return h
+
+
 def damped_inverse(h: torch.Tensor, damp: float, max_retries: int = 3) -> torch.Tensor:
     """(H + λI)⁻¹ with the solver's damping rule (λ = damp · mean diag H, raised on failure)."""
     upper, _ = _inverse_cholesky(h, damp, max_retries)
@@ -356,10 +364,7 @@ def remove_column_groups(weight: torch.Tensor, hessian: torch.Tensor | None, gro
     idx = [torch.as_tensor(g, dtype=torch.long) for g in groups]
     hinv = None
     if hessian is not None and (not by_l1_norm or compensate):
-        h = hessian.float().clone()
-        dead = h.diagonal() == 0
-        h[dead, dead] = 1
-        hinv = damped_inverse(h, damp)
+        hinv = damped_inverse(fill_dead(hessian), damp)
     alive = list(range(len(groups)))
     removed: list[int] = []
     if by_l1_norm and forced is None:

@@ -33,7 +33,14 @@ from torch import nn
 from obsdiff.config import Method, PruneConfig
 from obsdiff.errors import UsageError
 from obsdiff.shrink import shrink_attention, shrink_ffn, shrink_resnet
-from obsdiff.solver import damped_inverse, finite_or_none, group_obs_scores, output_energy, remove_column_groups
+from obsdiff.solver import (
+    damped_inverse,
+    fill_dead,
+    finite_or_none,
+    group_obs_scores,
+    output_energy,
+    remove_column_groups,
+)
 from obsdiff.sparsity import Allocation, Budget, Measure, Structured
 
 log = logging.getLogger(__name__)
@@ -372,9 +379,7 @@ def unit_scores(unit: Unit, hessians: dict[str, torch.Tensor], damp: float) -> t
     groups = [torch.as_tensor(g) for g in unit.column_groups()]
     total = torch.zeros(len(groups), dtype=torch.float64)
     for name, layer in unit.down_layers().items():
-        h = hessians[name].float().clone()
-        dead = h.diagonal() == 0
-        h[dead, dead] = 1
+        h = fill_dead(hessians[name])
         w = _down_matrix(layer).float()
         energy = 2 * output_energy(w, h)  # the scores are w_S [H⁻¹_SS]⁻¹ w_Sᵀ = 2 × the ½(δW)H(δW)ᵀ error
         scores = group_obs_scores(w, damped_inverse(h, damp), groups).double()

@@ -77,3 +77,22 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("obsdiff: error:")]
     assert len(lines) == 1, proc.stderr
     return lines[0]
+
+
+def calibrated_layer(model_dir, name: str):
+    """One UNet layer of a pipeline folder and its Hessian from 20 prompts × 10 steps of real calibration."""
+    import torch
+
+    from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
+    from obsdiff.digits.data import prompt_for
+    from obsdiff.hessian import StepContext, timestep_weights
+    from obsdiff.model_io import load_pipeline
+
+    pipe = load_pipeline(model_dir)
+    layer = dict(pipe.unet.named_modules())[name]
+    ctx = StepContext(timestep_weights("log-decrease", 10))
+    hooks = PackageHooks({name: layer}, ctx, weighted=True)
+    with hooks, torch.no_grad():
+        run_pipeline(pipe, CalibrationSettings([prompt_for(i % 10) for i in range(20)], steps=10, batch_size=10), ctx,
+                     decode=False)
+    return layer, hooks.hessian(name).hessian

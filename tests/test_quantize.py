@@ -4,25 +4,18 @@ import json
 
 import pytest
 import torch
-from conftest import error_line, run_cli
+from conftest import calibrated_layer, error_line, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
-from obsdiff.digits.data import prompt_for
-from obsdiff.hessian import StepContext, timestep_weights
 from obsdiff.layers import column_permutation, permute_hessian, weight_matrix
 from obsdiff.model_io import load_pipeline
 from obsdiff.prune import PruneConfig, prune
-from obsdiff.quantize import Quantization, QuantMethod, codes, rtn
+from obsdiff.quantize import Quantization, QuantMethod, codes, per_column, rtn
 from obsdiff.solver import obs_prune, reconstruction_error
 from obsdiff.sparsity import NM, Dense, Unstructured
 
 QUANTS = [Quantization(8), Quantization(4, 16)]
-
-
-def _expanded(scale: torch.Tensor, quant: Quantization) -> torch.Tensor:
-    return scale if quant.group_size is None else scale.repeat_interleave(quant.group_size, dim=1)
 
 
 @pytest.mark.parametrize("quant", QUANTS, ids=str)
@@ -33,9 +26,9 @@ def test_every_kept_weight_is_on_its_grid_and_zeros_survive(quant, pattern):
     h = 2 * x.T @ x / 1024
     w = torch.randn(24, 64)
     res = obs_prune(w, h, pattern, quant=quant)
-    code = res.weight / _expanded(res.scales, quant)
+    code = res.weight / per_column(res.scales, quant)
     assert torch.allclose(code, code.round(), atol=1e-3) and code.abs().max() <= quant.levels + 1e-3
-    assert torch.equal(codes(res.weight, res.scales, quant).float() * _expanded(res.scales, quant), res.weight)
+    assert torch.equal(codes(res.weight, res.scales, quant).float() * per_column(res.scales, quant), res.weight)
     if pattern is not None:
         assert (res.weight[res.mask] == 0).all()
         if isinstance(pattern, NM):
@@ -47,16 +40,8 @@ def test_every_kept_weight_is_on_its_grid_and_zeros_survive(quant, pattern):
 @pytest.fixture(scope="module")
 def real_layer(default_model):
     """A real UNet conv and its Hessian from 20 prompts × 10 steps of calibration."""
-    pipe = load_pipeline(default_model)
-    name = "up_blocks.1.resnets.0.conv1"
-    layer = dict(pipe.unet.named_modules())[name]
-    ctx = StepContext(timestep_weights("log-decrease", 10))
-    hooks = PackageHooks({name: layer}, ctx, weighted=True)
-    with hooks, torch.no_grad():
-        run_pipeline(pipe, CalibrationSettings([prompt_for(i % 10) for i in range(20)], steps=10, batch_size=10), ctx,
-                     decode=False)
-    perm = column_permutation(layer)
-    return weight_matrix(layer), permute_hessian(hooks.hessian(name).hessian, perm)
+    layer, hessian = calibrated_layer(default_model, "up_blocks.1.resnets.0.conv1")
+    return weight_matrix(layer), permute_hessian(hessian, column_permutation(layer))
 
 
 @pytest.mark.parametrize("quant", [Quantization(8), Quantization(4, 32)], ids=str)
@@ -91,7 +76,7 @@ def test_quantized_folder_loads_and_holds_codes_and_scales(default_model, tmp_pa
     assert len(scales) == len(record["layers"])
     for key, scale in scales.items():
         matrix = weight_matrix(modules[key.removesuffix(".weight_scale")])
-        code = matrix / _expanded(scale, spec)
+        code = matrix / per_column(scale, spec)
         assert torch.allclose(code, code.round(), atol=1e-3) and code.abs().max() <= spec.levels + 1e-3
         if "2:4" in args:
             assert NM(2, 4).holds(matrix.numpy(), axis=1)

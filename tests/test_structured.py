@@ -5,14 +5,12 @@ import json
 
 import pytest
 import torch
-from conftest import error_line, run_cli
+from conftest import calibrated_layer, error_line, run_cli
 from safetensors.torch import load_file
 from tiny_pipelines import DENOISER
 
-from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
-from obsdiff.digits.data import prompt_for
 from obsdiff.errors import UsageError
-from obsdiff.hessian import HessianAccumulator, StepContext, timestep_weights
+from obsdiff.hessian import HessianAccumulator
 from obsdiff.model_io import load_pipeline
 from obsdiff.prune import Method, PruneConfig, prune
 from obsdiff.solver import remove_column_groups
@@ -75,15 +73,7 @@ def test_a_dead_head_goes_first_and_changes_nothing():
 
 
 def test_obs_beats_no_compensation_and_l1_on_a_real_layer(default_model):
-    pipe = load_pipeline(default_model)
-    name = "mid_block.attentions.0.transformer_blocks.0.ff.net.2"
-    layer = dict(pipe.unet.named_modules())[name]
-    ctx = StepContext(timestep_weights("log-decrease", 10))
-    hooks = PackageHooks({name: layer}, ctx, weighted=True)
-    with hooks, torch.no_grad():
-        run_pipeline(pipe, CalibrationSettings([prompt_for(i % 10) for i in range(20)], steps=10, batch_size=10), ctx,
-                     decode=False)
-    h = hooks.hessian(name).hessian
+    layer, h = calibrated_layer(default_model, "mid_block.attentions.0.transformer_blocks.0.ff.net.2")
     groups = [[q] for q in range(layer.in_features)]
     n = int(0.3 * layer.in_features)
     w = layer.weight.detach()
