@@ -36,6 +36,7 @@ lint: setup
 	cd build/lint && PYTHONPATH=site $(abspath $(BIN))/lint-imports $(CURDIR)/pyproject.toml
 
 export: setup
+	mkdir -p $(dir $(OUT))
 	$(BIN)/obsdiff ship --target $(TARGET) --model $(MODEL) --out $(OUT) \
 		$(if $(PATTERN),--pattern $(PATTERN)) $(if $(SPARSITY),--sparsity $(SPARSITY)) \
 		$(if $(HEIGHT),--height $(HEIGHT)) $(if $(WIDTH),--width $(WIDTH)) $(EXTRA)

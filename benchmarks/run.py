@@ -256,6 +256,13 @@ def write_readme(results: dict, out: Path) -> None:
                   f"({s['flop_reduction']:.3f}× fewer); median {s['models']['dense']['median_ms']:.0f} → "
                   f"{s['models']['pruned']['median_ms']:.0f} ms ({s['speedup']:.3f}×): speedup / FLOP reduction = "
                   f"{s['speedup_over_flop_reduction']:.2f}."]
+    q = results.get("int8")
+    if q:
+        lines += ["", "## Integer export (int8)", "",
+                  f"SD 1.5-width UNet, W8A8 vs fp32: {q['latency']['speedup']:.2f}× faster, "
+                  f"{q['latency']['size_ratio']:.3f}× the bytes ([int8_latency.md](int8_latency.md)); default model "
+                  f"cpu-int8 vs fp32 bundle: {q['bundle']['bundle_ratio']:.3f}× the bytes, model files "
+                  f"{q['bundle']['model_file_ratio']:.3f}× ([int8_bundle.md](int8_bundle.md))."]
     lines += ["", "## Against the paper", ""] + [f"- {n}" for n in results["findings"]]
     lines += [""] + [f"![{f}]({f})" for f in results["plots"]]
     (out / "README.md").write_text("\n".join(lines) + "\n")
@@ -321,6 +328,11 @@ def main(argv=None) -> dict:
         results["layer_errors"] = {k: v["summary"] for k, v in layer_errors_main(["--out", str(args.out)]).items()}
         structured = structured_main(["--out", str(args.out), "--runs", "20"])
         results["structured_latency"] = structured
+        from benchmarks.int8_bundle import main as int8_bundle_main
+        from benchmarks.int8_latency import main as int8_latency_main
+
+        results["int8"] = {"latency": int8_latency_main(["--out", str(args.out)]),
+                           "bundle": int8_bundle_main(["--out", str(args.out)])}
     results["findings"] = findings(rows)
     results["plots"] = plots(rows, structured, args.out)
     results["minutes"] = (time.time() - started) / 60

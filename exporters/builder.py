@@ -11,6 +11,8 @@ import gc
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from obsdiff.errors import UsageError
+
 
 class TorchPipelines:
     """The PyTorch pipelines an export is compared with: the pruned one and, optionally, the dense one.
@@ -19,8 +21,10 @@ class TorchPipelines:
     size a PyTorch UNet and an ONNX Runtime session of the same UNet do not fit side by side in memory.
     """
 
-    def __init__(self, pipe, dense=None) -> None:
+    def __init__(self, pipe, dense=None, quantization: dict | None = None) -> None:
         self._pipe, self._dense = pipe, dense
+        # component → (Quantization, layer → scales), from the folder's quantization files (``read_quantization``)
+        self.quantization = quantization or {}
 
     @property
     def pipe(self):
@@ -52,6 +56,14 @@ class BundleBuilder(ABC):
         from obsdiff.exporters.components import specs_for
 
         return specs_for(pipe)
+
+    def check_quantization(self, quantization: dict) -> None:
+        """Refuse, before anything is loaded, a quantized folder (component → (Quantization, scales)) that this
+        format cannot carry. Formats that write integer weights override this; the others refuse them rather than
+        ship the dequantized floats as if they were the int8 model."""
+        if quantization:
+            name = getattr(getattr(self, "profile", None), "name", type(self).__name__)
+            raise UsageError(f"target {name} cannot carry integer weights ({', '.join(sorted(quantization))} quantized)")
 
     @abstractmethod
     def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:

@@ -17,14 +17,21 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from obsdiff.api import __version__, check_image_size, check_model_folder, load_pipeline, read_pruning_record
+from obsdiff.api import (
+    __version__,
+    check_image_size,
+    check_model_folder,
+    load_pipeline,
+    read_pruning_record,
+    read_quantization,
+)
 from obsdiff.atomic import check_disjoint, discard_staging, fault_point, replace_dir, staging_path
 from obsdiff.errors import BundleError, GateError, UsageError
 from obsdiff.exporters.apple import AppleOptions
 from obsdiff.exporters.artifacts import record_sparsity, sha256
 from obsdiff.exporters.builder import TorchPipelines
 from obsdiff.exporters.components import SizeRule, pipeline_dims
-from obsdiff.exporters.profiles import Precision, Shapes, TargetProfile, load_profile
+from obsdiff.exporters.profiles import Activations, Precision, Shapes, TargetProfile, load_profile
 from obsdiff.exporters.registry import builder_class, make_builder
 from obsdiff.resources import model_prompts
 
@@ -68,7 +75,9 @@ def write_manifest(staging: Path, profile: TargetProfile, precision: Precision, 
             "sparsity": {k: v for k, v in results["components"][s.name].get("sparsity", {}).items() if k != "layers"},
         } for s in specs if s.name in results["components"]},
         "session_options": profile.session_options, "gates": asdict(profile.gates),
-        "files": files, "pruning": record, "validation": results,
+        # pruning.json beside it holds the per-layer records; the manifest keeps the settings and per-component summary
+        "files": files, "pruning": {k: v for k, v in record.items() if k != "layers"} if record else None,
+        "validation": results,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -117,7 +126,7 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
                   zip_bundle: bool = False, force: bool = False, dense_model: Path | None = None,
                   compress: str | None = None, deployment_target: str | None = None,
                   source_name: str | None = None, shapes: ShapeOverrides = NO_OVERRIDES,
-                  apple: AppleOptions | None = None) -> dict:
+                  apple: AppleOptions | None = None, activations: Activations | None = None) -> dict:
     """Export, validate, publish: the bundle appears at ``out`` whole, and only when every gate passed.
 
     Shapes default to the model's native size (``SizeRule``) and are checked against it before anything is
@@ -135,9 +144,12 @@ def export_bundle(model_dir: Path, target: str, out: Path, *, precision: str | N
     if spec is not None:
         profile.check_pattern(spec, force)
     prompts = model_prompts(model_dir, profile.shapes.gate_prompts)
-    builder = make_builder(profile, prec, prompts, compress, deployment_target, apple)
+    builder = make_builder(profile, prec, prompts, compress, deployment_target, apple, activations)
+    quantization = read_quantization(model_dir)
+    builder.check_quantization(quantization)
     # No local name holds the pipelines: the builder lets them go before it loads the exported runtime.
-    models = TorchPipelines(load_pipeline(model_dir, model_index), load_pipeline(dense_model) if dense_model else None)
+    models = TorchPipelines(load_pipeline(model_dir, model_index), load_pipeline(dense_model) if dense_model else None,
+                            quantization)
     dims = pipeline_dims(models.pipe, profile.shapes)
     specs = builder.component_specs(models.pipe, dims)
     staging = staging_path(out)

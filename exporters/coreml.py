@@ -17,6 +17,7 @@ Conversion and saving work on Linux; prediction needs macOS and is skipped elsew
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import shutil
@@ -28,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from obsdiff.errors import BundleError, UsageError
+from obsdiff.api import IntegerWeight, integer_weight
+from obsdiff.errors import BundleError, ExportError, UsageError
 from obsdiff.exporters.apple import (
     COMPILE_SCRIPT,
     AppleOptions,
@@ -160,6 +162,105 @@ def sparsify(model, min_sparsity: float, compress: str | None):
     return model
 
 
+def _value_key(values: np.ndarray) -> tuple:
+    """A weight's identity in the program: its shape and fp16 bytes (what the converted program holds); −0 (a
+    negative weight rounded to code 0) counts as 0."""
+    data = np.ascontiguousarray(values, dtype=np.float16) + np.float16(0)
+    return data.shape, hashlib.sha1(data.tobytes()).hexdigest()
+
+
+def write_codes(model, weights: dict[str, IntegerWeight], joint: bool):
+    """Our integer codes and scales as Core ML's quantized constexpr ops (iOS 18 ``constexpr_blockwise_shift_scale``,
+    or its sparse form on top of the sparse mask when ``joint``), instead of a re-quantization by coremltools.
+
+    coremltools' own linear quantizer pass walks the program and builds those ops; only its one step that computes
+    codes and scales from a weight is replaced, by a lookup of that weight's value among ours. Consts that are not
+    ours (conv_in, norms) are left as they are. Returns the model and how many of our layers were written.
+    """
+    from coremltools.models.utils import _apply_graph_pass
+    from coremltools.optimize import _utils as optimize_utils
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights as LinearQuantizePass
+
+    quant = next(iter(weights.values())).quant
+    ours: dict[tuple, IntegerWeight] = {}
+    layers_of: dict[tuple, int] = {}  # layers with identical values share one const pattern
+    for w in weights.values():
+        key = _value_key(w.dequantized().numpy())
+        ours[key] = w
+        layers_of[key] = layers_of.get(key, 0) + 1
+    written: set[tuple] = set()
+
+    def our_codes(original: np.ndarray, dtype, mode, block_sizes):
+        key = _value_key(original)
+        w = ours.get(key)
+        if w is None:
+            return None  # not a quantized layer: the pass leaves the const as it is
+        written.add(key)
+        return optimize_utils.QuantParams(data=w.codes.numpy(), scale=w.scale.numpy().astype(original.dtype),
+                                          offset=None, nbits=np.uint8(quant.bits))
+
+    granularity = {"granularity": "per_channel"} if quant.group_size is None else \
+        {"granularity": "per_block", "block_size": quant.group_size}
+    config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype=f"int{quant.bits}",
+                                     weight_threshold=min(w.codes.numel() for w in weights.values()) - 1, **granularity)
+    graph_pass = LinearQuantizePass(OptimizationConfig(global_config=config))
+    graph_pass.joint_compression = joint
+    graph_pass.blockwise_compress_by_dtype = our_codes  # the instance's lookup shadows the class's computation
+    logging.getLogger("coremltools").setLevel(logging.ERROR)  # "cannot quantize" for every const not ours
+    return _apply_graph_pass(model, graph_pass), sum(layers_of[k] for k in written)
+
+
+def stored_codes(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Name → (int codes, scales) of every quantized constexpr in a saved package (sparse ones made dense)."""
+    _, prog = load_program(path)
+    out = {}
+    for op in prog.functions["main"].operations:
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            out[op.outputs[0].name] = (np.asarray(op.data.val), np.asarray(op.scale.val, dtype=np.float32))
+        elif op.op_type == "constexpr_sparse_blockwise_shift_scale":
+            mask = np.asarray(op.data_mask.val).astype(bool)
+            codes = np.zeros(mask.shape, dtype=np.int8)
+            codes[mask] = np.asarray(op.nonzero_data.val)
+            out[op.outputs[0].name] = (codes, np.asarray(op.scale.val, dtype=np.float32))
+    return out
+
+
+def _const_name(layer: str) -> str:
+    """The converted program's name for a wrapped layer's weight."""
+    return f"{WRAPPED_ATTR}_{layer.replace('.', '_')}_weight"
+
+
+def _in_program(key: str, names: set[str]) -> bool:
+    """The const is named ``key``, or ``key_…`` after a conversion pass (``…_weight_to_fp16``)."""
+    return key in names or any(n.startswith(key + "_") for n in names)
+
+
+def const_names(path: Path) -> set[str]:
+    """The names of every op output in a saved package's program, read from its spec (no weights loaded)."""
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    return {out.name for fn in spec.mlProgram.functions.values() for block in fn.block_specializations.values()
+            for op in block.operations for out in op.outputs}
+
+
+def check_codes(path: Path, wrapper_attr: str, weights: dict[str, IntegerWeight]) -> dict:
+    """Every quantized layer's codes in the package equal ours, and its scales ours within fp16 rounding."""
+    stored = stored_codes(path)
+    equal, wrong = 0, []
+    for name, w in weights.items():
+        key = f"{wrapper_attr}_{name.replace('.', '_')}_weight"
+        candidates = [k for k in stored if k.startswith(key)]
+        got = stored[min(candidates, key=len)] if candidates else None
+        if (got is not None and np.array_equal(got[0].astype(np.int64), w.codes.numpy().astype(np.int64))
+                and np.allclose(got[1], w.scale.numpy(), rtol=1e-3)):
+            equal += 1
+        else:
+            wrong.append(name)
+    return {"layers": len(weights), "equal": equal, "different": wrong[:10]}
+
+
 def package_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -249,6 +350,7 @@ class CoreMLBundleBuilder(BundleBuilder):
     def __init__(self, profile: TargetProfile, precision: Precision, compress: str | None = None,
                  deployment_target: str | None = None, apple: AppleOptions | None = None) -> None:
         self.profile, self.precision, self.compress = profile, precision, compress
+        self._requested_target = deployment_target
         self.deployment_target = resolve_deployment_target(deployment_target, profile.backend.get(
             "deployment_target", "iOS17"), compress)
         self.layout, self.chunk_unet, self.attention = (apple or AppleOptions()).resolve(profile.backend)
@@ -274,6 +376,16 @@ class CoreMLBundleBuilder(BundleBuilder):
             specs = apple_specs(pipe, dims, chunk)
         self._specs = tuple(s for s in specs if s.role in wanted)
         return self._specs
+
+    def check_quantization(self, quantization: dict) -> None:
+        """A quantized folder ships its own codes (int8, or int4 in groups), which needs iOS 18 / macOS 15."""
+        if not quantization:
+            return
+        if self.compress:
+            raise UsageError(f"--compress {self.compress} would re-quantize weights this folder already holds as "
+                             "integer codes: drop --compress")
+        self.deployment_target = resolve_deployment_target(self._requested_target, self.profile.backend.get(
+            "deployment_target", "iOS17"), "int8")
 
     @classmethod
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
@@ -309,11 +421,21 @@ class CoreMLBundleBuilder(BundleBuilder):
                 model.save(str(dense_path))
                 del model  # it keeps its MIL program, every constant included; the pruner reloads them from disk
                 final = packages / f"{spec.name if apple else package_name(pipe, spec)}.mlpackage"
+                if weights:  # a VAE's layers split between its decoder and encoder packages
+                    present = const_names(dense_path)
+                    weights = {k: v for k, v in weights.items() if _in_program(_const_name(k), present)}
                 sparsity = _zero_fraction(weights)
+                codes = self._integer_weights(pipe, spec, models.quantization, weights)
                 if weights:
                     dense = ct.models.MLModel(str(dense_path), skip_model_load=True)
-                    sparsify(dense, min_sparsity=min(0.3, 0.9 * sparsity), compress=self.compress).save(str(final))
-                    del dense
+                    packed = sparsify(dense, min_sparsity=min(0.3, 0.9 * sparsity), compress=self.compress)
+                    if codes:
+                        packed, written = write_codes(packed, codes, joint=True)
+                        if written != len(codes):
+                            raise ExportError(f"{spec.name}: {len(codes) - written} of {len(codes)} quantized layers "
+                                              "were not found in the converted program")
+                    packed.save(str(final))
+                    del dense, packed
                 else:
                     shutil.copytree(dense_path, final)
                 rel = str(final.relative_to(staging))
@@ -327,11 +449,16 @@ class CoreMLBundleBuilder(BundleBuilder):
                     comp["layout_cosine"] = layout
                     results["gates"].append(gate(f"{spec.name} Apple layout vs the original module cosine",
                                                  min(layout.values()), ">=", LAYOUT_MIN_COSINE))
+                if codes:
+                    comp["int8" if codes[next(iter(codes))].quant.bits == 8 else "int4"] = comp["codes"] = \
+                        check_codes(final, WRAPPED_ATTR, codes)
+                    results["gates"].append(gate(f"{spec.name} integer weights equal obsdiff's codes and scales",
+                                                 comp["codes"]["equal"] / comp["codes"]["layers"], ">=", 1.0))
                 if weights:
                     comp["weights"] = check_weights(final, WRAPPED_ATTR, weights, exact_values=not self.compress)
                     results["gates"].append(gate(f"{spec.name} pruned weights read back exactly",
                                                  float(not comp["weights"]["failed"]), ">=", 1.0))
-                    if not self.compress:
+                    if not self.compress and not codes:
                         comp.update(size_limit(weights, comp["dense_weight_bytes"], self.precision))
                         results["gates"].append(gate(f"{spec.name} weight bytes ≤ (1−s)·dense + 5% + mask",
                                                      comp["weight_bytes"], "<=", comp["size_limit_bytes"]))
@@ -351,6 +478,18 @@ class CoreMLBundleBuilder(BundleBuilder):
             "the pruned zeros free (layers kept dense count in full). The program text (model.mlmodel) is fixed-size "
             "and does not shrink with sparsity; package totals are shown beside it.")
         return results
+
+    @staticmethod
+    def _integer_weights(pipe, spec: ComponentSpec, quantization: dict, weights: dict) -> dict[str, IntegerWeight]:
+        """The codes and scales of this package's quantized layers (a UNet chunk: its own layers only)."""
+        if spec.source not in quantization:
+            return {}
+        quant, scales = quantization[spec.source]
+        modules = dict(getattr(pipe, spec.source).named_modules())
+        try:
+            return {name: integer_weight(modules[name].weight, scales[name], quant) for name in weights if name in scales}
+        except (KeyError, ValueError) as exc:
+            raise ExportError(f"{spec.source}: its quantization file does not fit its weights ({exc})") from None
 
     def _device_files(self, pipe, specs: tuple[ComponentSpec, ...], staging: Path) -> None:
         """``compile_models.sh`` (Packages/ → Resources/*.mlmodelc on a Mac) and ``README_DEVICE.md``; the scheduler

@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from obsdiff.errors import BundleError, ExportError, GateError
+from obsdiff.api import IntegerWeight, integer_weight
+from obsdiff.errors import BundleError, ExportError, GateError, UsageError
 from obsdiff.exporters.artifacts import REFERENCE_DIR, WeightProbe, load_reference, save_reference, weight_probes
 from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
-from obsdiff.exporters.components import ComponentSpec, pipeline_dims, specs_for
-from obsdiff.exporters.profiles import Precision, TargetProfile
+from obsdiff.exporters.components import ComponentSpec, pipeline_dims, recorded_calls, specs_for
+from obsdiff.exporters.onnx_int8 import Placement, check_codes, int8_kernels, minify, place, quantize_graph
+from obsdiff.exporters.profiles import Activations, Precision, TargetProfile
 from obsdiff.exporters.validate import (
     TIMING_BUDGET_S,
     compare_outputs,
@@ -306,6 +308,8 @@ class TorchSide:
     images: dict[str, np.ndarray]  # "pruned PyTorch" and, with a dense model, "dense PyTorch"
     latency_ms: dict[str, float]  # one prompt through the pruned PyTorch pipeline
     scheduler: str
+    int8: dict[str, dict[str, IntegerWeight]]  # component source → quantized layer → its codes and scales
+    calibration: list[dict[str, np.ndarray]] | None  # the denoiser's inputs at every gate step (int8 activations)
 
 
 class OnnxBundleBuilder(BundleBuilder):
@@ -315,8 +319,25 @@ class OnnxBundleBuilder(BundleBuilder):
     gate, the export, then (PyTorch let go) the fp16 conversion and the ONNX Runtime side.
     """
 
-    def __init__(self, profile: TargetProfile, precision: Precision, prompts: list[str]) -> None:
-        self.profile, self.precision, self.prompts = profile, precision, prompts
+    def __init__(self, profile: TargetProfile, precision: Precision, prompts: list[str],
+                 activations: Activations = Activations.FLOAT) -> None:
+        self.profile, self.precision, self.prompts, self.activations = profile, precision, prompts, activations
+        self.symmetric_activations = False  # TensorRT's explicit quantization: int8 activations, zero point 0
+        self.placements: dict[str, dict[str, Placement]] = {}  # after build: component → layer → its int8 weight
+
+    def check_quantization(self, quantization: dict) -> None:
+        """int8 folders export as fp32 QDQ graphs with one scale per output channel; int8 activations need them."""
+        if not quantization:
+            if self.activations is Activations.INT8:
+                raise UsageError("--activations int8 needs a folder with int8 weights: prune it with --quantize int8")
+            return
+        for component, (quant, _) in quantization.items():
+            if quant.bits != 8 or quant.group_size is not None:
+                raise UsageError(f"{component} is quantized as {quant}: ONNX targets take int8 with one scale per "
+                                 "output channel (int4 and groups: export to Core ML)")
+        if self.precision is not Precision.FP32:
+            raise UsageError(f"int8 weights export as fp32 QDQ graphs (ONNX Runtime fuses them into int8 kernels); "
+                             f"target {self.profile.name} is {self.precision}: pass --precision fp32")
 
     def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
         return self.build_onnx(models, staging, record)[0]
@@ -324,21 +345,26 @@ class OnnxBundleBuilder(BundleBuilder):
     def build_onnx(self, models: TorchPipelines, staging: Path, record: dict | None) -> tuple[dict, TorchSide]:
         """The bundle's ONNX files and results, and the PyTorch side they were checked against."""
         profile = self.profile
-        side = self.torch_side(models.pipe, models.dense, record)
+        side = self.torch_side(models.pipe, models.dense, record, models.quantization)
         t0 = time.time()
         log.info("exporting %d components to ONNX (%s exporter)", len(side.specs), profile.exporter)
         paths = export_onnx(models.pipe, staging, side.specs, side.dims, exporter=profile.exporter)
+        placements = self.placements = self._place_int8(side, paths)
         with contextlib.ExitStack() as cleanup:
             dense_graph = None
-            if models.dense is not None and record is not None and record.get("structured"):
+            shrunk = record is not None and (record.get("structured") or record.get("settings", {}).get("quantization"))
+            if models.dense is not None and shrunk:
                 folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(dir=staging.parent,
                                                                                 prefix=".obsdiff-dense-")))
                 dense_graph = self._export_dense_denoiser(models.dense, folder, side)
             models.release()  # from here on only the exported files are in memory
             convert_precision({**paths, **({"dense " + dense_graph[0]: dense_graph[1]} if dense_graph else {})},
                               self.precision)
+            int8 = {name: self._write_int8(side, paths[name], placed) for name, placed in placements.items()}
             export_s = time.time() - t0
-            results = self._runtime_checks(side, staging)
+            results = self._runtime_checks(side, staging, placements)
+            for name, info in int8.items():
+                results["components"][name]["int8"].update(info)
             if dense_graph is not None:
                 results["against_dense"] = self._against_dense(dense_graph, staging, record)
         results["export_s"] = export_s
@@ -365,11 +391,48 @@ class OnnxBundleBuilder(BundleBuilder):
         timed = interleaved_ms(calls, runs)
         component = next((c for c in record.get("components", {}).values() if "flops_before" in c), {})
         flops = component["flops_after"] / component["flops_before"] if component.get("flops_before") else None
-        return {"component": name, "runs": runs, **timed,
+        size = {"dense": sum(f.stat().st_size for f in dense_path.parent.glob("model.onnx*")),
+                "pruned": sum(f.stat().st_size for f in (staging / name).glob("model.onnx*"))}
+        return {"component": name, "runs": runs, **timed, "bytes": size,
                 "latency_ratio": timed["median_ms"]["pruned"] / timed["median_ms"]["dense"], "flops_ratio": flops,
                 "params_ratio": component["params_after"] / component["params_before"] if flops else None}
 
-    def _runtime_checks(self, side: TorchSide, staging: Path) -> dict:
+    def _place_int8(self, side: TorchSide, paths: dict[str, Path]) -> dict[str, dict[str, Placement]]:
+        """Where each quantized layer is in the exported graphs (a VAE's layers split between its decoder and
+        encoder graphs); every quantized layer must be somewhere."""
+        import onnx
+
+        placements: dict[str, dict[str, Placement]] = {}
+        for spec in side.specs:
+            layers = side.int8.get(spec.source)
+            if not layers:
+                continue
+            found = match_weights(OnnxWeights(paths[spec.name]), {k: side.probes[spec.name][k] for k in layers})
+            found = {k: v for k, v in found.items() if v is not None}
+            if found:
+                model = onnx.load(str(paths[spec.name]), load_external_data=False)
+                placements[spec.name] = place(model, found)
+        for source, layers in side.int8.items():
+            placed = {k for spec in side.specs if spec.source == source for k in placements.get(spec.name, {})}
+            missing = sorted(set(layers) - placed)
+            if missing:
+                raise ExportError(f"{source}: {len(missing)} quantized layer(s) not found in the exported graphs "
+                                  f"(e.g. {missing[0]}): their int8 codes would be lost")
+        return placements
+
+    def _write_int8(self, side: TorchSide, path: Path, placed: dict[str, Placement]) -> dict:
+        """The component's graph rewritten with our int8 codes (and int8 activations for the denoiser)."""
+        spec = next(s for s in side.specs if path.parent.name == s.name)
+        calls = side.calibration if spec.source in ("unet", "transformer") else None
+        model, info = quantize_graph(path, placed, side.int8[spec.source], calls, float_compute=spec.float_compute,
+                                     symmetric_activations=self.symmetric_activations)
+        minify(model, placed)
+        for stale in path.parent.glob(path.name + "*data"):
+            stale.unlink()
+        save_onnx(model, path)
+        return info
+
+    def _runtime_checks(self, side: TorchSide, staging: Path, placements: dict[str, dict[str, Placement]]) -> dict:
         """Every component through ONNX Runtime against PyTorch's outputs, then the end-to-end gate."""
         profile = self.profile
         results: dict = {"components": {}, "gates": []}
@@ -385,7 +448,12 @@ class OnnxBundleBuilder(BundleBuilder):
             comp = {"file": str(model_file.relative_to(staging)), "outputs": compare_outputs(ref_out, got),
                     "latency": timings_ms(lambda s=session, i=inputs: run_session(s, i))}
             del session
-            comp["sparsity"] = sparsity_report(side.probes[spec.name], staging / spec.name / "model.onnx", self.precision)
+            onnx_path = staging / spec.name / "model.onnx"
+            if spec.name in placements:
+                comp["int8"] = self._int8_checks(side, spec, onnx_path, model_file, placements[spec.name], results)
+                comp["sparsity"] = int8_sparsity(side.probes[spec.name], placements[spec.name], comp["int8"]["codes"])
+            else:
+                comp["sparsity"] = sparsity_report(side.probes[spec.name], onnx_path, self.precision)
             results["components"][spec.name] = comp
             worst = min(o["cosine"] for o in comp["outputs"].values())
             results["gates"].append(gate(f"{spec.name} cosine", worst, ">=", profile.gates.min_cosine))
@@ -397,14 +465,26 @@ class OnnxBundleBuilder(BundleBuilder):
                 results["gates"].append(gate(f"{spec.name} median latency ms", comp["latency"]["median_ms"], "<=", budget))
         results["end_to_end"] = self._end_to_end(side, staging)
         results["gates"].append(gate("image PSNR dB", results["end_to_end"]["psnr_db"], ">=",
-                                      profile.gates.min_psnr(self.precision)))
+                                      profile.gates.min_psnr(self.precision, self.activations)))
         budget = profile.gates.max_latency_ms.get("pipeline")
         if budget:
             results["gates"].append(gate("pipeline median latency ms", results["end_to_end"]["latency_onnx"]["median_ms"],
                                           "<=", budget))
         return results
 
-    def torch_side(self, pipe, dense_pipe, record: dict | None) -> TorchSide:
+    def _int8_checks(self, side: TorchSide, spec: ComponentSpec, onnx_path: Path, model_file: Path,
+                     placed: dict[str, Placement], results: dict) -> dict:
+        """Our codes and scales are what the graph stores; the graph ONNX Runtime runs has int8 kernels."""
+        codes = check_codes(OnnxWeights(onnx_path), placed, side.int8[spec.source])
+        results["gates"].append(gate(f"{spec.name} int8 weights equal obsdiff's codes and scales",
+                                     codes["equal"] / codes["layers"], ">=", 1.0))
+        kernels = int8_kernels(model_file, self.profile.providers)
+        if side.calibration is not None and spec.source in ("unet", "transformer"):
+            results["gates"].append(gate(f"{spec.name} int8 kernels in ONNX Runtime's optimized graph",
+                                         kernels["int8"], ">=", 1))
+        return {"codes": codes, "kernels": kernels}
+
+    def torch_side(self, pipe, dense_pipe, record: dict | None, quantization: dict | None = None) -> TorchSide:
         shapes = self.profile.shapes
         specs = specs_for(pipe)
         dims = pipeline_dims(pipe, shapes)
@@ -415,12 +495,24 @@ class OnnxBundleBuilder(BundleBuilder):
         latents = initial_latents(pipe, len(self.prompts), shapes.height, shapes.width, seed=0)
         # Prompts go through in batches that fit: one at a time at SD size, all at once for small models.
         per_call = max(1, GATE_LATENT_PIXELS // (shapes.height * shapes.width // pipe.vae_scale_factor**2))
-        images = {"pruned PyTorch": self._images(pipe, latents, per_call)}
+        calibration = None
+        with contextlib.ExitStack() as recording:
+            if self.activations is Activations.INT8:
+                denoiser_spec = next(s for s in specs if s.source in ("unet", "transformer"))
+                calibration = recording.enter_context(recorded_calls(getattr(pipe, denoiser_spec.source), denoiser_spec))
+            images = {"pruned PyTorch": self._images(pipe, latents, per_call)}
         if dense_pipe is not None:
             images = {"dense PyTorch": self._images(dense_pipe, latents, per_call), **images}
         latency = timings_ms(lambda: self._images(pipe, latents[:1], 1, self.prompts[:1]), warmup=1, runs=5)
+        int8 = {}
+        for source, (quant, scales) in (quantization or {}).items():
+            modules = dict(getattr(pipe, source).named_modules())
+            try:
+                int8[source] = {layer: integer_weight(modules[layer].weight, scale, quant) for layer, scale in scales.items()}
+            except (KeyError, ValueError) as exc:
+                raise ExportError(f"{source}: its quantization file does not fit its weights ({exc})") from None
         return TorchSide(specs, dims, references, probes, latents, per_call, images, latency,
-                         type(pipe.scheduler).__name__)
+                         type(pipe.scheduler).__name__, int8, calibration)
 
     def _images(self, pipe, latents: torch.Tensor, per_call: int, prompts: list[str] | None = None) -> np.ndarray:
         shapes, prompts = self.profile.shapes, prompts or self.prompts
@@ -467,6 +559,18 @@ class OnnxBundleBuilder(BundleBuilder):
                 lat = comp["latency"]
                 lines.append(f"| {name} | {out} | {c['cosine']:.7f} | {c['relative_l2']:.2e} | {c['max_abs']:.2e} | "
                              f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {lat['runs']} | {zeros} |")
+        int8 = {name: comp["int8"] for name, comp in results["components"].items() if "int8" in comp}
+        if int8:
+            lines += ["", "## Integer weights", "",
+                      "obsdiff's int8 codes and per-output-channel scales, written into the graph (not re-quantized); "
+                      "kernels counted in the graph ONNX Runtime runs after its optimizations.", "",
+                      "| component | layers with our codes | activations | int8 kernels | weights-only layers |",
+                      "|---|---|---|---|---|"]
+            for name, info in int8.items():
+                kernels = ", ".join(f"{k} {v}" for k, v in info["kernels"].items() if k.startswith("Q") and v) or "none"
+                weights_only = "all" if info["activations"] == "float" else len(info["weights_only_layers"])
+                lines.append(f"| {name} | {info['codes']['equal']} / {info['codes']['layers']} | {info['activations']} | "
+                             f"{kernels} | {weights_only} |")
         dense = results.get("against_dense")
         if dense:
             ms = dense["median_ms"]
@@ -474,7 +578,9 @@ class OnnxBundleBuilder(BundleBuilder):
                       f"{dense['component']}, dense and pruned graphs timed alternately ({dense['runs']} runs each, "
                       "ONNX Runtime, the profile's providers):", "",
                       "| | dense | pruned | pruned / dense |", "|---|---|---|---|",
-                      f"| median ms | {ms['dense']:.2f} | {ms['pruned']:.2f} | **{dense['latency_ratio']:.3f}** |"]
+                      f"| median ms | {ms['dense']:.2f} | {ms['pruned']:.2f} | **{dense['latency_ratio']:.3f}** |",
+                      f"| model file bytes | {dense['bytes']['dense']} | {dense['bytes']['pruned']} | "
+                      f"{dense['bytes']['pruned'] / dense['bytes']['dense']:.3f} |"]
             if dense.get("flops_ratio") is not None:
                 lines += [f"| FLOPs per call | | | {dense['flops_ratio']:.3f} |",
                           f"| parameters | | | {dense['params_ratio']:.3f} |"]
@@ -491,6 +597,17 @@ class OnnxBundleBuilder(BundleBuilder):
                   f"| PyTorch | {torch_ms['median_ms']:.1f} | {torch_ms['p90_ms']:.1f} | {torch_ms['runs']} |",
                   "", "![dense PyTorch, pruned PyTorch, exported](images.png)"]
         return lines
+
+
+def int8_sparsity(probes: dict[str, WeightProbe], placed: dict[str, Placement], codes: dict) -> dict:
+    """The zero report of an int8 graph: a zero weight is code 0 (every scale is positive), so codes equal to ours
+    carry the zeros exactly."""
+    mine = [probes[k] for k in placed]
+    total = sum(p.numel for p in mine)
+    zeros = sum(p.zeros for p in mine) / total
+    kept = codes["equal"] == codes["layers"]
+    return {"pruned_layers": len(mine), "matched_in_onnx": codes["equal"], "zero_fraction_torch": zeros,
+            "zero_fraction_onnx": zeros if kept else 0.0, "zeros_preserved": kept, "lost": codes["different"]}
 
 
 def convert_to_ort(folder: Path) -> None:

@@ -9,7 +9,15 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from obsdiff.api import SparsitySpec, Unstructured, check_image_size, parse_kind, parse_sparsity
+from obsdiff.api import (
+    Quantization,
+    SparsitySpec,
+    Unstructured,
+    check_image_size,
+    parse_kind,
+    parse_quantization,
+    parse_sparsity,
+)
 from obsdiff.errors import UsageError
 from obsdiff.resources import targets_dir
 
@@ -17,6 +25,23 @@ from obsdiff.resources import targets_dir
 class Precision(enum.StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
+
+
+class Activations(enum.StrEnum):
+    """What the exported graph computes activations in: the precision's float, or int8 (static ranges calibrated on
+    the gate prompts' denoiser inputs; needs an int8-quantized folder)."""
+
+    FLOAT = "float"
+    INT8 = "int8"
+
+
+def parse_activations(text: str | None) -> Activations | None:
+    if text is None:
+        return None
+    try:
+        return Activations(text)
+    except ValueError:
+        raise UsageError(f"--activations must be float or int8, got {text!r}") from None
 
 
 class Format(enum.StrEnum):
@@ -53,15 +78,19 @@ class Gates:
     min_cosine: float = 0.9999
     min_image_psnr_db: float = 40.0
     min_image_psnr_db_fp16: float = 30.0
+    min_image_psnr_db_int8: float = 35.0  # int8 activations, against the fake-quantized PyTorch model
     max_latency_ms: dict[str, float] = field(default_factory=dict)
 
-    def min_psnr(self, precision: "Precision") -> float:
+    def min_psnr(self, precision: "Precision", activations: "Activations | None" = None) -> float:
+        if activations is Activations.INT8:
+            return self.min_image_psnr_db_int8
         return self.min_image_psnr_db if precision is Precision.FP32 else self.min_image_psnr_db_fp16
 
     def check(self) -> None:
         _number("min_cosine", self.min_cosine, -1.0, 1.0)
         _number("min_image_psnr_db", self.min_image_psnr_db, 0.0)
         _number("min_image_psnr_db_fp16", self.min_image_psnr_db_fp16, 0.0)
+        _number("min_image_psnr_db_int8", self.min_image_psnr_db_int8, 0.0)
         if not isinstance(self.max_latency_ms, dict):
             raise ValueError(f"max_latency_ms must be a table of component = milliseconds, got {self.max_latency_ms!r}")
         for name, value in self.max_latency_ms.items():
@@ -73,6 +102,7 @@ class PruneDefaults:
     """What ``ship`` prunes with, and which patterns the target can use (``accepts``; empty: any)."""
 
     sparsity: SparsitySpec = field(default_factory=Unstructured)
+    quantization: Quantization | None = None  # ``quantize = "int8"`` (with ``group_size``, ``quantize_method``)
     accepts: tuple[str, ...] = ()
     components: tuple[str, ...] = ("denoiser",)
     num_prompts: int = 64
@@ -102,6 +132,7 @@ class TargetProfile:
     gates: Gates
     prune: PruneDefaults
     ort_format: bool = False
+    activations: Activations = Activations.FLOAT
     session_options: dict = field(default_factory=dict)
     backend: dict = field(default_factory=dict)  # format-specific settings ([tensorrt], [coreml])
     path: Path | None = None
@@ -170,6 +201,15 @@ def _table(data: dict, key: str, cls, converters: dict | None = None):
 
 
 BUDGET_KEYS = ("flops", "params", "allocation")
+QUANT_KEYS = ("quantize", "group_size", "quantize_method")
+
+
+def _prune_quantization(raw: dict) -> dict:
+    try:
+        return {"quantization": parse_quantization(raw.get("quantize"), raw.get("group_size"),
+                                                   raw.get("quantize_method"))}
+    except UsageError as exc:
+        raise ValueError(str(exc).replace("--", "").replace("-", "_")) from None
 
 
 def _prune_sparsity(raw: dict) -> dict:
@@ -204,7 +244,7 @@ def load_profile(name_or_path: str | Path) -> TargetProfile:
         raise UsageError(f"{path}: invalid TOML ({exc})") from None
     try:
         for key, kind in (("name", str), ("description", str), ("format", str), ("precision", str), ("exporter", str),
-                          ("providers", list), ("ort_format", bool), ("session_options", dict)):
+                          ("providers", list), ("ort_format", bool), ("session_options", dict), ("activations", str)):
             if key in data and not isinstance(data[key], kind):
                 raise ValueError(f"{key} must be a {kind.__name__}, got {data[key]!r}")
         if "format" not in data or "name" not in data:
@@ -216,8 +256,10 @@ def load_profile(name_or_path: str | Path) -> TargetProfile:
             shapes=_table(data, "shapes", Shapes), gates=_table(data, "gates", Gates),
             prune=_table(data, "prune", PruneDefaults, {"pattern": _prune_sparsity, "sparsity": lambda raw: {},
                                                         "accepts": _accepts,
-                                                        **{k: (lambda raw: {}) for k in BUDGET_KEYS}}),
-            ort_format=data.get("ort_format", False), session_options=data.get("session_options", {}),
+                                                        "quantize": _prune_quantization,
+                                                        **{k: (lambda raw: {}) for k in (*BUDGET_KEYS, *QUANT_KEYS[1:])}}),
+            ort_format=data.get("ort_format", False), activations=Activations(data.get("activations", "float")),
+            session_options=data.get("session_options", {}),
             backend=data.get(data["format"], {}), path=path,
         )
     except ValueError as exc:

@@ -16,7 +16,7 @@ from obsdiff.errors import UsageError
 from obsdiff.exporters.apple import AppleOptions
 from obsdiff.exporters.bundle import NO_OVERRIDES, ShapeOverrides, export_bundle
 from obsdiff.exporters.components import SizeRule
-from obsdiff.exporters.profiles import Precision, TargetProfile, load_profile
+from obsdiff.exporters.profiles import Activations, Precision, TargetProfile, load_profile
 from obsdiff.exporters.registry import make_builder
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ def resolve_pattern(profile: TargetProfile, pattern: str | None, sparsity: float
 
 def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, sparsity: float | None = None,
          precision: str | None = None, force: bool = False, zip_bundle: bool = False,
-         shapes: ShapeOverrides = NO_OVERRIDES, apple: AppleOptions | None = None) -> dict:
+         shapes: ShapeOverrides = NO_OVERRIDES, apple: AppleOptions | None = None,
+         activations: Activations | None = None) -> dict:
     """Writes ``OUT/model`` (the pruned diffusers folder) and ``OUT/bundle`` (the validated bundle)."""
     model, out = Path(model), Path(out)
     profile = load_profile(target)
@@ -39,12 +40,13 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
         Precision(precision)
     spec = resolve_pattern(profile, pattern, sparsity)
     profile.check_pattern(spec, force)
-    make_builder(profile, Precision(precision) if precision else profile.precision, [], apple=apple)  # options checked
+    make_builder(profile, Precision(precision) if precision else profile.precision, [], apple=apple,
+                 activations=activations)  # options checked
     defaults = profile.prune
     config = None
-    if not isinstance(spec, Dense):
+    if not isinstance(spec, Dense) or defaults.quantization is not None:
         config = PruneConfig(sparsity=spec, components=defaults.components, num_prompts=defaults.num_prompts,
-                             steps=defaults.steps)
+                             steps=defaults.steps, quantization=defaults.quantization)
         config.validate()
     check_model_folder(model)
     check_disjoint(out, {"model": model}, output_name="--out")
@@ -67,7 +69,7 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
         manifest = export_bundle(source, target, bundle_dir, precision=precision, overwrite=True, zip_bundle=zip_bundle,
                                  force=force, dense_model=model if config is not None else None,
                                  source_name=str(pruned_dir if config is not None else model), shapes=shapes,
-                                 apple=apple)
+                                 apple=apple, activations=activations)
         if config is not None:
             replace_dir(new_model, pruned_dir)
     except BaseException:

@@ -4,17 +4,24 @@
 - MatMul: B's K axis (axis 0 of a 2-D initializer B).
 - Gemm: K, which is axis 1 of B when transB = 1, else axis 0.
 
+In an int8 QDQ graph the weight is the int8 initializer behind its ``DequantizeLinear`` (a zero weight is code 0).
+
 ``polygraphy_sparsity`` runs ``polygraphy inspect sparsity`` (no TensorRT needed) on the same file,
 so two independent readers must agree before a layer is called 2:4.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from obsdiff.api import NM
 from obsdiff.exporters.onnx import OnnxWeights
@@ -36,8 +43,10 @@ class WeightCheck:
 def check_2of4(path: Path) -> list[WeightCheck]:
     inits = OnnxWeights(path)  # one weight in memory at a time: SD-size graphs hold gigabytes
     graph = inits.graph
-    # fp16 graphs may feed weights through a Cast; follow one Cast back to the initializer.
-    cast_src = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in inits}
+    # fp16 graphs may feed weights through a Cast, int8 graphs through a DequantizeLinear (their codes: 0 is 0);
+    # follow one back to the initializer.
+    cast_src = {n.output[0]: n.input[0] for n in graph.node
+                if n.op_type in ("Cast", "DequantizeLinear") and n.input[0] in inits}
     checks = []
     for node in graph.node:
         if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
@@ -62,12 +71,36 @@ def check_2of4(path: Path) -> list[WeightCheck]:
     return checks
 
 
+@contextlib.contextmanager
+def _polygraphy_readable(path: Path) -> Iterator[Path]:
+    """The graph itself, or for an int8 graph a copy whose int8 initializers are float32 holding the same codes:
+    polygraphy 0.53 follows a weight's DequantizeLinear to its initializer but skips it ("unsupported type: int8")."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(path))
+    int8 = [i for i in model.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) >= 2]
+    if not int8:
+        del model
+        yield path
+        return
+    for init in int8:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    with tempfile.TemporaryDirectory(prefix="obsdiff-polygraphy-") as tmp:
+        copy = Path(tmp) / "model.onnx"
+        large = sum(len(t.raw_data) for t in model.graph.initializer) > 2 * 1024**3 - (64 << 20)
+        onnx.save_model(model, str(copy), save_as_external_data=large, location="model.onnx.data" if large else None)
+        del model
+        yield copy
+
+
 def polygraphy_sparsity(path: Path) -> dict:
     """Run ``polygraphy inspect sparsity``; returns the tensors it finds 2:4 sparse and those it does not."""
     polygraphy = Path(sys.executable).with_name("polygraphy")
-    cmd = [str(polygraphy) if polygraphy.exists() else "polygraphy", "inspect", "sparsity", str(path)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        with _polygraphy_readable(path) as readable:
+            cmd = [str(polygraphy) if polygraphy.exists() else "polygraphy", "inspect", "sparsity", str(readable)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:
         return {"ok": False, "error": "polygraphy is not installed", "sparse": [], "dense": []}
     text = proc.stdout + proc.stderr

@@ -15,12 +15,13 @@ import re
 import shutil
 from pathlib import Path
 
+from obsdiff.api import Dense, Structured
 from obsdiff.errors import ExportError
-from obsdiff.exporters.artifacts import WeightProbe
+from obsdiff.exporters.artifacts import WeightProbe, record_sparsity
 from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
 from obsdiff.exporters.components import ComponentSpec
 from obsdiff.exporters.onnx import OnnxBundleBuilder, OnnxWeights, match_weights, revalidate_onnx
-from obsdiff.exporters.profiles import Precision, TargetProfile
+from obsdiff.exporters.profiles import Activations, Precision, TargetProfile
 from obsdiff.exporters.sparsity_check import check_2of4, polygraphy_sparsity
 from obsdiff.exporters.validate import gate
 
@@ -68,13 +69,14 @@ def shape_args(spec: ComponentSpec, dims: dict[str, int]) -> str:
     return ",".join(parts)
 
 
-def build_script(specs: tuple[ComponentSpec, ...], dims: dict[str, int], profile: TargetProfile) -> str:
+def build_script(specs: tuple[ComponentSpec, ...], dims: dict[str, int], profile: TargetProfile, int8: bool = False) -> str:
     trt_cfg = profile.backend
     lines = [
         "#!/usr/bin/env bash",
         f"# Build TensorRT engines for this bundle on the device (target {profile.name}: "
         f"JetPack {trt_cfg.get('jetpack', '-')}, TensorRT {trt_cfg.get('tensorrt', '10.x')}).",
-        "# fp16 + 2:4 sparse weights; static shapes from the target profile; verbose logs and layer info kept.",
+        "# fp16 + 2:4 sparse weights" + (" + int8 Q/DQ (explicit quantization)" if int8 else "") +
+        "; static shapes from the target profile; verbose logs and layer info kept.",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
@@ -87,7 +89,7 @@ def build_script(specs: tuple[ComponentSpec, ...], dims: dict[str, int], profile
         lines += [
             f'echo "building {spec.name}..."',
             f'"$TRTEXEC" --onnx={spec.name}/model.onnx --saveEngine=engines/{spec.name}.plan '
-            f"--fp16 --sparsity=enable {shape_flags}"
+            f"--fp16 {'--int8 ' if int8 else ''}--sparsity=enable {shape_flags}"
             f"--memPoolSize=workspace:{trt_cfg.get('workspace_mb', 1024)}M "
             f"--builderOptimizationLevel={trt_cfg.get('builder_optimization_level', 3)} "
             f"--timingCacheFile=engines/timing.cache --profilingVerbosity=detailed "
@@ -101,7 +103,7 @@ def build_script(specs: tuple[ComponentSpec, ...], dims: dict[str, int], profile
 
 
 def build_engine(onnx_path: Path, engine_path: Path, spec: ComponentSpec, dims: dict[str, int], profile: TargetProfile,
-                 timing_cache: Path) -> dict:
+                 timing_cache: Path, int8: bool = False) -> dict:
     """Polygraphy's loaders over TensorRT: FP16 + sparse weights, a static profile, a timing cache, layer info.
 
     Polygraphy forwards TensorRT's log to its own logger; at VERBOSE it carries the "(Sparsity)" lines that say
@@ -116,7 +118,7 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: ComponentSpec, dims: 
         shape = spec.resolve(dims, t)
         opt.add(t.name, min=shape, opt=shape, max=shape)
     config = CreateConfig(
-        fp16=True, sparse_weights=True, profiles=[opt], profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
+        fp16=True, int8=int8, sparse_weights=True, profiles=[opt], profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: profile.backend.get("workspace_mb", 1024) << 20},
         builder_optimization_level=profile.backend.get("builder_optimization_level", 3),
         load_timing_cache=str(timing_cache) if timing_cache.is_file() else None)
@@ -139,9 +141,20 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: ComponentSpec, dims: 
 class TensorRTBundleBuilder(BundleBuilder):
     """The ONNX bundle (fp16, ORT-validated) plus 2:4 checks, device scripts and, where possible, engines."""
 
-    def __init__(self, profile: TargetProfile, precision: Precision, prompts: list[str]) -> None:
+    def __init__(self, profile: TargetProfile, precision: Precision, prompts: list[str],
+                 activations: Activations = Activations.FLOAT) -> None:
         self.profile, self.precision = profile, precision
-        self.onnx = OnnxBundleBuilder(profile, precision, prompts)
+        self.onnx = OnnxBundleBuilder(profile, precision, prompts, activations)
+        self.int8 = False
+
+    def check_quantization(self, quantization: dict) -> None:
+        """An int8 folder becomes explicit-quantization QDQ ONNX, TensorRT's int8 input: fp32 graphs (the engine
+        build picks fp16 for the float layers) with int8 weights and symmetric int8 activations around them."""
+        if not quantization:
+            return
+        self.onnx.precision, self.onnx.activations = Precision.FP32, Activations.INT8
+        self.onnx.symmetric_activations = self.int8 = True
+        self.onnx.check_quantization(quantization)
 
     @classmethod
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
@@ -154,9 +167,13 @@ class TensorRTBundleBuilder(BundleBuilder):
         results["sparsity_2of4"] = {}
         skipped = {s: [layer["name"] for layer in comp.get("skipped", [])]
                    for s, comp in (record or {}).get("components", {}).items()}
-        for spec in specs:
+        # The layers a prune zeroed must be 2:4; a quantize-only (dense) or structured record zeroed none.
+        pattern = record_sparsity(record, staging)
+        for spec in () if pattern is None or isinstance(pattern, (Dense, Structured)) else specs:
+            placed = self.onnx.placements.get(spec.name, {})
             report = two_of_four_report(side.probes[spec.name], skipped.get(spec.source, []),
-                                        staging / spec.name / "model.onnx")
+                                        staging / spec.name / "model.onnx",
+                                        {k: f"{p.initializer}_quantized" for k, p in placed.items()} or None)
             if report["targeted"]:
                 results["sparsity_2of4"][spec.name] = report
                 results["gates"].append(gate(f"{spec.name} targeted layers 2:4 (checker and polygraphy)",
@@ -191,7 +208,7 @@ class TensorRTBundleBuilder(BundleBuilder):
 
     def _write_device_files(self, staging: Path, specs: tuple[ComponentSpec, ...], dims: dict[str, int]) -> None:
         script = staging / "build_engines.sh"
-        script.write_text(build_script(specs, dims, self.profile))
+        script.write_text(build_script(specs, dims, self.profile, self.int8))
         script.chmod(0o755)
         shutil.copy(DEVICE_DIR / "validate_on_device.py", staging / "validate_on_device.py")
         backend = self.profile.backend
@@ -218,18 +235,20 @@ class TensorRTBundleBuilder(BundleBuilder):
         (staging / "engines").mkdir(exist_ok=True)
         cache = staging / "engines" / "timing.cache"
         built = {s.name: build_engine(staging / s.name / "model.onnx", staging / "engines" / f"{s.name}.plan", s, dims,
-                                      self.profile, cache) for s in specs}
+                                      self.profile, cache, self.int8) for s in specs}
         return {"status": "built", "components": built}
 
 
-def two_of_four_report(probes: dict[str, WeightProbe], skipped: list[str], onnx_path: Path) -> dict:
+def two_of_four_report(probes: dict[str, WeightProbe], skipped: list[str], onnx_path: Path,
+                       int8_initializers: dict[str, str] | None = None) -> dict:
     """For each layer the prune targeted: is its ONNX initializer 2:4 by our checker and by polygraphy?
 
-    ``skipped``: the layers the prune listed but left dense.
+    ``skipped``: the layers the prune listed but left dense. ``int8_initializers``: in an int8 graph, each layer's
+    int8 codes initializer (the float weight is gone).
     """
     if not probes:
         return {"targeted": 0, "both": 0, "layers": {}, "dense": skipped}
-    matched = match_weights(OnnxWeights(onnx_path), probes)
+    matched = int8_initializers or match_weights(OnnxWeights(onnx_path), probes)
     ours = {c.initializer: c for c in check_2of4(onnx_path)}
     poly = polygraphy_sparsity(onnx_path)
     poly_sparse = set(poly["sparse"])

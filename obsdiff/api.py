@@ -6,8 +6,9 @@ Everything else under ``obsdiff`` is internal; the import contracts in ``pyproje
 
 from obsdiff import __version__
 from obsdiff.config import DENOISER, LATENT_SCALE, Method, PruneConfig, check_image_size
-from obsdiff.model_io import check_model_folder, load_pipeline, read_pruning_record
+from obsdiff.model_io import check_model_folder, load_pipeline, read_pruning_record, read_quantization
 from obsdiff.prune import prune
+from obsdiff.quantize import IntegerWeight, Quantization, integer_weight, parse_quantization
 from obsdiff.sparsity import (
     NM,
     Dense,
@@ -25,4 +26,5 @@ __all__ = [
     "DENOISER", "LATENT_SCALE", "NM", "Dense", "Method", "PatternError", "PruneConfig", "SparsitySpec", "Structured",
     "Unstructured", "__version__", "check_image_size", "check_model_folder", "load_pipeline", "parse_kind",
     "parse_sparsity", "prune", "read_pruning_record", "sparsity_from_json", "sparsity_to_json",
+    "IntegerWeight", "Quantization", "integer_weight", "parse_quantization", "read_quantization",
 ]

@@ -182,12 +182,19 @@ def _apple_options(args: argparse.Namespace):
                         else None)
 
 
+def _activations(args: argparse.Namespace):
+    from obsdiff.exporters.profiles import parse_activations
+
+    return parse_activations(args.activations)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from obsdiff.exporters.bundle import export_bundle
 
     export_bundle(args.model, args.target, args.out, precision=args.precision, overwrite=args.overwrite,
                   zip_bundle=args.zip, force=args.force, dense_model=args.dense, compress=args.compress,
-                  deployment_target=args.deployment_target, shapes=_shape_overrides(args), apple=_apple_options(args))
+                  deployment_target=args.deployment_target, shapes=_shape_overrides(args), apple=_apple_options(args),
+                  activations=_activations(args))
     return 0
 
 
@@ -195,7 +202,8 @@ def cmd_ship(args: argparse.Namespace) -> int:
     from obsdiff.exporters.ship import ship
 
     ship(args.target, args.model, args.out, pattern=args.pattern, sparsity=args.sparsity, precision=args.precision,
-         force=args.force, zip_bundle=args.zip, shapes=_shape_overrides(args), apple=_apple_options(args))
+         force=args.force, zip_bundle=args.zip, shapes=_shape_overrides(args), apple=_apple_options(args),
+         activations=_activations(args))
     return 0
 
 
@@ -204,6 +212,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     validate_bundle_on_disk(args.bundle)
     return 0
+
+
+def _add_activation_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--activations", metavar="float|int8",
+                   help="ONNX targets, int8-quantized folders: int8 activations too (static ranges from the gate "
+                        "prompts' denoiser inputs; ONNX Runtime runs QLinearConv/QLinearMatMul). Default: the target's")
 
 
 def _add_apple_options(p: argparse.ArgumentParser) -> None:
@@ -324,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zip", action="store_true", help="also write BUNDLE.zip")
     p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
     p.add_argument("--overwrite", action="store_true")
+    _add_activation_option(p)
     _add_shape_options(p)
     _add_apple_options(p)
     p.set_defaults(func=cmd_export)
@@ -338,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16"])
     p.add_argument("--force", action="store_true", help="proceed despite a pattern the target cannot use")
     p.add_argument("--zip", action="store_true")
+    _add_activation_option(p)
     _add_shape_options(p)
     _add_apple_options(p)
     p.set_defaults(func=cmd_ship)

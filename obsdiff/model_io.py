@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from obsdiff.errors import ModelFolderError
+from obsdiff.quantize import Quantization, QuantMethod
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,27 @@ def check_safetensors(path: Path) -> None:
 def read_pruning_record(path: Path) -> dict | None:
     record = path / PRUNING_JSON
     return json.loads(record.read_text()) if record.is_file() else None
+
+
+def read_quantization(path: Path) -> dict[str, tuple[Quantization, dict]]:
+    """Component → (its quantization, layer → scales) for every component whose folder holds ``QUANT_SCALES``.
+
+    The scales index the solver's columns (see ``quantize.integer_weight``); the weights beside them hold the
+    dequantized values.
+    """
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(path).glob(f"*/{QUANT_SCALES}")):
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                quant = Quantization(int(meta["bits"]), int(meta["group_size"]) or None, QuantMethod(meta["method"]))
+                scales = {k.removesuffix(".weight_scale"): fh.get_tensor(k) for k in fh.keys()}
+        except (KeyError, ValueError) as exc:
+            raise ModelFolderError(f"{file}: not an obsdiff quantization file ({_one_line(exc)})") from None
+        out[file.parent.name] = (quant, scales)
+    return out
 
 
 def load_pipeline(path: Path | str, model_index: dict | None = None):

@@ -95,3 +95,53 @@ def rtn(weight: torch.Tensor, quant: Quantization) -> tuple[torch.Tensor, torch.
     """Round-to-nearest of every weight (zeros stay zero); returns the dequantized weight and its scales."""
     s = scales(weight, quant)
     return round_to_grid(weight.float(), per_column(s, quant), quant), s
+
+
+@dataclass(frozen=True)
+class IntegerWeight:
+    """A quantized layer's weight as an exporter stores it: int8 codes in the weight's own layout (Linear ``[out,
+    in]``, Conv ``[out, in, kh, kw]``) and float32 scales of the same rank, each axis of the weight a whole number of
+    the scale's blocks (per channel: ``[out, 1, …]``; groups: ``[out, in / g]`` or ``[out, C / g, kh, kw]``)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    quant: Quantization
+
+    @property
+    def per_channel(self) -> bool:
+        return self.quant.group_size is None
+
+    def dequantized(self) -> torch.Tensor:
+        scale = self.scale
+        for axis, (n, blocks) in enumerate(zip(self.codes.shape, scale.shape)):
+            if blocks not in (1, n):
+                scale = scale.repeat_interleave(n // blocks, dim=axis)
+        return self.codes.float() * scale
+
+
+def integer_weight(weight: torch.Tensor, scale: torch.Tensor, quant: Quantization) -> IntegerWeight:
+    """The codes and scales of a weight that the prune left on its grid, in the weight's own layout.
+
+    ``scale`` indexes the solver's columns (a Conv's in (kernel row, kernel column, input channel) order, channel
+    fastest). A conv's groups are whole input-channel runs at one kernel tap only when C is a multiple of the group
+    size; otherwise no per-axis block layout holds them (ValueError). A weight off its grid is a ValueError too.
+    """
+    w = weight.detach().float()
+    if w.ndim == 4:
+        k, c, r, s = w.shape
+        matrix = w.permute(0, 2, 3, 1).reshape(k, r * s * c)
+    else:
+        matrix = w
+    cols = per_column(scale.float(), quant)
+    q = codes(matrix, scale.float(), quant)
+    off = (q.float() * cols - matrix).abs() > 1e-3 * cols
+    if off.any():
+        raise ValueError(f"{int(off.sum())} weights are not on their int{quant.bits} grid (not written by --quantize?)")
+    if w.ndim != 4:
+        return IntegerWeight(q, scale.float().contiguous(), quant)
+    q = q.reshape(k, r, s, c).permute(0, 3, 1, 2).contiguous()
+    if quant.group_size is None:
+        return IntegerWeight(q, scale.float().reshape(k, 1, 1, 1), quant)
+    if c % quant.group_size:
+        raise ValueError(f"groups of {quant.group_size} columns straddle kernel taps ({c} input channels)")
+    return IntegerWeight(q, scale.float().reshape(k, r, s, c // quant.group_size).permute(0, 3, 1, 2).contiguous(), quant)

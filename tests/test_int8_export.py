@@ -1,0 +1,140 @@
+"""Integer weights through export: ONNX QDQ graphs that carry our int8 codes (and int8 activations that ONNX Runtime
+runs as int8 kernels), Core ML constexpr ops that carry our int8/int4 codes; bad combinations refused in one line."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import error_line, run_cli
+from onnx import numpy_helper
+from safetensors.torch import load_file
+
+from obsdiff.exporters.apple import AppleOptions, Layout
+from obsdiff.exporters.bundle import ShapeOverrides, export_bundle
+from obsdiff.exporters.coreml import stored_codes
+from obsdiff.layers import weight_matrix
+from obsdiff.model_io import QUANT_SCALES, load_pipeline
+from obsdiff.prune import PruneConfig, prune
+from obsdiff.quantize import Quantization, per_column
+from obsdiff.resources import targets_dir
+from obsdiff.sparsity import NM, Dense
+
+QUICK = dict(num_prompts=4, steps=3, packages=2)
+IOS_PROFILE = targets_dir() / "ios.toml"
+
+
+@pytest.fixture(scope="module")
+def int8_model(default_model, tmp_path_factory):
+    """The default model's UNet with int8 GPTQ weights (quantize only)."""
+    out = tmp_path_factory.mktemp("int8") / "model"
+    prune(default_model, out, PruneConfig(sparsity=Dense(), quantization=Quantization(8), **QUICK))
+    return out
+
+
+def _torch_codes(model_dir, quant: Quantization) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """layer → (weight as the solver lays it out, integer codes), recomputed here from the folder's weights and
+    scales file."""
+    modules = dict(load_pipeline(model_dir).unet.named_modules())
+    out = {}
+    for key, scale in load_file(model_dir / "unet" / QUANT_SCALES).items():
+        matrix = weight_matrix(modules[key.removesuffix(".weight_scale")])
+        out[key.removesuffix(".weight_scale")] = (matrix, matrix / per_column(scale, quant))
+    return out
+
+
+def test_cpu_int8_bundle_carries_our_codes_and_runs_int8_kernels(int8_model, default_model, tmp_path):
+    bundle = tmp_path / "bundle"
+    manifest = export_bundle(int8_model, "cpu-int8", bundle, dense_model=default_model,
+                             shapes=ShapeOverrides(gate_prompts=2))  # every step: activation ranges span the schedule
+    results = manifest["validation"]
+    assert all(g["passed"] for g in results["gates"]), results["gates"]
+    unet = results["components"]["unet"]
+    assert unet["int8"]["codes"]["equal"] == unet["int8"]["codes"]["layers"] > 100
+    assert unet["int8"]["kernels"]["QLinearConv"] > 10 and unet["int8"]["kernels"]["QLinearMatMul"] > 10
+    assert results["end_to_end"]["psnr_db"] >= 35.0  # exported int8 vs the fake-quantized PyTorch pipeline
+
+    # Independently of the exporter's own check: every int8 initializer × its scale is a PyTorch weight, exactly.
+    graph = onnx.load(str(bundle / "unet" / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    quantized = {n: a for n, a in inits.items() if n.endswith("_quantized")}
+    assert quantized and all(a.dtype == np.int8 for a in quantized.values())
+    codes = _torch_codes(int8_model, Quantization(8))
+    axis = {n.input[0]: next((a.i for a in n.attribute if a.name == "axis"), 1)
+            for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+    weights = {}
+    for name, q in quantized.items():
+        scale = inits[name.removesuffix("_quantized") + "_scale"]
+        shape = [1] * q.ndim
+        shape[axis[name]] = scale.size
+        weights[name] = q.astype(np.float32) * scale.reshape(shape)
+    # in the solver's layout: a Conv as (out, kh·kw·C); a Linear as Gemm or, transposed, as MatMul stores it
+    candidates = [c for deq in weights.values()
+                  for c in ((deq.transpose(0, 2, 3, 1).reshape(deq.shape[0], -1),) if deq.ndim == 4 else (deq, deq.T))]
+    matched = 0
+    for matrix, code in codes.values():
+        assert torch.equal(code.round(), code.round().clamp(-127, 127))
+        w = matrix.numpy()
+        matched += any(c.shape == w.shape and np.allclose(c, w, rtol=0, atol=1e-7) for c in candidates)
+    assert matched == len(codes)
+
+
+@pytest.mark.parametrize("quant,pattern", [(Quantization(8), NM(2, 4)), (Quantization(4, 16), Dense())])
+def test_coreml_weights_read_back_as_our_codes(tiny, tmp_path, quant, pattern):
+    model = tmp_path / "model"
+    prune(tiny("sd"), model, PruneConfig(sparsity=pattern, quantization=quant, num_prompts=2, steps=2, packages=1))
+    profile = tmp_path / "ios-unet.toml"  # the ios profile, converting the UNet only (the quantized component)
+    profile.write_text(IOS_PROFILE.read_text().replace('components = ["text_encoder", "denoiser", "vae_decoder"]',
+                                                       'components = ["denoiser"]'))
+    manifest = export_bundle(model, profile, tmp_path / "bundle", apple=AppleOptions(layout=Layout.OURS))
+    assert list(manifest["components"]) == ["unet"]
+    results = manifest["validation"]
+    assert results["deployment_target"] == "iOS18"
+    assert all(g["passed"] for g in results["gates"]), results["gates"]
+    stored = stored_codes(tmp_path / "bundle" / "Resources" / "Unet.mlpackage")
+    codes = _torch_codes(model, quant)
+    assert len(codes) > 10
+    for layer, (matrix, code) in codes.items():
+        key = f"model_{layer.replace('.', '_')}_weight"
+        got = next(v for k, v in sorted(stored.items(), key=lambda kv: len(kv[0])) if k.startswith(key))[0]
+        if got.ndim == 4:  # the solver's conv columns are (kernel row, kernel column, input channel)
+            got = got.transpose(0, 2, 3, 1).reshape(got.shape[0], -1)
+        assert np.array_equal(got.astype(np.int64), code.round().numpy().astype(np.int64)), layer
+        assert np.abs(got).max() <= quant.levels
+        if isinstance(pattern, NM):
+            assert ((got == 0) == (matrix.numpy() == 0)).all()  # the 2:4 zeros are code 0
+
+
+def test_jetson_int8_is_explicit_quantization_qdq(int8_model, tmp_path):
+    """TensorRT's int8 input: our int8 weights, symmetric int8 activations (zero point 0), trtexec with --int8."""
+    bundle = tmp_path / "bundle"
+    manifest = export_bundle(int8_model, "jetson", bundle, shapes=ShapeOverrides(gate_prompts=2))
+    results = manifest["validation"]
+    assert all(g["passed"] for g in results["gates"]), results["gates"]
+    assert results["components"]["unet"]["int8"]["activations"] == "int8 (symmetric)"
+    graph = onnx.load(str(bundle / "unet" / "model.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert "--fp16 --int8 --sparsity=enable" in (bundle / "build_engines.sh").read_text()
+
+
+def test_int8_export_bad_input(int8_model, default_model, tiny, tmp_path):
+    int4 = tmp_path / "int4"
+    prune(tiny("sd"), int4, PruneConfig(sparsity=Dense(), quantization=Quantization(4, 16), num_prompts=2, steps=2,
+                                        packages=1))
+    cases = [
+        ((int8_model, "--target", "ios", "--activations", "int8"), "--activations int8 is not supported for Core ML"),
+        ((default_model, "--target", "cpu-int8"), "needs a folder with int8 weights"),
+        ((int8_model, "--target", "cpu", "--activations", "int4"), "--activations must be float or int8"),
+        ((int4, "--target", "cpu-int8"), "ONNX targets take int8 with one scale per output channel"),
+        ((int8_model, "--target", "cpu", "--precision", "fp16"), "pass --precision fp32"),
+        ((int8_model, "--target", "ios", "--compress", "int8"), "drop --compress"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        proc = run_cli("export", *args, "--out", tmp_path / f"b{i}")
+        assert proc.returncode != 0 and message in error_line(proc), (args, proc.stderr[-400:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]
+    record = json.loads((int8_model / "pruning.json").read_text())
+    assert record["settings"]["quantization"] == {"bits": 8, "group_size": None, "method": "gptq"}
