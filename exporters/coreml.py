@@ -207,8 +207,13 @@ def write_codes(model, weights: dict[str, IntegerWeight], joint: bool):
     graph_pass = LinearQuantizePass(OptimizationConfig(global_config=config))
     graph_pass.joint_compression = joint
     graph_pass.blockwise_compress_by_dtype = our_codes  # the instance's lookup shadows the class's computation
-    logging.getLogger("coremltools").setLevel(logging.ERROR)  # "cannot quantize" for every const not ours
-    return _apply_graph_pass(model, graph_pass), sum(layers_of[k] for k in written)
+    ct_log = logging.getLogger("coremltools")
+    level = ct_log.level
+    ct_log.setLevel(logging.ERROR)  # it warns "cannot quantize" for every const not ours
+    try:
+        return _apply_graph_pass(model, graph_pass), sum(layers_of[k] for k in written)
+    finally:
+        ct_log.setLevel(level)
 
 
 def stored_codes(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -245,12 +250,12 @@ def const_names(path: Path) -> set[str]:
             for op in block.operations for out in op.outputs}
 
 
-def check_codes(path: Path, wrapper_attr: str, weights: dict[str, IntegerWeight]) -> dict:
+def check_codes(path: Path, weights: dict[str, IntegerWeight]) -> dict:
     """Every quantized layer's codes in the package equal ours, and its scales ours within fp16 rounding."""
     stored = stored_codes(path)
     equal, wrong = 0, []
     for name, w in weights.items():
-        key = f"{wrapper_attr}_{name.replace('.', '_')}_weight"
+        key = _const_name(name)
         candidates = [k for k in stored if k.startswith(key)]
         got = stored[min(candidates, key=len)] if candidates else None
         if (got is not None and np.array_equal(got[0].astype(np.int64), w.codes.numpy().astype(np.int64))
@@ -450,8 +455,7 @@ class CoreMLBundleBuilder(BundleBuilder):
                     results["gates"].append(gate(f"{spec.name} Apple layout vs the original module cosine",
                                                  min(layout.values()), ">=", LAYOUT_MIN_COSINE))
                 if codes:
-                    comp["int8" if codes[next(iter(codes))].quant.bits == 8 else "int4"] = comp["codes"] = \
-                        check_codes(final, WRAPPED_ATTR, codes)
+                    comp["codes"] = {"bits": next(iter(codes.values())).quant.bits, **check_codes(final, codes)}
                     results["gates"].append(gate(f"{spec.name} integer weights equal obsdiff's codes and scales",
                                                  comp["codes"]["equal"] / comp["codes"]["layers"], ">=", 1.0))
                 if weights:
@@ -519,8 +523,10 @@ class CoreMLBundleBuilder(BundleBuilder):
                   "| component | package | package KB dense → sparse | weights KB dense → sparse (limit) | sparsity "
                   "(pruned layers / whole blob) | weights read back | IO | prediction |", "|---|---|---|---|---|---|---|---|"]
         for name, comp in results["components"].items():
-            w = comp.get("weights")
+            w, codes = comp.get("weights"), comp.get("codes")
             wtxt = f"{w['checked'] - len(w['failed'])}/{w['checked']} exact" if w else "dense"
+            if codes:
+                wtxt += f"; int{codes['bits']} codes {codes['equal']}/{codes['layers']} ours"
             limit = f"{comp['size_limit_bytes'] / 1024:.0f}" if "size_limit_bytes" in comp else "-"
             pred = comp["prediction"]
             lines.append(f"| {name} | `{comp['package']}` | {comp['dense_bytes'] / 1024:.0f} → {comp['bytes'] / 1024:.0f} | "

@@ -157,6 +157,13 @@ def _number(name: str, value, low: float, high: float | None = None) -> None:
         raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
 
 
+def _activations(text: str) -> Activations:
+    try:
+        return Activations(text)
+    except ValueError:
+        raise ValueError(f"activations must be float or int8, got {text!r}") from None
+
+
 def available_targets() -> list[str]:
     return sorted(p.stem for p in targets_dir().glob("*.toml"))
 
@@ -208,8 +215,12 @@ def _prune_quantization(raw: dict) -> dict:
     try:
         return {"quantization": parse_quantization(raw.get("quantize"), raw.get("group_size"),
                                                    raw.get("quantize_method"))}
-    except UsageError as exc:
-        raise ValueError(str(exc).replace("--", "").replace("-", "_")) from None
+    except UsageError as exc:  # the command line's option names, as the profile spells them
+        message = str(exc)
+        for option, key in (("--quantize-method", "quantize_method"), ("--group-size", "group_size"),
+                            ("--quantize", "quantize")):
+            message = message.replace(option, key)
+        raise ValueError(message) from None
 
 
 def _prune_sparsity(raw: dict) -> dict:
@@ -258,7 +269,7 @@ def load_profile(name_or_path: str | Path) -> TargetProfile:
                                                         "accepts": _accepts,
                                                         "quantize": _prune_quantization,
                                                         **{k: (lambda raw: {}) for k in (*BUDGET_KEYS, *QUANT_KEYS[1:])}}),
-            ort_format=data.get("ort_format", False), activations=Activations(data.get("activations", "float")),
+            ort_format=data.get("ort_format", False), activations=_activations(data.get("activations", "float")),
             session_options=data.get("session_options", {}),
             backend=data.get(data["format"], {}), path=path,
         )

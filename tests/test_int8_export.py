@@ -11,9 +11,11 @@ from conftest import error_line, run_cli
 from onnx import numpy_helper
 from safetensors.torch import load_file
 
+from obsdiff.errors import UsageError
 from obsdiff.exporters.apple import AppleOptions, Layout
 from obsdiff.exporters.bundle import ShapeOverrides, export_bundle
 from obsdiff.exporters.coreml import stored_codes
+from obsdiff.exporters.profiles import load_profile
 from obsdiff.layers import weight_matrix
 from obsdiff.model_io import QUANT_SCALES, load_pipeline
 from obsdiff.prune import PruneConfig, prune
@@ -138,3 +140,16 @@ def test_int8_export_bad_input(int8_model, default_model, tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]
     record = json.loads((int8_model / "pruning.json").read_text())
     assert record["settings"]["quantization"] == {"bits": 8, "group_size": None, "method": "gptq"}
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ('quantize = "int8"', 'quantize = "int3"', "quantize must be int8 or int4, got 'int3'"),
+    ('quantize = "int8"', 'quantize = "int8"\ngroup_size = 0', "group_size must be a whole number ≥ 1"),
+    ('activations = "int8"', 'activations = "int16"', "activations must be float or int8, got 'int16'"),
+])
+def test_bad_int8_profile_fields_name_the_field(tmp_path, old, new, message):
+    path = tmp_path / "bad.toml"
+    path.write_text((targets_dir() / "cpu-int8.toml").read_text().replace(old, new))
+    with pytest.raises(UsageError, match=message):
+        load_profile(path)
+    assert load_profile(targets_dir() / "cpu-int8.toml").prune.quantization == Quantization(8)
