@@ -67,3 +67,15 @@ def test_make_setup_is_idempotent():
     if shutil.which("make") is None or not (REPO / ".venv" / ".obsdiff-setup").exists():
         pytest.skip("not run through `make test` (no setup stamp), so idempotence is not observable here")
     assert subprocess.run(["make", "-q", "setup"], cwd=REPO).returncode == 0
+
+
+def test_make_export_creates_the_folders_of_out(tmp_path):
+    """A fresh clone has no build/: `make export` must create OUT's parent (it used to stop at "build does not
+    exist"). Dense pattern and a one-prompt, two-step gate: the Makefile path, not a prune, is under test."""
+    if shutil.which("make") is None or not (REPO / ".venv" / ".obsdiff-setup").exists():
+        pytest.skip("not run through `make test` (no setup stamp): `make export` would set up a venv first")
+    out = tmp_path / "new" / "build" / "cpu"
+    proc = subprocess.run(["make", "export", "TARGET=cpu", "PATTERN=dense", f"OUT={out}",
+                           "EXTRA=--gate-prompts 1 --gate-steps 2"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "bundle" / "manifest.json").is_file()
