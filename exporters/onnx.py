@@ -327,9 +327,10 @@ class OnnxBundleBuilder(BundleBuilder):
 
     def check_quantization(self, quantization: dict) -> None:
         """int8 folders export as fp32 QDQ graphs with one scale per output channel; int8 activations need them."""
+        if self.activations is Activations.INT8 and not {"unet", "transformer"} & set(quantization):
+            raise UsageError("--activations int8 needs a folder whose denoiser has int8 weights: prune it with "
+                             "--quantize int8")
         if not quantization:
-            if self.activations is Activations.INT8:
-                raise UsageError("--activations int8 needs a folder with int8 weights: prune it with --quantize int8")
             return
         for component, (quant, _) in quantization.items():
             if quant.bits != 8 or quant.group_size is not None:

@@ -35,13 +35,14 @@ class Activations(enum.StrEnum):
     INT8 = "int8"
 
 
-def parse_activations(text: str | None) -> Activations | None:
+def parse_activations(text: str | None, name: str = "--activations") -> Activations | None:
+    """``--activations`` (or a profile's ``activations``) parsed once; None: the profile decides."""
     if text is None:
         return None
     try:
         return Activations(text)
     except ValueError:
-        raise UsageError(f"--activations must be float or int8, got {text!r}") from None
+        raise UsageError(f"{name} must be float or int8, got {text!r}") from None
 
 
 class Format(enum.StrEnum):
@@ -157,11 +158,11 @@ def _number(name: str, value, low: float, high: float | None = None) -> None:
         raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
 
 
-def _activations(text: str) -> Activations:
+def _profile_activations(data: dict) -> Activations:
     try:
-        return Activations(text)
-    except ValueError:
-        raise ValueError(f"activations must be float or int8, got {text!r}") from None
+        return parse_activations(data.get("activations", "float"), "activations")
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def available_targets() -> list[str]:
@@ -269,7 +270,7 @@ def load_profile(name_or_path: str | Path) -> TargetProfile:
                                                         "accepts": _accepts,
                                                         "quantize": _prune_quantization,
                                                         **{k: (lambda raw: {}) for k in (*BUDGET_KEYS, *QUANT_KEYS[1:])}}),
-            ort_format=data.get("ort_format", False), activations=_activations(data.get("activations", "float")),
+            ort_format=data.get("ort_format", False), activations=_profile_activations(data),
             session_options=data.get("session_options", {}),
             backend=data.get(data["format"], {}), path=path,
         )

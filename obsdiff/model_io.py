@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from obsdiff.errors import ModelFolderError
+from obsdiff.errors import ModelFolderError, UsageError
 from obsdiff.quantize import Quantization, QuantMethod
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def read_quantization(path: Path) -> dict[str, tuple[Quantization, dict]]:
                 meta = fh.metadata() or {}
                 quant = Quantization(int(meta["bits"]), int(meta["group_size"]) or None, QuantMethod(meta["method"]))
                 scales = {k.removesuffix(".weight_scale"): fh.get_tensor(k) for k in fh.keys()}
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, UsageError) as exc:
             raise ModelFolderError(f"{file}: not an obsdiff quantization file ({_one_line(exc)})") from None
         out[file.parent.name] = (quant, scales)
     return out

@@ -128,7 +128,7 @@ def test_int8_export_bad_input(int8_model, default_model, tiny, tmp_path):
                                         packages=1))
     cases = [
         ((int8_model, "--target", "ios", "--activations", "int8"), "--activations int8 is not supported for Core ML"),
-        ((default_model, "--target", "cpu-int8"), "needs a folder with int8 weights"),
+        ((default_model, "--target", "cpu-int8"), "needs a folder whose denoiser has int8 weights"),
         ((int8_model, "--target", "cpu", "--activations", "int4"), "--activations must be float or int8"),
         ((int4, "--target", "cpu-int8"), "ONNX targets take int8 with one scale per output channel"),
         ((int8_model, "--target", "cpu", "--precision", "fp16"), "pass --precision fp32"),
