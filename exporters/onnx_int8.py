@@ -167,16 +167,23 @@ def quantize_graph(path: Path, placements: dict[str, Placement], weights: dict[s
     ours = {p.initializer for layer, p in placements.items()
             if not any(re.fullmatch(pattern, layer) for pattern in float_compute)}
     inits = {i.name for i in model.graph.initializer}
+    unnamed = [n for n in model.graph.node if not n.name]
+    for i, node in enumerate(unnamed):
+        node.name = f"obsdiff_node_{i}"  # nodes_to_exclude names nodes
     # Nodes whose weight obsdiff did not quantize, or whose compute stays float, keep float activations.
     excluded = [n.name for n in model.graph.node
                 if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits and n.input[1] not in ours]
-    del model
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".obsdiff-int8-") as tmp:
+        source = path
+        if unnamed:
+            source = Path(tmp) / "named.onnx"
+            onnx.save_model(model, str(source), save_as_external_data=large, location="named.onnx.data")
+        del model
         quantized = Path(tmp) / "model.onnx"
-        log.info("%s: static int8 quantization (%d calibration calls, %d float layers left out)",
+        log.info("%s: static int8 quantization (%d calibration calls, %d nodes kept in float)",
                  path.parent.name, len(calls), len(excluded))
         quantize_static(
-            str(path), str(quantized), Reader(calls), quant_format=QuantFormat.QDQ, per_channel=True,
+            str(source), str(quantized), Reader(calls), quant_format=QuantFormat.QDQ, per_channel=True,
             op_types_to_quantize=list(WEIGHT_OPS), nodes_to_exclude=excluded, use_external_data_format=large,
             activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
