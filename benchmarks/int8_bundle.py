@@ -16,6 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from benchmarks.publish import publish
 from obsdiff.exporters.bundle import export_bundle
 from obsdiff.exporters.ship import ship
 
@@ -59,14 +60,10 @@ def main(argv=None) -> dict:
         "int8_gates": validation["gates"], "int8_psnr_db": validation["end_to_end"]["psnr_db"],
     }
     result["initializer_ratio"] = result["initializer_bytes"]["int8"] / result["initializer_bytes"]["fp32"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_bundle.json").write_text(json.dumps(result, indent=2))
-    write_markdown(result, args.out)
-    print(json.dumps({k: v for k, v in result.items() if k != "int8_gates"}, indent=2))
-    return result
+    return publish(result, args.out, "int8_bundle", markdown, hidden=("int8_gates",))
 
 
-def write_markdown(result: dict, out: Path) -> None:
+def markdown(result: dict) -> list[str]:
     b, m, w = result["bundle_bytes"], result["model_file_bytes"], result["initializer_bytes"]
     lines = ["# The default model's cpu-int8 bundle against its fp32 cpu bundle", "",
              "Command: `python -m benchmarks.int8_bundle` (`obsdiff export models/digits-sd --target cpu` beside "
@@ -87,7 +84,7 @@ def write_markdown(result: dict, out: Path) -> None:
               f"{result['other_files']['int8'] / b['int8']:.1%} of the int8 bundle. Without them the ratio is the model "
               "files' one; the text encoder's token and position embeddings are not layers the prune quantizes and stay "
               "float."]
-    (out / "int8_bundle.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":

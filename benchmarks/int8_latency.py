@@ -15,13 +15,13 @@ fp32 and int8 sessions are timed interleaved.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.publish import publish
 from benchmarks.structured_latency import build_unet, export
 from obsdiff.adapters import UNET, find_targets
 from obsdiff.exporters.artifacts import WeightProbe
@@ -46,7 +46,6 @@ def quantize_unet(unet) -> dict[str, torch.Tensor]:
 
 
 def main(argv=None) -> dict:
-    import onnx
     import onnxruntime as ort
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,7 +78,9 @@ def main(argv=None) -> dict:
         int8.parent.mkdir()
         export(unet, inputs, fp32)
         del unet, modules
-        placements = place(onnx.load(str(fp32), load_external_data=False), match_weights(OnnxWeights(fp32), probes))
+        initializers = OnnxWeights(fp32)
+        placements = place(initializers.graph, match_weights(initializers, probes))
+        del initializers
         model, info = quantize_graph(fp32, placements, weights, calls, float_compute=UNET_FLOAT_COMPUTE)
         minify(model, placements)
         save_onnx(model, int8)
@@ -101,14 +102,10 @@ def main(argv=None) -> dict:
     result["median_ms"] = timed["median_ms"]
     result["speedup"] = timed["median_ms"]["fp32"] / timed["median_ms"]["int8"]
     result["size_ratio"] = result["bytes"]["int8"] / result["bytes"]["fp32"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_latency.json").write_text(json.dumps(result, indent=2))
-    write_markdown(result, args.out)
-    print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
-    return result
+    return publish(result, args.out, "int8_latency", markdown, hidden=("config",))
 
 
-def write_markdown(result: dict, out: Path) -> None:
+def markdown(result: dict) -> list[str]:
     c, ms, k = result["config"], result["median_ms"], result["kernels"]
     lines = ["# W8A8 on an SD 1.5-width UNet (ONNX Runtime CPU)", "",
              f"Command: `python -m benchmarks.int8_latency --runs {c['runs']} --threads {c['threads']}`. Random weights, "
@@ -120,7 +117,7 @@ def write_markdown(result: dict, out: Path) -> None:
              f"| model bytes | {result['bytes']['fp32']:,} | {result['bytes']['int8']:,} | {result['size_ratio']:.3f} |", "",
              f"int8 kernels in ONNX Runtime's optimized graph: {k.get('QLinearConv', 0)} QLinearConv, "
              f"{k.get('QLinearMatMul', 0)} QLinearMatMul; cosine int8 vs fp32 output {result['cosine_int8_vs_fp32']:.4f}."]
-    (out / "int8_latency.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":

@@ -317,6 +317,12 @@ def denoiser(pipe) -> nn.Module:
     return module if module is not None else pipe.transformer
 
 
+def _as_input(value, t: TensorSpec) -> np.ndarray:
+    """A call's argument in the description's dtype (a scalar input as a 0-d array, however the pipeline passed it)."""
+    x = torch.as_tensor(value).detach().to(t.dtype)
+    return (x if t.dims else x.reshape(())).numpy()
+
+
 @contextlib.contextmanager
 def recorded_calls(module: nn.Module, spec: ComponentSpec) -> Iterator[list[dict[str, np.ndarray]]]:
     """Every call the pipeline makes to ``module`` while the block runs, as the description's named inputs.
@@ -334,8 +340,7 @@ def recorded_calls(module: nn.Module, spec: ComponentSpec) -> Iterator[list[dict
         missing = [t.name for t in spec.inputs if flat.get(t.name) is None]
         if missing:
             raise ExportError(f"{spec.name}: the pipeline's call has no {', '.join(missing)} to record")
-        values = {t.name: torch.as_tensor(flat[t.name]).detach().to(t.dtype) for t in spec.inputs}
-        calls.append({t.name: (v if t.dims else v.reshape(())).numpy() for t, v in zip(spec.inputs, values.values())})
+        calls.append({t.name: _as_input(flat[t.name], t) for t in spec.inputs})
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:

@@ -29,7 +29,15 @@ from obsdiff.errors import BundleError, ExportError, GateError, UsageError
 from obsdiff.exporters.artifacts import REFERENCE_DIR, WeightProbe, load_reference, save_reference, weight_probes
 from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
 from obsdiff.exporters.components import ComponentSpec, pipeline_dims, recorded_calls, specs_for
-from obsdiff.exporters.onnx_int8 import Placement, check_codes, int8_kernels, minify, place, quantize_graph
+from obsdiff.exporters.onnx_int8 import (
+    Placement,
+    check_codes,
+    int8_kernels,
+    minify,
+    needs_external_data,
+    place,
+    quantize_graph,
+)
 from obsdiff.exporters.profiles import Activations, Precision, TargetProfile
 from obsdiff.exporters.validate import (
     TIMING_BUDGET_S,
@@ -47,7 +55,6 @@ from obsdiff.exporters.validate import (
 log = logging.getLogger(__name__)
 
 OPSET = 17
-TWO_GB = 2 * 1024**3
 GATE_LATENT_PIXELS = 4096  # latent pixels × prompts per end-to-end call (64×64 at SD 1.5's 512: one prompt)
 
 
@@ -140,7 +147,7 @@ def save_onnx(model, path: Path) -> None:
     """Single file below 2 GB; external data beside it above."""
     import onnx
 
-    large = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB - (64 << 20)  # protobuf's 2 GB limit
+    large = needs_external_data(model)
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data" if large else None)
 
@@ -361,11 +368,10 @@ class OnnxBundleBuilder(BundleBuilder):
             models.release()  # from here on only the exported files are in memory
             convert_precision({**paths, **({"dense " + dense_graph[0]: dense_graph[1]} if dense_graph else {})},
                               self.precision)
-            int8 = {name: self._write_int8(side, paths[name], placed) for name, placed in placements.items()}
+            written = {s.name: self._write_int8(side, s, paths[s.name], placements[s.name]) for s in side.specs
+                       if s.name in placements}
             export_s = time.time() - t0
-            results = self._runtime_checks(side, staging, placements)
-            for name, info in int8.items():
-                results["components"][name]["int8"].update(info)
+            results = self._runtime_checks(side, staging, placements, written)
             if dense_graph is not None:
                 results["against_dense"] = self._against_dense(dense_graph, staging, record)
         results["export_s"] = export_s
@@ -401,18 +407,17 @@ class OnnxBundleBuilder(BundleBuilder):
     def _place_int8(self, side: TorchSide, paths: dict[str, Path]) -> dict[str, dict[str, Placement]]:
         """Where each quantized layer is in the exported graphs (a VAE's layers split between its decoder and
         encoder graphs); every quantized layer must be somewhere."""
-        import onnx
 
         placements: dict[str, dict[str, Placement]] = {}
         for spec in side.specs:
             layers = side.int8.get(spec.source)
             if not layers:
                 continue
-            found = match_weights(OnnxWeights(paths[spec.name]), {k: side.probes[spec.name][k] for k in layers})
+            initializers = OnnxWeights(paths[spec.name])
+            found = match_weights(initializers, {k: side.probes[spec.name][k] for k in layers})
             found = {k: v for k, v in found.items() if v is not None}
             if found:
-                model = onnx.load(str(paths[spec.name]), load_external_data=False)
-                placements[spec.name] = place(model, found)
+                placements[spec.name] = place(initializers.graph, found)
         for source, layers in side.int8.items():
             placed = {k for spec in side.specs if spec.source == source for k in placements.get(spec.name, {})}
             missing = sorted(set(layers) - placed)
@@ -421,9 +426,8 @@ class OnnxBundleBuilder(BundleBuilder):
                                   f"(e.g. {missing[0]}): their int8 codes would be lost")
         return placements
 
-    def _write_int8(self, side: TorchSide, path: Path, placed: dict[str, Placement]) -> dict:
+    def _write_int8(self, side: TorchSide, spec: ComponentSpec, path: Path, placed: dict[str, Placement]) -> dict:
         """The component's graph rewritten with our int8 codes (and int8 activations for the denoiser)."""
-        spec = next(s for s in side.specs if path.parent.name == s.name)
         calls = side.calibration if spec.source in ("unet", "transformer") else None
         model, info = quantize_graph(path, placed, side.int8[spec.source], calls, float_compute=spec.float_compute,
                                      symmetric_activations=self.symmetric_activations)
@@ -433,7 +437,8 @@ class OnnxBundleBuilder(BundleBuilder):
         save_onnx(model, path)
         return info
 
-    def _runtime_checks(self, side: TorchSide, staging: Path, placements: dict[str, dict[str, Placement]]) -> dict:
+    def _runtime_checks(self, side: TorchSide, staging: Path, placements: dict[str, dict[str, Placement]],
+                        written: dict[str, dict]) -> dict:
         """Every component through ONNX Runtime against PyTorch's outputs, then the end-to-end gate."""
         profile = self.profile
         results: dict = {"components": {}, "gates": []}
@@ -451,7 +456,8 @@ class OnnxBundleBuilder(BundleBuilder):
             del session
             onnx_path = staging / spec.name / "model.onnx"
             if spec.name in placements:
-                comp["int8"] = self._int8_checks(side, spec, onnx_path, model_file, placements[spec.name], results)
+                comp["int8"] = {**written[spec.name],
+                                **self._int8_checks(side, spec, onnx_path, model_file, placements[spec.name], results)}
                 comp["sparsity"] = int8_sparsity(side.probes[spec.name], placements[spec.name], comp["int8"]["codes"])
             else:
                 comp["sparsity"] = sparsity_report(side.probes[spec.name], onnx_path, self.precision)

@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
                 "DynamicQuantizeMatMul", "QGemm")
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
-PROTOBUF_LIMIT = 2 * 1024**3 - (64 << 20)
+PROTOBUF_LIMIT = 2 * 1024**3 - (64 << 20)  # protobuf's 2 GB, less room for the graph itself
+
+
+def needs_external_data(model) -> bool:
+    """The weights do not fit one protobuf: save them beside the graph."""
+    return sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT
 
 
 @dataclass(frozen=True)
@@ -58,14 +63,14 @@ class Placement:
         return codes, scale, 0
 
 
-def place(model, found: dict[str, str | None]) -> dict[str, Placement]:
+def place(graph, found: dict[str, str | None]) -> dict[str, Placement]:
     """Each layer's initializer (``found``: layer → initializer, from the weight probes) and its layout, read from
     the node that consumes it. A quantized layer missing from the graph is an error: its codes would be lost."""
     missing = [layer for layer, init in found.items() if init is None]
     if missing:
         raise ExportError(f"{len(missing)} quantized layer(s) not found in the exported graph: {', '.join(missing[:3])}")
     consumers: dict[str, tuple] = {}
-    for node in model.graph.node:
+    for node in graph.node:
         for i, name in enumerate(node.input):
             consumers.setdefault(name, (node, i))
     placements = {}
@@ -162,8 +167,7 @@ def quantize_graph(path: Path, placements: dict[str, Placement], weights: dict[s
         pass
 
     model = onnx.load(str(path))
-    # quantize_static's intermediate graphs need external data above protobuf's 2 GB
-    large = sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT
+    large = needs_external_data(model)  # quantize_static's intermediate graphs need it too
     ours = {p.initializer for layer, p in placements.items()
             if not any(re.fullmatch(pattern, layer) for pattern in float_compute)}
     inits = {i.name for i in model.graph.initializer}

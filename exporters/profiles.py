@@ -209,7 +209,7 @@ def _table(data: dict, key: str, cls, converters: dict | None = None):
 
 
 BUDGET_KEYS = ("flops", "params", "allocation")
-QUANT_KEYS = ("quantize", "group_size", "quantize_method")
+QUANT_OPTION_KEYS = ("group_size", "quantize_method")  # read with ``quantize``
 
 
 def _prune_quantization(raw: dict) -> dict:
@@ -269,7 +269,7 @@ def load_profile(name_or_path: str | Path) -> TargetProfile:
             prune=_table(data, "prune", PruneDefaults, {"pattern": _prune_sparsity, "sparsity": lambda raw: {},
                                                         "accepts": _accepts,
                                                         "quantize": _prune_quantization,
-                                                        **{k: (lambda raw: {}) for k in (*BUDGET_KEYS, *QUANT_KEYS[1:])}}),
+                                                        **{k: (lambda raw: {}) for k in (*BUDGET_KEYS, *QUANT_OPTION_KEYS)}}),
             ort_format=data.get("ort_format", False), activations=_profile_activations(data),
             session_options=data.get("session_options", {}),
             backend=data.get(data["format"], {}), path=path,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from obsdiff.api import NM
-from obsdiff.exporters.onnx import OnnxWeights
+from obsdiff.exporters.onnx import OnnxWeights, save_onnx
 
 TWO_OF_FOUR = NM(2, 4)  # the one pattern TensorRT's sparse tensor cores run
 
@@ -88,8 +88,7 @@ def _polygraphy_readable(path: Path) -> Iterator[Path]:
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
     with tempfile.TemporaryDirectory(prefix="obsdiff-polygraphy-") as tmp:
         copy = Path(tmp) / "model.onnx"
-        large = sum(len(t.raw_data) for t in model.graph.initializer) > 2 * 1024**3 - (64 << 20)
-        onnx.save_model(model, str(copy), save_as_external_data=large, location="model.onnx.data" if large else None)
+        save_onnx(model, copy)
         del model
         yield copy
 

@@ -37,21 +37,29 @@ def column_permutation(module: nn.Module) -> torch.Tensor | None:
     return torch.arange(c * r * s).reshape(c, r * s).T.reshape(-1)
 
 
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear weight as it is; a Conv weight (K, C, R, S) as (K, R·S·C), C fastest (a view where possible)."""
+    if weight.ndim != 4:
+        return weight
+    k, c, r, s = weight.shape
+    return weight.permute(0, 2, 3, 1).reshape(k, r * s * c)
+
+
+def from_matrix(matrix: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The inverse of ``as_matrix`` for a weight of ``shape``."""
+    if len(shape) != 4:
+        return matrix
+    k, c, r, s = shape
+    return matrix.reshape(k, r, s, c).permute(0, 3, 1, 2)
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    w = module.weight.detach().float()
-    if isinstance(module, nn.Linear):
-        return w.clone()
-    k, c, r, s = w.shape
-    return w.permute(0, 2, 3, 1).reshape(k, r * s * c).clone()
+    return as_matrix(module.weight.detach().float()).clone()
 
 
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     with torch.no_grad():
-        if isinstance(module, nn.Linear):
-            module.weight.copy_(matrix.to(module.weight.dtype))
-            return
-        k, c, r, s = module.weight.shape
-        module.weight.copy_(matrix.reshape(k, r, s, c).permute(0, 3, 1, 2).to(module.weight.dtype))
+        module.weight.copy_(from_matrix(matrix, module.weight.shape).to(module.weight.dtype))
 
 
 def permute_hessian(hessian: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.errors import UsageError
+from obsdiff.layers import as_matrix, from_matrix
 
 BITS = {"int8": 8, "int4": 4}
 
@@ -127,11 +128,7 @@ def integer_weight(weight: torch.Tensor, scale: torch.Tensor, quant: Quantizatio
     size; otherwise no per-axis block layout holds them (ValueError). A weight off its grid is a ValueError too.
     """
     w = weight.detach().float()
-    if w.ndim == 4:
-        k, c, r, s = w.shape
-        matrix = w.permute(0, 2, 3, 1).reshape(k, r * s * c)
-    else:
-        matrix = w
+    matrix = as_matrix(w)
     cols = per_column(scale.float(), quant)
     q = codes(matrix, scale.float(), quant)
     off = (q.float() * cols - matrix).abs() > 1e-3 * cols
@@ -139,9 +136,11 @@ def integer_weight(weight: torch.Tensor, scale: torch.Tensor, quant: Quantizatio
         raise ValueError(f"{int(off.sum())} weights are not on their int{quant.bits} grid (not written by --quantize?)")
     if w.ndim != 4:
         return IntegerWeight(q, scale.float().contiguous(), quant)
-    q = q.reshape(k, r, s, c).permute(0, 3, 1, 2).contiguous()
+    k, c, r, s = w.shape
+    q = from_matrix(q, w.shape).contiguous()
     if quant.group_size is None:
         return IntegerWeight(q, scale.float().reshape(k, 1, 1, 1), quant)
     if c % quant.group_size:
         raise ValueError(f"groups of {quant.group_size} columns straddle kernel taps ({c} input channels)")
-    return IntegerWeight(q, scale.float().reshape(k, r, s, c // quant.group_size).permute(0, 3, 1, 2).contiguous(), quant)
+    # the group scales are columns too, (kernel row, kernel column, channel group): the same layout at C / g
+    return IntegerWeight(q, from_matrix(scale.float(), (k, c // quant.group_size, r, s)).contiguous(), quant)
