@@ -16,8 +16,8 @@ import torch
 from obsdiff.adapters import adapter_for, find_targets
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
 from obsdiff.hessian import StepContext
-from obsdiff.model_io import load_pipeline
 from obsdiff.prune import split_packages
+from obsdiff.pruned_folder import load_pipeline
 
 
 def main(argv=None) -> list[dict]:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.publish import publish
-from obsdiff.exporters.bundle import export_bundle
+from obsdiff.exporters.bundle import export
 from obsdiff.exporters.ship import ship
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "fp32", Path(tmp) / "int8"
-        export_bundle(args.model, "cpu", fp32)
+        export(args.model, "cpu", fp32)
         ship("cpu-int8", args.model, int8)
         bundles = {"fp32": fp32, "int8": int8 / "bundle"}
         files = {k: sizes(b) for k, b in bundles.items()}

@@ -25,10 +25,10 @@ from benchmarks.publish import publish
 from benchmarks.structured_latency import build_unet, export
 from obsdiff.adapters import UNET, find_targets
 from obsdiff.exporters.artifacts import WeightProbe
+from obsdiff.exporters.compare import interleaved_ms
 from obsdiff.exporters.components import UNET_FLOAT_COMPUTE
 from obsdiff.exporters.onnx import OnnxWeights, match_weights, save_onnx
 from obsdiff.exporters.onnx_int8 import int8_kernels, minify, place, quantize_graph
-from obsdiff.exporters.validate import interleaved_ms
 from obsdiff.layers import set_weight_matrix, weight_matrix
 from obsdiff.quantize import Quantization, integer_weight, rtn
 

@@ -22,7 +22,7 @@ from obsdiff.digits.data import prompt_for
 from obsdiff.digits.train import DEFAULT_MODEL_DIR
 from obsdiff.hessian import StepContext, timestep_weights
 from obsdiff.layers import column_permutation, permute_hessian, weight_matrix
-from obsdiff.model_io import load_pipeline
+from obsdiff.pruned_folder import load_pipeline
 from obsdiff.solver import magnitude_prune, obs_prune, wanda_prune
 from obsdiff.sparsity import parse_sparsity
 

@@ -22,7 +22,7 @@ import torch
 from benchmarks.run import run_prune
 from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline
 from obsdiff.digits.train import DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
-from obsdiff.model_io import load_pipeline
+from obsdiff.pruned_folder import load_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 W8, W4 = ["--quantize", "int8"], ["--quantize", "int4", "--group-size", "32"]

@@ -23,7 +23,7 @@ import torch
 
 from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline, final_latents
 from obsdiff.digits.train import DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
-from obsdiff.model_io import load_pipeline
+from obsdiff.pruned_folder import PrunedFolder, load_pipeline
 from obsdiff.sparsity import NM, SparsitySpec, Structured, Unstructured
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,11 +75,12 @@ def plan(quick: bool) -> list[Run]:
 
 
 def run_prune(source: Path, out: Path, args: list[str]) -> tuple[dict, float]:
-    """``obsdiff prune`` in its own process (so wall time and peak RSS are its own): the record and the seconds."""
+    """``obsdiff prune`` in its own process (so wall time and peak RSS are its own): the record (as JSON, read
+    through ``PrunedFolder``) and the seconds."""
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "obsdiff", "-q", "prune", str(source), "--out", str(out), *args],
                    check=True, capture_output=True)
-    return json.loads((out / "pruning.json").read_text()), time.time() - t0
+    return PrunedFolder.open(out).record.to_json(), time.time() - t0
 
 
 def prune_cli(run: Run, out: Path, num_prompts: int) -> dict:
@@ -90,7 +91,7 @@ def prune_cli(run: Run, out: Path, num_prompts: int) -> dict:
 
 def layer_error(record: dict) -> float | None:
     errors = [r["relative_error"] for r in record["layers"] if r.get("relative_error") is not None]
-    errors += [v["relative_error"] for r in record["layers"] for v in r.get("layers", {}).values()
+    errors += [v["relative_error"] for u in record["units"] for v in u["layers"].values()
                if v.get("relative_error") is not None]
     return sum(errors) / len(errors) if errors else None
 
@@ -127,7 +128,7 @@ def _scores(pipe, settings: EvalSettings) -> dict:
 
 def deployment(rows: list[dict], tmp: Path) -> dict:
     """cpu and android bundles of the dense and the 50% obs-diff model; Core ML sizes (ios)."""
-    from obsdiff.exporters.bundle import export_bundle
+    from obsdiff.exporters.bundle import export
 
     pruned = next(r["path"] for r in rows if r["method"] == "obs-diff" and r["pattern"] == str(Unstructured(0.5))
                   and r.get("sparsity") == 0.5 and r.get("weighting") == "log-decrease" and r.get("group") == "quality")
@@ -135,7 +136,7 @@ def deployment(rows: list[dict], tmp: Path) -> dict:
     for target in ("cpu", "android"):
         for name, model in (("dense", DEFAULT_MODEL_DIR), ("obs-diff 50%", Path(pruned))):
             bundle = tmp / f"{target}-{name.replace(' ', '_').replace('%', '')}"
-            manifest = export_bundle(model, target, bundle)
+            manifest = export(model, target, bundle)
             v = manifest["validation"]
             out.setdefault(target, {})[name] = {
                 "components_ms": {k: c["latency"] for k, c in v["components"].items()},
@@ -144,7 +145,7 @@ def deployment(rows: list[dict], tmp: Path) -> dict:
                 "zip_bytes": Path(shutil.make_archive(str(bundle), "zip", root_dir=bundle)).stat().st_size,
             }
     out["interleaved"] = interleaved(tmp / "cpu-dense", tmp / "cpu-obs-diff_50")
-    manifest = export_bundle(Path(pruned), "ios", tmp / "ios")
+    manifest = export(Path(pruned), "ios", tmp / "ios")
     out["ios"] = {k: {"dense_bytes": c["dense_bytes"], "bytes": c["bytes"], "dense_weight_bytes": c["dense_weight_bytes"],
                       "weight_bytes": c["weight_bytes"]} for k, c in manifest["validation"]["components"].items()}
     return out
@@ -156,8 +157,8 @@ def interleaved(dense_bundle: Path, pruned_bundle: Path, runs: int = 30, pipelin
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     from obsdiff.exporters.artifacts import load_reference
+    from obsdiff.exporters.compare import interleaved_ms
     from obsdiff.exporters.onnx import ort_session
-    from obsdiff.exporters.validate import interleaved_ms
 
     bundles = {"dense": dense_bundle, "pruned": pruned_bundle}
     feeds, _ = load_reference(dense_bundle / "reference", "unet")

@@ -28,7 +28,7 @@ import torch
 from benchmarks.run import run_prune
 from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline
 from obsdiff.digits.train import DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
-from obsdiff.model_io import load_pipeline
+from obsdiff.pruned_folder import load_pipeline
 from obsdiff.structured import count_params, forward_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,8 +61,8 @@ def export_unet(pipe, folder: Path) -> Path:
 
 def speedup(dense_onnx: Path, pruned_onnx: Path, feeds: dict) -> dict:
     """Dense and pruned UNet graphs timed alternately on ONNX Runtime CPU."""
+    from obsdiff.exporters.compare import interleaved_ms
     from obsdiff.exporters.onnx import ort_session
-    from obsdiff.exporters.validate import interleaved_ms
 
     sessions = {"dense": ort_session(dense_onnx), "pruned": ort_session(pruned_onnx)}
     timed = interleaved_ms({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, TIMED_RUNS)

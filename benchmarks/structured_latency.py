@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from obsdiff.adapters import UNET
+from obsdiff.budget import allocate, unit_costs
+from obsdiff.exporters.compare import interleaved_ms
 from obsdiff.exporters.components import UNetWrapper
-from obsdiff.exporters.validate import interleaved_ms
 from obsdiff.prune import Method, PruneConfig
 from obsdiff.sparsity import Allocation, Budget, Measure, Structured
-from obsdiff.structured import allocate, count_params, find_units, flops_by_module, prune_unit, unit_costs
+from obsdiff.structured import count_params, find_units, flops_by_module, prune_unit
 
 SD15_WIDTHS = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),

@@ -1,4 +1,4 @@
-"""Format-neutral pieces of a bundle: file hashes, reference inputs/outputs, and what the prune record says.
+"""Format-neutral pieces of a bundle: file hashes, reference inputs/outputs, and probes of the pruned weights.
 
 Reference files (``reference/<component>.safetensors``) hold the description's sample inputs, the PyTorch
 outputs (``output.*``) and, for ONNX formats, the ONNX Runtime outputs (``ort.*``, what devices compare to).
@@ -15,8 +15,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from obsdiff.api import PatternError, SparsitySpec, sparsity_from_json
-from obsdiff.errors import ModelFolderError
+from obsdiff.api import PrunedFolder
 
 REFERENCE_DIR = "reference"
 
@@ -55,15 +54,10 @@ def load_reference(folder: Path, name: str) -> tuple[dict[str, np.ndarray], dict
             {k[7:]: v for k, v in data.items() if k.startswith("output.")})
 
 
-def pruned_weights(pipe, record: dict | None, source: str) -> dict[str, torch.Tensor]:
-    if not record:
-        return {}
-    module = getattr(pipe, source)
-    # Structured records describe removed heads/neurons, not zeros: nothing sparse to carry through export.
-    names = [layer["name"].split(".", 1)[1] for layer in record.get("layers", [])
-             if "name" in layer and layer["name"].startswith(source + ".")]
-    modules = dict(module.named_modules())
-    return {n: modules[n].weight for n in names if n in modules}
+def pruned_weights(pipe, folder: PrunedFolder, source: str) -> dict[str, torch.Tensor]:
+    """The weights the prune solved in component ``source`` (structured units change shapes, not zeros: none)."""
+    modules = dict(getattr(pipe, source).named_modules())
+    return {r.layer: modules[r.layer].weight for r in folder.layers(source) if r.layer in modules}
 
 
 @dataclass(frozen=True)
@@ -110,17 +104,17 @@ class WeightProbe:
         bits = np.packbits((arr == 0).reshape(-1))
         return any(arr.shape == shape and np.array_equal(bits, mask) for shape, mask in self.masks)
 
+    def zeros_kept(self, arr: np.ndarray, exact: bool, transposed: bool = False) -> bool:
+        """Every zero of the weight is zero in ``arr`` (the weight as stored, transposed or not); ``exact``: and no
+        other (fp32)."""
+        shape, mask = self.masks[1 if transposed and len(self.masks) > 1 else 0]
+        if arr.shape != shape:
+            return False
+        ours = np.unpackbits(mask, count=self.numel).astype(bool)
+        theirs = (arr == 0).reshape(-1)
+        return bool(np.array_equal(ours, theirs) if exact else (theirs | ~ours).all())
 
-def weight_probes(pipe, record: dict | None, source: str) -> dict[str, WeightProbe]:
+
+def weight_probes(pipe, folder: PrunedFolder, source: str) -> dict[str, WeightProbe]:
     """A probe for every weight the prune record lists in component ``source``."""
-    return {name: WeightProbe.of(w) for name, w in pruned_weights(pipe, record, source).items()}
-
-
-def record_sparsity(record: dict | None, source: Path) -> SparsitySpec | None:
-    """The pattern a pruned folder was made with, parsed from its ``pruning.json`` (None: not pruned by obsdiff)."""
-    if not record:
-        return None
-    try:
-        return sparsity_from_json(record.get("settings", {}))
-    except PatternError as exc:
-        raise ModelFolderError(f"{source}/pruning.json: {exc}") from None
+    return {name: WeightProbe.of(w) for name, w in pruned_weights(pipe, folder, source).items()}

@@ -1,7 +1,9 @@
-"""The interface every bundle format implements; ``registry`` picks one per target format.
+"""The interface every bundle format implements, and what a build returns; ``registry`` picks a builder per format.
 
 ``bundle.export_bundle`` (format-neutral: staging, gates, manifest, report, publish) calls ``build`` and
-``report_sections``; ``bundle.validate_bundle_on_disk`` calls ``revalidate`` after hashing every file.
+``report_sections``; ``bundle.validate_bundle_on_disk`` calls ``revalidate`` after hashing every file. A build
+returns a ``BuildResult``: per component its file and its sparsity report, the gates, notes and the format's own
+details; the manifest, ``validation.json`` and the report are written from it.
 """
 
 from __future__ import annotations
@@ -9,9 +11,83 @@ from __future__ import annotations
 import ctypes
 import gc
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from obsdiff.errors import UsageError
+from obsdiff.api import PrunedFolder
+from obsdiff.exporters.export_plan import ExportPlan
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One validation gate; a failed one keeps the bundle from being published."""
+
+    name: str
+    value: float
+    op: str  # ">=" or "<="
+    limit: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.value >= self.limit if self.op == ">=" else self.value <= self.limit)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "value": self.value, "op": self.op, "limit": self.limit, "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """The pruned zeros of one component, in PyTorch and as the exported file stores them."""
+
+    pruned_layers: int
+    matched: int = 0  # pruned layers found in the export (through the name map)
+    zero_fraction_torch: float = 0.0
+    zero_fraction_export: float = 0.0
+    zeros_preserved: bool = True
+    lost: tuple[str, ...] = ()
+    layers: dict[str, dict] = field(default_factory=dict)  # per layer: zero fraction in torch and in the export
+
+    def to_json(self, with_layers: bool = True) -> dict:
+        data = {"pruned_layers": self.pruned_layers}
+        if self.pruned_layers:
+            data.update(matched=self.matched, zero_fraction_torch=self.zero_fraction_torch,
+                        zero_fraction_export=self.zero_fraction_export, zeros_preserved=self.zeros_preserved,
+                        lost=list(self.lost))
+            if with_layers:
+                data["layers"] = self.layers
+        return data
+
+
+@dataclass
+class ComponentResult:
+    file: str  # relative to the bundle: what the device runs
+    sparsity: SparsityReport
+    details: dict = field(default_factory=dict)  # the format's own: comparisons, latency, sizes, int8 checks
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "sparsity": self.sparsity.to_json(), **self.details}
+
+
+@dataclass
+class BuildResult:
+    components: dict[str, ComponentResult] = field(default_factory=dict)
+    gates: list[Gate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # the format's own: end to end, engines, 2:4 report, layout
+
+    def gate(self, name: str, value: float, op: str, limit: float) -> Gate:
+        g = Gate(name, float(value), op, float(limit))
+        self.gates.append(g)
+        return g
+
+    @property
+    def failed(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
+
+    def to_json(self) -> dict:
+        """``validation.json``, and the manifest's ``validation``."""
+        return {**self.details, "components": {k: v.to_json() for k, v in self.components.items()},
+                "gates": [g.to_json() for g in self.gates], "notes": self.notes}
 
 
 class TorchPipelines:
@@ -21,10 +97,8 @@ class TorchPipelines:
     size a PyTorch UNet and an ONNX Runtime session of the same UNet do not fit side by side in memory.
     """
 
-    def __init__(self, pipe, dense=None, quantization: dict | None = None) -> None:
-        self._pipe, self._dense = pipe, dense
-        # component → (Quantization, layer → scales), from the folder's quantization files (``read_quantization``)
-        self.quantization = quantization or {}
+    def __init__(self, folder: PrunedFolder, pipe, dense=None) -> None:
+        self.folder, self._pipe, self._dense = folder, pipe, dense
 
     @property
     def pipe(self):
@@ -51,26 +125,27 @@ def return_freed_memory() -> None:
 
 
 class BundleBuilder(ABC):
+    """A format's builder: made from the export plan, which it only reads, and the end-to-end gate's prompts."""
+
+    def __init__(self, plan: ExportPlan, prompts: list[str]) -> None:
+        self.plan, self.prompts = plan, prompts
+
+    @property
+    def profile(self):
+        return self.plan.profile
+
     def component_specs(self, pipe, dims: dict[str, int]) -> tuple:
         """The component descriptions this format writes, which the manifest lists (default: the pipeline's own)."""
         from obsdiff.exporters.components import specs_for
 
         return specs_for(pipe)
 
-    def check_quantization(self, quantization: dict) -> None:
-        """Refuse, before anything is loaded, a quantized folder (component → (Quantization, scales)) that this
-        format cannot carry. Formats that write integer weights override this; the others refuse them rather than
-        ship the dequantized floats as if they were the int8 model."""
-        if quantization:
-            name = getattr(getattr(self, "profile", None), "name", type(self).__name__)
-            raise UsageError(f"target {name} cannot carry integer weights ({', '.join(sorted(quantization))} quantized)")
+    @abstractmethod
+    def build(self, models: TorchPipelines, staging: Path) -> BuildResult:
+        """Write the format's files into ``staging``; return what was built and checked."""
 
     @abstractmethod
-    def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
-        """Write the format's files into ``staging``; return results with ``components`` and ``gates``."""
-
-    @abstractmethod
-    def report_sections(self, results: dict) -> list[str]:
+    def report_sections(self, result: BuildResult) -> list[str]:
         """Markdown lines for ``report.md`` after the gates table."""
 
     @classmethod

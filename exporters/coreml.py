@@ -17,7 +17,6 @@ Conversion and saving work on Linux; prediction needs macOS and is skipped elsew
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
 import shutil
@@ -29,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from obsdiff.api import IntegerWeight, integer_weight
+from obsdiff.api import IntegerWeight, PrunedFolder, integer_weight
 from obsdiff.errors import BundleError, ExportError, UsageError
 from obsdiff.exporters.apple import (
     COMPILE_SCRIPT,
-    AppleOptions,
     AttentionImplementation,
     Layout,
     apple_specs,
@@ -47,7 +45,8 @@ from obsdiff.exporters.apple import (
     layout_check,
 )
 from obsdiff.exporters.artifacts import pruned_weights
-from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
+from obsdiff.exporters.builder import BuildResult, BundleBuilder, ComponentResult, SparsityReport, TorchPipelines
+from obsdiff.exporters.compare import psnr, reference_io, timings_ms
 from obsdiff.exporters.components import (
     DENOISER,
     TEXT_ENCODER,
@@ -58,8 +57,8 @@ from obsdiff.exporters.components import (
     pipeline_dims,
     specs_for,
 )
-from obsdiff.exporters.profiles import Precision, TargetProfile
-from obsdiff.exporters.validate import gate, psnr, reference_io, timings_ms
+from obsdiff.exporters.export_plan import ExportPlan
+from obsdiff.exporters.profiles import Precision
 
 log = logging.getLogger(__name__)
 
@@ -73,32 +72,7 @@ T5_PACKAGE = "TextEncoderT5"
 FLUX_PACKAGE = "FluxTransformer"  # Apple's package has no Flux pipeline, so this name is ours
 ROLES = (TEXT_ENCODER, DENOISER, VAE_DECODER, VAE_ENCODER)
 ZERO_THRESHOLD = 1e-12
-# Minimum deployment targets (coremltools): sparse storage iOS16/macOS13; sparse + palettize/int8 iOS18/macOS15.
-MIN_TARGET = {None: {"iOS": 16, "macOS": 13}, "palettize-4bit": {"iOS": 18, "macOS": 15},
-              "int8": {"iOS": 18, "macOS": 15}}
 SIZE_SLACK = 0.05  # of the dense package
-
-
-def _parse_target(text: str) -> tuple[str, int]:
-    for family in ("iOS", "macOS"):
-        if text.startswith(family) and text[len(family):].isdigit():
-            return family, int(text[len(family):])
-    raise UsageError(f"deployment target must look like iOS17 or macOS14, got {text!r}")
-
-
-def resolve_deployment_target(requested: str | None, default: str, compress: str | None) -> str:
-    """The profile's default is raised to what the compression needs; an explicit older request is an error."""
-    if compress not in MIN_TARGET:
-        raise UsageError(f"--compress must be one of palettize-4bit, int8 (got {compress!r})")
-    family, version = _parse_target(requested or default)
-    minimum = MIN_TARGET[compress][family]
-    if version >= minimum:
-        return f"{family}{version}"
-    what = f"sparse weights with {compress}" if compress else "sparse weights"
-    if requested:
-        raise UsageError(f"deployment target {requested} is too old for {what}: the minimum is {family}{minimum}")
-    log.info("raising the deployment target from %s%d to %s%d for %s", family, version, family, minimum, what)
-    return f"{family}{minimum}"
 
 
 def feature_name(name: str) -> str:
@@ -138,82 +112,86 @@ def convert_component(pipe, spec: ComponentSpec, dims: dict[str, int], deploymen
     return model
 
 
-def sparsify(model, min_sparsity: float, compress: str | None):
-    """coremltools' threshold pruner at ~0: the OBS zeros become the sparse mask; then optional compression."""
+def sparse_passes(min_sparsity: float, compress: str | None) -> list:
+    """coremltools' threshold pruner at ~0 (the OBS zeros become the sparse mask), then the optional compression."""
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
     from coremltools.optimize.coreml import (
         OpLinearQuantizerConfig,
         OpPalettizerConfig,
         OpThresholdPrunerConfig,
         OptimizationConfig,
-        linear_quantize_weights,
-        palettize_weights,
-        prune_weights,
     )
 
-    config = OptimizationConfig(global_config=OpThresholdPrunerConfig(
-        threshold=ZERO_THRESHOLD, minimum_sparsity_percentile=min_sparsity, weight_threshold=64))
-    model = prune_weights(model, config)
+    def registered(name: str, config, joint: bool):
+        graph_pass = PASS_REGISTRY[f"compression::{name}"]
+        graph_pass.set_options([PassOption("config", config), PassOption("joint_compression", joint)])
+        return graph_pass
+
+    passes = [registered("prune_weights", OptimizationConfig(global_config=OpThresholdPrunerConfig(
+        threshold=ZERO_THRESHOLD, minimum_sparsity_percentile=min_sparsity, weight_threshold=64)), False)]
     if compress == "palettize-4bit":
-        model = palettize_weights(model, OptimizationConfig(global_config=OpPalettizerConfig(
-            mode="kmeans", nbits=4, weight_threshold=64)), joint_compression=True)
+        passes.append(registered("palettize_weights", OptimizationConfig(global_config=OpPalettizerConfig(
+            mode="kmeans", nbits=4, weight_threshold=64)), True))
     elif compress == "int8":
-        model = linear_quantize_weights(model, OptimizationConfig(global_config=OpLinearQuantizerConfig(
-            mode="linear_symmetric", weight_threshold=64)), joint_compression=True)
-    return model
+        passes.append(registered("linear_quantize_weights", OptimizationConfig(global_config=OpLinearQuantizerConfig(
+            mode="linear_symmetric", weight_threshold=64)), True))
+    return passes
 
 
-def _value_key(values: np.ndarray) -> tuple:
-    """A weight's identity in the program: its shape and fp16 bytes (what the converted program holds); −0 (a
-    negative weight rounded to code 0) counts as 0."""
-    data = np.ascontiguousarray(values, dtype=np.float16) + np.float16(0)
-    return data.shape, hashlib.sha1(data.tobytes()).hexdigest()
-
-
-def write_codes(model, weights: dict[str, IntegerWeight], joint: bool):
-    """Our integer codes and scales as Core ML's quantized constexpr ops (iOS 18 ``constexpr_blockwise_shift_scale``,
-    or its sparse form on top of the sparse mask when ``joint``), instead of a re-quantization by coremltools.
-
-    coremltools' own linear quantizer pass walks the program and builds those ops; only its one step that computes
-    codes and scales from a weight is replaced, by a lookup of that weight's value among ours. Consts that are not
-    ours (conv_in, norms) are left as they are. Returns the model and how many of our layers were written.
-    """
+def apply_passes(model, passes: list):
+    """All the compression passes on one MIL program, converted back once (each separate conversion re-runs the
+    whole MIL pipeline: about 10 s on the default model's UNet, far more at SD size)."""
     from coremltools.models.utils import _apply_graph_pass
+
+    if not passes:
+        return model
+    ct_log = logging.getLogger("coremltools")
+    level = ct_log.level
+    ct_log.setLevel(logging.ERROR)  # the quantizer warns "cannot quantize" for every const that is not ours
+    try:
+        return _apply_graph_pass(model, passes)
+    finally:
+        ct_log.setLevel(level)
+
+
+def codes_pass(weights: dict[str, IntegerWeight], names: dict[str, str], joint: bool):
+    """A pass that writes our integer codes and scales as Core ML's quantized constexpr ops (iOS 18
+    ``constexpr_blockwise_shift_scale``, or its sparse form on top of the sparse mask when ``joint``), instead of a
+    re-quantization by coremltools; and the set it fills with the layers it wrote.
+
+    It is coremltools' own linear quantizer pass with only its one step that computes codes and scales from a weight
+    replaced, by the codes of the layer the const belongs to, found through the name map (``names``: layer → its
+    const in the converted program). Consts that are not ours (conv_in, norms) are left as they are.
+    """
     from coremltools.optimize import _utils as optimize_utils
     from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig
     from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights as LinearQuantizePass
 
     quant = next(iter(weights.values())).quant
-    ours: dict[tuple, IntegerWeight] = {}
-    layers_of: dict[tuple, int] = {}  # layers with identical values share one const pattern
-    for w in weights.values():
-        key = _value_key(w.dequantized().numpy())
-        ours[key] = w
-        layers_of[key] = layers_of.get(key, 0) + 1
-    written: set[tuple] = set()
+    layer_of = {names[layer]: layer for layer in weights if layer in names}
+    written: set[str] = set()
 
-    def our_codes(original: np.ndarray, dtype, mode, block_sizes):
-        key = _value_key(original)
-        w = ours.get(key)
-        if w is None:
-            return None  # not a quantized layer: the pass leaves the const as it is
-        written.add(key)
-        return optimize_utils.QuantParams(data=w.codes.numpy(), scale=w.scale.numpy().astype(original.dtype),
-                                          offset=None, nbits=np.uint8(quant.bits))
+    class OurCodes(LinearQuantizePass):
+        def transform_op(self, op):
+            self.layer = named_layer(op.name, layer_of)
+            return super().transform_op(op)
+
+        def blockwise_compress_by_dtype(self, original: np.ndarray, dtype, mode, block_sizes):
+            if self.layer is None:
+                return None  # not a quantized layer: the pass leaves the const as it is
+            w = weights[self.layer]
+            written.add(self.layer)
+            return optimize_utils.QuantParams(data=w.codes.numpy(), scale=w.scale.numpy().astype(original.dtype),
+                                              offset=None, nbits=np.uint8(quant.bits))
 
     granularity = {"granularity": "per_channel"} if quant.group_size is None else \
         {"granularity": "per_block", "block_size": quant.group_size}
     config = OpLinearQuantizerConfig(mode="linear_symmetric", dtype=f"int{quant.bits}",
                                      weight_threshold=min(w.codes.numel() for w in weights.values()) - 1, **granularity)
-    graph_pass = LinearQuantizePass(OptimizationConfig(global_config=config))
+    graph_pass = OurCodes(OptimizationConfig(global_config=config))
     graph_pass.joint_compression = joint
-    graph_pass.blockwise_compress_by_dtype = our_codes  # the instance's lookup shadows the class's computation
-    ct_log = logging.getLogger("coremltools")
-    level = ct_log.level
-    ct_log.setLevel(logging.ERROR)  # it warns "cannot quantize" for every const not ours
-    try:
-        return _apply_graph_pass(model, graph_pass), sum(layers_of[k] for k in written)
-    finally:
-        ct_log.setLevel(level)
+    return graph_pass, written
 
 
 def stored_codes(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -231,14 +209,9 @@ def stored_codes(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _const_name(layer: str) -> str:
-    """The converted program's name for a wrapped layer's weight."""
+def _traced_name(layer: str) -> str:
+    """The name tracing gives a wrapped layer's weight (conversion passes then add suffixes: ``…_to_fp16``)."""
     return f"{WRAPPED_ATTR}_{layer.replace('.', '_')}_weight"
-
-
-def _in_program(key: str, names: set[str]) -> bool:
-    """The const is named ``key``, or ``key_…`` after a conversion pass (``…_weight_to_fp16``)."""
-    return key in names or any(n.startswith(key + "_") for n in names)
 
 
 def const_names(path: Path) -> set[str]:
@@ -250,19 +223,43 @@ def const_names(path: Path) -> set[str]:
             for op in block.operations for out in op.outputs}
 
 
-def check_codes(path: Path, weights: dict[str, IntegerWeight]) -> dict:
+def weight_names(path: Path, layers) -> dict[str, str]:
+    """The name map, made once from the converted (not yet sparsified) package: layer → its weight's const.
+    Later passes derive their ops' names from it (``…_sparsified``, ``…_quantized``); layers not in this package
+    (a VAE's encoder layers in its decoder package) are absent."""
+    present = const_names(path)
+    names = {}
+    for layer in layers:
+        key = _traced_name(layer)
+        candidates = [n for n in present if n == key or n.startswith(key + "_")]
+        if candidates:
+            names[layer] = min(candidates, key=len)
+    return names
+
+
+def named_layer(op_name: str, layer_of: dict[str, str]) -> str | None:
+    """The layer whose const ``op_name`` is, or was made from (the longest recorded name it starts with)."""
+    hits = [name for name in layer_of if op_name == name or op_name.startswith(name + "_")]
+    return layer_of[max(hits, key=len)] if hits else None
+
+
+def _stored(values: dict[str, np.ndarray], name: str):
+    """The stored tensor made from the const recorded as ``name`` (the shortest name derived from it)."""
+    hits = [k for k in values if k == name or k.startswith(name + "_")]
+    return values[min(hits, key=len)] if hits else None
+
+
+def check_codes(path: Path, weights: dict[str, IntegerWeight], names: dict[str, str]) -> dict:
     """Every quantized layer's codes in the package equal ours, and its scales ours within fp16 rounding."""
     stored = stored_codes(path)
     equal, wrong = 0, []
-    for name, w in weights.items():
-        key = _const_name(name)
-        candidates = [k for k in stored if k.startswith(key)]
-        got = stored[min(candidates, key=len)] if candidates else None
+    for layer, w in weights.items():
+        got = _stored(stored, names[layer]) if layer in names else None
         if (got is not None and np.array_equal(got[0].astype(np.int64), w.codes.numpy().astype(np.int64))
                 and np.allclose(got[1], w.scale.numpy(), rtol=1e-3)):
             equal += 1
         else:
-            wrong.append(name)
+            wrong.append(layer)
     return {"layers": len(weights), "equal": equal, "different": wrong[:10]}
 
 
@@ -310,29 +307,31 @@ def stored_weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def check_weights(path: Path, wrapper_attr: str, weights: dict[str, torch.Tensor], exact_values: bool = True) -> dict:
-    """(a) every pruned weight read back: zero positions identical, values within fp16 rounding.
-
-    With palettization or int8 on top, values are quantized by design: only the zero positions must match.
-    """
+def check_weights(path: Path, weights: dict[str, torch.Tensor], names: dict[str, str],
+                  exact_values: bool = True) -> SparsityReport:
+    """(a) every pruned weight read back through the name map: zero positions identical, values within fp16
+    rounding. With palettization or int8 on top, values are quantized by design: only the zero positions must
+    match."""
     stored = stored_weights(path)
-    layers, bad = {}, []
+    layers, bad, torch_zeros, export_zeros, matched = {}, [], 0, 0, 0
     for name, w in weights.items():
-        key = f"{wrapper_attr}_{name.replace('.', '_')}_weight"
-        candidates = [k for k in stored if k == key or k.startswith(key + "_")]
-        found = stored[min(candidates, key=len)] if candidates else None
+        found = _stored(stored, names[name]) if name in names else None
         ref = w.detach().float().numpy()
+        torch_zeros += int((ref == 0).sum())
         if found is None or found.shape != ref.shape:
-            layers[name] = {"found": False}
+            layers[name] = {"torch": float((ref == 0).mean()), "export": None}
             bad.append(name)
             continue
+        matched += 1
+        export_zeros += int((found == 0).sum())
         zeros_equal = bool(np.array_equal(found == 0, ref == 0))
         close = bool(np.allclose(found, ref.astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-6))
-        layers[name] = {"found": True, "zeros_equal": zeros_equal, "values_close": close,
-                        "sparsity": float((found == 0).mean())}
+        layers[name] = {"torch": float((ref == 0).mean()), "export": float((found == 0).mean()),
+                        "zeros_equal": zeros_equal, "values_close": close}
         if not zeros_equal or (exact_values and not close):
             bad.append(name)
-    return {"layers": layers, "failed": bad, "checked": len(weights)}
+    total = sum(w.numel() for w in weights.values()) or 1
+    return SparsityReport(len(weights), matched, torch_zeros / total, export_zeros / total, not bad, tuple(bad), layers)
 
 
 def check_io(path: Path, spec: ComponentSpec, dims: dict[str, int]) -> dict:
@@ -352,13 +351,12 @@ def check_io(path: Path, spec: ComponentSpec, dims: dict[str, int]) -> dict:
 
 
 class CoreMLBundleBuilder(BundleBuilder):
-    def __init__(self, profile: TargetProfile, precision: Precision, compress: str | None = None,
-                 deployment_target: str | None = None, apple: AppleOptions | None = None) -> None:
-        self.profile, self.precision, self.compress = profile, precision, compress
-        self._requested_target = deployment_target
-        self.deployment_target = resolve_deployment_target(deployment_target, profile.backend.get(
-            "deployment_target", "iOS17"), compress)
-        self.layout, self.chunk_unet, self.attention = (apple or AppleOptions()).resolve(profile.backend)
+    """Core ML packages from the plan: layout, chunking, attention, deployment target and compression all decided
+    there. Per package: convert, record the name map, store the pruned weights sparsely (and our integer codes),
+    then check what was saved."""
+
+    def __init__(self, plan: ExportPlan, prompts: list[str]) -> None:
+        super().__init__(plan, prompts)
         self._specs: tuple[ComponentSpec, ...] | None = None
 
     def component_specs(self, pipe, dims: dict[str, int]) -> tuple[ComponentSpec, ...]:
@@ -371,127 +369,137 @@ class CoreMLBundleBuilder(BundleBuilder):
         if unknown:
             raise UsageError(f"target {self.profile.name}: [coreml] components are roles ({', '.join(ROLES)}); "
                              f"unknown: {', '.join(unknown)}")
-        if self.layout is Layout.OURS:
+        if self.plan.layout is Layout.OURS:
             specs = specs_for(pipe)
         else:
             check_family(pipe)
-            chunk = self.chunk_unet
+            chunk = self.plan.chunk_unet
             if chunk is None:  # "auto": as Apple does for iPhones, above 1 GB of UNet weights
-                chunk = auto_chunk(pipe.unet, 2 if self.precision is Precision.FP16 else 4)
+                chunk = auto_chunk(pipe.unet, 2 if self.plan.precision is Precision.FP16 else 4)
             specs = apple_specs(pipe, dims, chunk)
         self._specs = tuple(s for s in specs if s.role in wanted)
         return self._specs
-
-    def check_quantization(self, quantization: dict) -> None:
-        """A quantized folder ships its own codes (int8, or int4 in groups), which needs iOS 18 / macOS 15."""
-        if not quantization:
-            return
-        if self.compress:
-            raise UsageError(f"--compress {self.compress} would re-quantize weights this folder already holds as "
-                             "integer codes: drop --compress")
-        self.deployment_target = resolve_deployment_target(self._requested_target, self.profile.backend.get(
-            "deployment_target", "iOS17"), "int8")
 
     @classmethod
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
         return revalidate_coreml(bundle, manifest)
 
-    def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
-        import coremltools as ct
-
-        profile, pipe = self.profile, models.pipe
-        dims = pipeline_dims(pipe, profile.shapes)
+    def build(self, models: TorchPipelines, staging: Path) -> BuildResult:
+        plan, pipe = self.plan, models.pipe
+        dims = pipeline_dims(pipe, plan.shapes)
         specs = self.component_specs(pipe, dims)
-        apple = self.layout is Layout.APPLE
+        apple = plan.layout is Layout.APPLE
         resources = staging / RESOURCES
         resources.mkdir(parents=True)
         packages = staging / PACKAGES if apple else resources  # Apple: Resources/ gets the compiled models
         packages.mkdir(exist_ok=True)
-        results: dict = {"deployment_target": self.deployment_target, "compress": self.compress, "components": {},
-                         "gates": [], "notes": [], "layout": str(self.layout),
-                         "attention_implementation": str(self.attention)}
+        result = BuildResult(details={"deployment_target": plan.deployment_target, "compress": plan.compress,
+                                      "layout": str(plan.layout), "attention_implementation": str(plan.attention)})
         with tempfile.TemporaryDirectory() as tmp:
             for spec in specs:
-                t0 = time.time()
-                weights = pruned_weights(pipe, record, spec.source)
-                if spec.name.startswith("UnetChunk"):  # each chunk holds its own stages' weights
-                    split = chunk_split(pipe.unet)
-                    weights = {k: v for k, v in weights.items() if chunk_of(k, pipe.unet, split) == spec.name}
-                layout = layout_check(pipe, spec, dims, self.attention) if apple else {}
-                # Apple's split-einsum formulation is for the UNet's attention (MMDiT joint attention keeps its own)
-                impl = self.attention if spec.source == "unet" else AttentionImplementation.ORIGINAL
-                with attention_implementation(getattr(pipe, spec.source), impl):
-                    model = convert_component(pipe, spec, dims, self.deployment_target, self.precision)
-                dense_path = Path(tmp) / f"{spec.name}.mlpackage"
-                model.save(str(dense_path))
-                del model  # it keeps its MIL program, every constant included; the pruner reloads them from disk
-                final = packages / f"{spec.name if apple else package_name(pipe, spec)}.mlpackage"
-                if weights:  # a VAE's layers split between its decoder and encoder packages
-                    present = const_names(dense_path)
-                    weights = {k: v for k, v in weights.items() if _in_program(_const_name(k), present)}
-                sparsity = _zero_fraction(weights)
-                codes = self._integer_weights(pipe, spec, models.quantization, weights)
-                if weights:
-                    dense = ct.models.MLModel(str(dense_path), skip_model_load=True)
-                    packed = sparsify(dense, min_sparsity=min(0.3, 0.9 * sparsity), compress=self.compress)
-                    if codes:
-                        packed, written = write_codes(packed, codes, joint=True)
-                        if written != len(codes):
-                            raise ExportError(f"{spec.name}: {len(codes) - written} of {len(codes)} quantized layers "
-                                              "were not found in the converted program")
-                    packed.save(str(final))
-                    del dense, packed
-                else:
-                    shutil.copytree(dense_path, final)
-                rel = str(final.relative_to(staging))
-                comp = {"file": rel, "package": rel, "convert_s": time.time() - t0,
-                        "dense_bytes": package_size(dense_path), "bytes": package_size(final),
-                        "dense_weight_bytes": weight_blob_size(dense_path), "weight_bytes": weight_blob_size(final),
-                        "pruned_sparsity": sparsity, "io": check_io(final, spec, dims)}
-                results["gates"].append(gate(f"{spec.name} IO matches the description", float(comp["io"]["passed"]),
-                                             ">=", 1.0))
-                if layout:
-                    comp["layout_cosine"] = layout
-                    results["gates"].append(gate(f"{spec.name} Apple layout vs the original module cosine",
-                                                 min(layout.values()), ">=", LAYOUT_MIN_COSINE))
-                if codes:
-                    comp["codes"] = {"bits": next(iter(codes.values())).quant.bits, **check_codes(final, codes)}
-                    results["gates"].append(gate(f"{spec.name} integer weights equal obsdiff's codes and scales",
-                                                 comp["codes"]["equal"] / comp["codes"]["layers"], ">=", 1.0))
-                if weights:
-                    comp["weights"] = check_weights(final, WRAPPED_ATTR, weights, exact_values=not self.compress)
-                    results["gates"].append(gate(f"{spec.name} pruned weights read back exactly",
-                                                 float(not comp["weights"]["failed"]), ">=", 1.0))
-                    if not self.compress and not codes:
-                        comp.update(size_limit(weights, comp["dense_weight_bytes"], self.precision))
-                        results["gates"].append(gate(f"{spec.name} weight bytes ≤ (1−s)·dense + 5% + mask",
-                                                     comp["weight_bytes"], "<=", comp["size_limit_bytes"]))
-                comp["prediction"] = self._predict(final, pipe, spec, dims)
-                if comp["prediction"]["status"] == "ran":  # macOS: outputs vs PyTorch, the worst output counts
-                    results["gates"].append(gate(f"{spec.name} Core ML vs PyTorch PSNR dB",
-                                                 min(comp["prediction"]["psnr_db"].values()), ">=",
-                                                 profile.gates.min_psnr(self.precision)))
-                results["components"][spec.name] = comp
+                result.components[spec.name] = self._package(models, spec, dims, packages, Path(tmp), staging, result)
         _copy_tokenizer_files(pipe, staging, resources)
         if apple:
             self._device_files(pipe, specs, staging)
-            results["contract_files"] = contract_files(specs)
-        results["notes"].append(
+            result.details["contract_files"] = contract_files(specs)
+        result.notes.append(
             "Size gate on the weight blob: Core ML stores one mask bit per pruned weight (1/16 of its fp16 size), so "
             "the gate allows that on top of (1 − s) × dense + 5%, where s is the share of the dense weight blob that "
             "the pruned zeros free (layers kept dense count in full). The program text (model.mlmodel) is fixed-size "
             "and does not shrink with sparsity; package totals are shown beside it.")
-        return results
+        return result
+
+    def _package(self, models: TorchPipelines, spec: ComponentSpec, dims: dict[str, int], packages: Path, tmp: Path,
+                 staging: Path, result: BuildResult) -> ComponentResult:
+        """One package: converted, its name map recorded, stored sparse (with our codes), then checked."""
+        plan, pipe = self.plan, models.pipe
+        t0 = time.time()
+        weights = pruned_weights(pipe, models.folder, spec.source)
+        if spec.name.startswith("UnetChunk"):  # each chunk holds its own stages' weights
+            split = chunk_split(pipe.unet)
+            weights = {k: v for k, v in weights.items() if chunk_of(k, pipe.unet, split) == spec.name}
+        apple = plan.layout is Layout.APPLE
+        layout = layout_check(pipe, spec, dims, plan.attention) if apple else {}
+        # Apple's split-einsum formulation is for the UNet's attention (MMDiT joint attention keeps its own)
+        impl = plan.attention if spec.source == "unet" else AttentionImplementation.ORIGINAL
+        with attention_implementation(getattr(pipe, spec.source), impl):
+            model = convert_component(pipe, spec, dims, plan.deployment_target, plan.precision)
+        dense_path = tmp / f"{spec.name}.mlpackage"
+        model.save(str(dense_path))
+        del model  # it keeps its MIL program, every constant included; the pruner reloads them from disk
+        names = weight_names(dense_path, weights) if weights else {}
+        weights = {k: v for k, v in weights.items() if k in names}  # a VAE's layers split between two packages
+        codes = self._integer_weights(pipe, spec, models.folder, weights)
+        final = packages / f"{spec.name if apple else package_name(pipe, spec)}.mlpackage"
+        self._store(dense_path, final, weights, names, codes)
+        rel = str(final.relative_to(staging))
+        comp = ComponentResult(rel, SparsityReport(0), {
+            "package": rel, "convert_s": time.time() - t0, "dense_bytes": package_size(dense_path),
+            "bytes": package_size(final), "dense_weight_bytes": weight_blob_size(dense_path),
+            "weight_bytes": weight_blob_size(final), "pruned_sparsity": _zero_fraction(weights),
+            "io": check_io(final, spec, dims)})
+        self._check(comp, spec, final, layout, weights, names, codes, result)
+        comp.details["prediction"] = predict_on_macos(final, pipe, spec, dims,
+                                                      self.profile.backend.get("compute_units", "ALL"))
+        if comp.details["prediction"]["status"] == "ran":  # macOS: outputs vs PyTorch, the worst output counts
+            result.gate(f"{spec.name} Core ML vs PyTorch PSNR dB", min(comp.details["prediction"]["psnr_db"].values()),
+                        ">=", plan.min_psnr())
+        return comp
+
+    def _store(self, dense_path: Path, final: Path, weights: dict[str, torch.Tensor], names: dict[str, str],
+               codes: dict[str, IntegerWeight]) -> None:
+        """The pruned zeros as Core ML's sparse storage, our codes on top; a package with none is copied."""
+        import coremltools as ct
+
+        if not weights:
+            shutil.copytree(dense_path, final)
+            return
+        dense = ct.models.MLModel(str(dense_path), skip_model_load=True)
+        passes = sparse_passes(min_sparsity=min(0.3, 0.9 * _zero_fraction(weights)), compress=self.plan.compress)
+        written: set[str] = set()
+        if codes:
+            graph_pass, written = codes_pass(codes, names, joint=True)
+            passes.append(graph_pass)
+        packed = apply_passes(dense, passes)
+        if len(written) != len(codes):
+            raise ExportError(f"{final.stem}: {len(codes) - len(written)} of {len(codes)} quantized layers were not "
+                              "found in the converted program")
+        packed.save(str(final))
+
+    def _check(self, comp: ComponentResult, spec: ComponentSpec, final: Path, layout: dict,
+               weights: dict[str, torch.Tensor], names: dict[str, str], codes: dict[str, IntegerWeight],
+               result: BuildResult) -> None:
+        """The gates on the saved package: IO, the Apple wrappers, our codes, the weights read back, the size."""
+        details = comp.details
+        result.gate(f"{spec.name} IO matches the description", float(details["io"]["passed"]), ">=", 1.0)
+        if layout:
+            details["layout_cosine"] = layout
+            result.gate(f"{spec.name} Apple layout vs the original module cosine", min(layout.values()), ">=",
+                        LAYOUT_MIN_COSINE)
+        if codes:
+            details["codes"] = {"bits": next(iter(codes.values())).quant.bits, **check_codes(final, codes, names)}
+            result.gate(f"{spec.name} integer weights equal obsdiff's codes and scales",
+                        details["codes"]["equal"] / details["codes"]["layers"], ">=", 1.0)
+        if not weights:
+            return
+        comp.sparsity = check_weights(final, weights, names, exact_values=not self.plan.compress)
+        details["weights"] = {"checked": comp.sparsity.pruned_layers, "failed": list(comp.sparsity.lost)}
+        result.gate(f"{spec.name} pruned weights read back exactly", float(comp.sparsity.zeros_preserved), ">=", 1.0)
+        if not self.plan.compress and not codes:
+            details.update(size_limit(weights, details["dense_weight_bytes"], self.plan.precision))
+            result.gate(f"{spec.name} weight bytes ≤ (1−s)·dense + 5% + mask", details["weight_bytes"], "<=",
+                        details["size_limit_bytes"])
 
     @staticmethod
-    def _integer_weights(pipe, spec: ComponentSpec, quantization: dict, weights: dict) -> dict[str, IntegerWeight]:
+    def _integer_weights(pipe, spec: ComponentSpec, folder: PrunedFolder, weights: dict) -> dict[str, IntegerWeight]:
         """The codes and scales of this package's quantized layers (a UNet chunk: its own layers only)."""
-        if spec.source not in quantization:
+        quantized = folder.quantization.get(spec.source)
+        if quantized is None:
             return {}
-        quant, scales = quantization[spec.source]
         modules = dict(getattr(pipe, spec.source).named_modules())
         try:
-            return {name: integer_weight(modules[name].weight, scales[name], quant) for name in weights if name in scales}
+            return {name: integer_weight(modules[name].weight, quantized.scales[name], quantized.quant)
+                    for name in weights if name in quantized.scales}
         except (KeyError, ValueError) as exc:
             raise ExportError(f"{spec.source}: its quantization file does not fit its weights ({exc})") from None
 
@@ -504,15 +512,16 @@ class CoreMLBundleBuilder(BundleBuilder):
         script.write_text(COMPILE_SCRIPT.replace("{pipeline}", pipeline + "Pipeline"))
         script.chmod(0o755)
         (staging / "README_DEVICE.md").write_text(device_readme(
-            pipe, specs, self.attention, self.profile.backend.get("compute_units", "ALL")))
+            pipe, specs, self.plan.attention, self.profile.backend.get("compute_units", "ALL")))
         if platform.system() == "Darwin" and shutil.which("xcrun"):  # pragma: no cover - macOS with Xcode only
             log.info("compiling the packages into %s/ (xcrun coremlcompiler)", RESOURCES)
             proc = subprocess.run([str(script)], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise BundleError(f"compile_models.sh failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
 
-    def report_sections(self, results: dict) -> list[str]:
+    def report_sections(self, result: BuildResult) -> list[str]:
         """Sizes dense vs sparse, the weight read-back, IO, and prediction (macOS only)."""
+        results = result.to_json()
         lines: list[str] = []
         if results.get("layout") == str(Layout.APPLE):
             lines += ["", f"Layout: Apple's Swift StableDiffusion contract; attention "
@@ -536,19 +545,20 @@ class CoreMLBundleBuilder(BundleBuilder):
                          f"{pred['status']}{': ' + pred['reason'] if pred.get('reason') else ''} |")
         return lines
 
-    def _predict(self, path: Path, pipe, spec: ComponentSpec, dims: dict[str, int]) -> dict:
-        if platform.system() != "Darwin":
-            return {"status": "skipped", "reason": "Core ML prediction needs macOS; conversion and weight checks ran here"}
-        import coremltools as ct  # pragma: no cover - macOS only
+def predict_on_macos(path: Path, pipe, spec: ComponentSpec, dims: dict[str, int], compute_units: str) -> dict:
+    """Core ML's prediction against PyTorch on the sample inputs (macOS only; elsewhere skipped, with the reason)."""
+    if platform.system() != "Darwin":
+        return {"status": "skipped", "reason": "Core ML prediction needs macOS; conversion and weight checks ran here"}
+    import coremltools as ct  # pragma: no cover - macOS only
 
-        model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[self.profile.backend.get("compute_units", "ALL")])
-        inputs, ref = reference_io(pipe, spec, dims)
-        feeds = {k: (v.reshape(1) if v.ndim == 0 else v).astype(np.int32 if v.dtype.kind == "i" else np.float32)
-                 for k, v in inputs.items()}
-        got = model.predict(feeds)
-        scores = {k: psnr(ref[k], np.asarray(got[feature_name(k)]))  # peak: the reference range
-                  for k in ref}
-        return {"status": "ran", "psnr_db": scores, "latency": timings_ms(lambda: model.predict(feeds))}
+    model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units])
+    inputs, ref = reference_io(pipe, spec, dims)
+    feeds = {k: (v.reshape(1) if v.ndim == 0 else v).astype(np.int32 if v.dtype.kind == "i" else np.float32)
+             for k, v in inputs.items()}
+    got = model.predict(feeds)
+    scores = {k: psnr(ref[k], np.asarray(got[feature_name(k)]))  # peak: the reference range
+              for k in ref}
+    return {"status": "ran", "psnr_db": scores, "latency": timings_ms(lambda: model.predict(feeds))}
 
 
 def size_limit(weights: dict[str, torch.Tensor], dense_weight_bytes: int, precision: Precision) -> dict:

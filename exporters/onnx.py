@@ -24,11 +24,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from obsdiff.api import IntegerWeight, integer_weight
-from obsdiff.errors import BundleError, ExportError, GateError, UsageError
+from obsdiff.api import IntegerWeight, PrunedFolder, integer_weight
+from obsdiff.errors import BundleError, ExportError, GateError
 from obsdiff.exporters.artifacts import REFERENCE_DIR, WeightProbe, load_reference, save_reference, weight_probes
-from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
-from obsdiff.exporters.components import ComponentSpec, pipeline_dims, recorded_calls, specs_for
+from obsdiff.exporters.builder import BuildResult, BundleBuilder, ComponentResult, SparsityReport, TorchPipelines
+from obsdiff.exporters.compare import (
+    TIMING_BUDGET_S,
+    compare_outputs,
+    initial_latents,
+    interleaved_ms,
+    psnr,
+    reference_io,
+    run_pipeline_images,
+    save_image_grid,
+    timings_ms,
+)
+from obsdiff.exporters.components import DENOISER, ComponentSpec, pipeline_dims, recorded_calls, specs_for
+from obsdiff.exporters.export_plan import ExportPlan, Int8Mode
 from obsdiff.exporters.onnx_int8 import (
     Placement,
     check_codes,
@@ -38,19 +50,7 @@ from obsdiff.exporters.onnx_int8 import (
     place,
     quantize_graph,
 )
-from obsdiff.exporters.profiles import Activations, Precision, TargetProfile
-from obsdiff.exporters.validate import (
-    TIMING_BUDGET_S,
-    compare_outputs,
-    gate,
-    initial_latents,
-    interleaved_ms,
-    psnr,
-    reference_io,
-    run_pipeline_images,
-    save_image_grid,
-    timings_ms,
-)
+from obsdiff.exporters.profiles import Precision, TargetProfile
 
 log = logging.getLogger(__name__)
 
@@ -278,28 +278,59 @@ def component_model_file(bundle: Path, spec: ComponentSpec, profile: TargetProfi
     return folder / "model.ort" if profile.ort_format else folder / "model.onnx"
 
 
-def sparsity_report(probes: dict[str, WeightProbe], onnx_path: Path, precision: Precision) -> dict:
-    """Per pruned layer: zero fraction in PyTorch and in the exported graph; zeros must survive."""
+def weight_names(paths: dict[str, Path], specs: tuple[ComponentSpec, ...],
+                 probes: dict[str, dict[str, WeightProbe]]) -> dict[str, dict[str, Placement]]:
+    """The name map, made once right after export: for each graph, which initializer holds each pruned (or
+    quantized) PyTorch weight, and whether the graph stores it transposed (read from the node that consumes it).
+
+    Exporters rename weights (``onnx::MatMul_1234``) and MatMul stores them ``[in, out]``, so each weight is found by
+    its probe (zeros in one of its layouts, and value sums); a VAE's layers are split between its decoder and encoder
+    graphs. Every later check and the int8 writers read this map, never the values again. fp16 conversion and the
+    int8 rewrite keep the initializer names.
+    """
+    names: dict[str, dict[str, Placement]] = {}
+    for spec in specs:
+        wanted = probes.get(spec.name, {})
+        if not wanted:
+            names[spec.name] = {}
+            continue
+        initializers = OnnxWeights(paths[spec.name])
+        found = {k: v for k, v in match_weights(initializers, wanted).items() if v is not None}
+        names[spec.name] = place(initializers.graph, found) if found else {}
+    return names
+
+
+def sparsity_report(probes: dict[str, WeightProbe], names: dict[str, Placement], onnx_path: Path,
+                    exact: bool) -> SparsityReport:
+    """Per pruned layer: zero fraction in PyTorch and in the exported graph, read by name; zeros must survive (in
+    fp16, rounding may add zeros but never remove one)."""
     if not probes:
-        return {"pruned_layers": 0}
-    matched = match_weights(OnnxWeights(onnx_path), probes)
-    layers, lost = {}, []
+        return SparsityReport(0)
+    initializers = OnnxWeights(onnx_path)
+    layers, lost, export_zeros = {}, [], 0
     for name, probe in probes.items():
-        torch_zero = probe.zeros / probe.numel  # exact counts: float32 means differ in the last bit
-        onnx_name = matched[name]
-        # A match has this weight's zero mask bit for bit, so its zero count is the probe's: no second read.
-        onnx_zero = torch_zero if onnx_name else None
-        layers[name] = {"torch": torch_zero, "onnx": onnx_zero}
-        exact = onnx_zero is not None and (onnx_zero == torch_zero if precision is Precision.FP32 else onnx_zero >= torch_zero)
-        if not exact:
+        placement = names.get(name)
+        arr = initializers[placement.initializer] if placement is not None else None
+        kept = arr is not None and probe.zeros_kept(arr, exact, placement.transposed)
+        zeros = int((arr == 0).sum()) if arr is not None else 0
+        export_zeros += zeros
+        layers[name] = {"torch": probe.zeros / probe.numel, "export": zeros / probe.numel if arr is not None else None}
+        if not kept:
             lost.append(name)
     total = sum(p.numel for p in probes.values())
-    return {
-        "pruned_layers": len(probes), "matched_in_onnx": sum(v is not None for v in matched.values()),
-        "zero_fraction_torch": sum(p.zeros for p in probes.values()) / total,
-        "zero_fraction_onnx": sum(layers[n]["onnx"] * probes[n].numel for n in probes if layers[n]["onnx"] is not None) / total,
-        "zeros_preserved": not lost, "lost": lost, "layers": layers,
-    }
+    return SparsityReport(len(probes), sum(p is not None for p in (names.get(n) for n in probes)),
+                          sum(p.zeros for p in probes.values()) / total, export_zeros / total, not lost, tuple(lost),
+                          layers)
+
+
+def int8_sparsity(probes: dict[str, WeightProbe], placed: dict[str, Placement], codes: dict) -> SparsityReport:
+    """The zero report of an int8 graph: a zero weight is code 0 (every scale is positive), so codes equal to ours
+    carry the zeros exactly."""
+    mine = [probes[k] for k in placed]
+    total = sum(p.numel for p in mine)
+    zeros = sum(p.zeros for p in mine) / total
+    kept = codes["equal"] == codes["layers"]
+    return SparsityReport(len(mine), codes["equal"], zeros, zeros if kept else 0.0, kept, tuple(codes["different"]))
 
 
 @dataclass
@@ -319,6 +350,16 @@ class TorchSide:
     calibration: list[dict[str, np.ndarray]] | None  # the denoiser's inputs at every gate step (int8 activations)
 
 
+@dataclass
+class OnnxBuild:
+    """An ONNX build: its result, the PyTorch side it was checked against, and the name map of its weights."""
+
+    result: BuildResult
+    side: TorchSide
+    names: dict[str, dict[str, Placement]]  # graph → layer → initializer (before any int8 rewrite)
+    placements: dict[str, dict[str, Placement]]  # graph → quantized layer → initializer of its int8 codes
+
+
 class OnnxBundleBuilder(BundleBuilder):
     """Export + validation for the ONNX-based formats (cpu, android; the ONNX half of tensorrt).
 
@@ -326,98 +367,51 @@ class OnnxBundleBuilder(BundleBuilder):
     gate, the export, then (PyTorch let go) the fp16 conversion and the ONNX Runtime side.
     """
 
-    def __init__(self, profile: TargetProfile, precision: Precision, prompts: list[str],
-                 activations: Activations = Activations.FLOAT) -> None:
-        self.profile, self.precision, self.prompts, self.activations = profile, precision, prompts, activations
-        self.symmetric_activations = False  # TensorRT's explicit quantization: int8 activations, zero point 0
-        self.placements: dict[str, dict[str, Placement]] = {}  # after build: component → layer → its int8 weight
+    def build(self, models: TorchPipelines, staging: Path) -> BuildResult:
+        return self.build_onnx(models, staging).result
 
-    def check_quantization(self, quantization: dict) -> None:
-        """int8 folders export as fp32 QDQ graphs with one scale per output channel; int8 activations need them."""
-        if self.activations is Activations.INT8 and not {"unet", "transformer"} & set(quantization):
-            raise UsageError("--activations int8 needs a folder whose denoiser has int8 weights: prune it with "
-                             "--quantize int8")
-        if not quantization:
-            return
-        for component, (quant, _) in quantization.items():
-            if quant.bits != 8 or quant.group_size is not None:
-                raise UsageError(f"{component} is quantized as {quant}: ONNX targets take int8 with one scale per "
-                                 "output channel (int4 and groups: export to Core ML)")
-        if self.precision is not Precision.FP32:
-            raise UsageError(f"int8 weights export as fp32 QDQ graphs (ONNX Runtime fuses them into int8 kernels); "
-                             f"target {self.profile.name} is {self.precision}: pass --precision fp32")
-
-    def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
-        return self.build_onnx(models, staging, record)[0]
-
-    def build_onnx(self, models: TorchPipelines, staging: Path, record: dict | None) -> tuple[dict, TorchSide]:
-        """The bundle's ONNX files and results, and the PyTorch side they were checked against."""
-        profile = self.profile
-        side = self.torch_side(models.pipe, models.dense, record, models.quantization)
+    def build_onnx(self, models: TorchPipelines, staging: Path) -> OnnxBuild:
+        """The bundle's ONNX files and results, the PyTorch side they were checked against, and the name map."""
+        plan = self.plan
+        side = self.torch_side(models)
         t0 = time.time()
-        log.info("exporting %d components to ONNX (%s exporter)", len(side.specs), profile.exporter)
-        paths = export_onnx(models.pipe, staging, side.specs, side.dims, exporter=profile.exporter)
-        placements = self.placements = self._place_int8(side, paths)
+        log.info("exporting %d components to ONNX (%s exporter)", len(side.specs), plan.profile.exporter)
+        paths = export_onnx(models.pipe, staging, side.specs, side.dims, exporter=plan.profile.exporter)
+        names = weight_names(paths, side.specs, side.probes)
+        placements = self._place_int8(side, names)
         with contextlib.ExitStack() as cleanup:
             dense_graph = None
-            shrunk = record is not None and (record.get("structured") or record.get("settings", {}).get("quantization"))
-            if models.dense is not None and shrunk:
+            if models.dense is not None and models.folder.reshaped_or_quantized:
                 folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(dir=staging.parent,
                                                                                 prefix=".obsdiff-dense-")))
                 dense_graph = self._export_dense_denoiser(models.dense, folder, side)
             models.release()  # from here on only the exported files are in memory
             convert_precision({**paths, **({"dense " + dense_graph[0]: dense_graph[1]} if dense_graph else {})},
-                              self.precision)
+                              plan.precision)
             written = {s.name: self._write_int8(side, s, paths[s.name], placements[s.name]) for s in side.specs
                        if s.name in placements}
             export_s = time.time() - t0
-            results = self._runtime_checks(side, staging, placements, written)
+            result = self._runtime_checks(side, staging, names, placements, written)
             if dense_graph is not None:
-                results["against_dense"] = self._against_dense(dense_graph, staging, record)
-        results["export_s"] = export_s
-        return results, side
+                result.details["against_dense"] = against_dense(self.plan, dense_graph, staging, models.folder)
+        result.details["export_s"] = export_s
+        return OnnxBuild(result, side, names, placements)
 
     def _export_dense_denoiser(self, dense_pipe, folder: Path, side: TorchSide) -> tuple[str, Path]:
         """The dense model's denoiser, exported like the bundle's, for the latency comparison (not shipped)."""
-        spec = next(s for s in side.specs if s.source in ("unet", "transformer"))
+        spec = next(s for s in side.specs if s.role == DENOISER)
         log.info("exporting the dense %s for the latency comparison", spec.name)
         return spec.name, export_onnx(dense_pipe, folder, (spec,), side.dims, exporter=self.profile.exporter)[spec.name]
 
-    def _against_dense(self, dense_graph: tuple[str, Path], staging: Path, record: dict) -> dict:
-        """Dense and pruned denoiser timed alternately on the same inputs; FLOPs from the prune record."""
-        name, dense_path = dense_graph
-        inputs, _ = load_reference(staging / REFERENCE_DIR, name)
-        sessions = {"dense": ort_session(dense_path, self.profile.providers, self.precision),
-                    "pruned": ort_session(staging / name / "model.onnx", self.profile.providers, self.precision)}
-        calls = {k: (lambda s=s: run_session(s, inputs)) for k, s in sessions.items()}
-        t0 = time.perf_counter()
-        for call in calls.values():
-            call()
-        runs = max(5, min(30, int(TIMING_BUDGET_S / max(time.perf_counter() - t0, 1e-6))))
-        log.info("%s: dense and pruned timed alternately, %d runs each", name, runs)
-        timed = interleaved_ms(calls, runs)
-        component = next((c for c in record.get("components", {}).values() if "flops_before" in c), {})
-        flops = component["flops_after"] / component["flops_before"] if component.get("flops_before") else None
-        size = {"dense": sum(f.stat().st_size for f in dense_path.parent.glob("model.onnx*")),
-                "pruned": sum(f.stat().st_size for f in (staging / name).glob("model.onnx*"))}
-        return {"component": name, "runs": runs, **timed, "bytes": size,
-                "latency_ratio": timed["median_ms"]["pruned"] / timed["median_ms"]["dense"], "flops_ratio": flops,
-                "params_ratio": component["params_after"] / component["params_before"] if flops else None}
-
-    def _place_int8(self, side: TorchSide, paths: dict[str, Path]) -> dict[str, dict[str, Placement]]:
-        """Where each quantized layer is in the exported graphs (a VAE's layers split between its decoder and
-        encoder graphs); every quantized layer must be somewhere."""
-
+    def _place_int8(self, side: TorchSide, names: dict[str, dict[str, Placement]]) -> dict[str, dict[str, Placement]]:
+        """Each graph's quantized layers, from the name map; every quantized layer must be in some graph (a VAE's
+        layers split between its decoder and encoder graphs)."""
         placements: dict[str, dict[str, Placement]] = {}
         for spec in side.specs:
-            layers = side.int8.get(spec.source)
-            if not layers:
-                continue
-            initializers = OnnxWeights(paths[spec.name])
-            found = match_weights(initializers, {k: side.probes[spec.name][k] for k in layers})
-            found = {k: v for k, v in found.items() if v is not None}
-            if found:
-                placements[spec.name] = place(initializers.graph, found)
+            layers = side.int8.get(spec.source, {})
+            placed = {k: v for k, v in names[spec.name].items() if k in layers}
+            if placed:
+                placements[spec.name] = placed
         for source, layers in side.int8.items():
             placed = {k for spec in side.specs if spec.source == source for k in placements.get(spec.name, {})}
             missing = sorted(set(layers) - placed)
@@ -428,101 +422,94 @@ class OnnxBundleBuilder(BundleBuilder):
 
     def _write_int8(self, side: TorchSide, spec: ComponentSpec, path: Path, placed: dict[str, Placement]) -> dict:
         """The component's graph rewritten with our int8 codes (and int8 activations for the denoiser)."""
-        calls = side.calibration if spec.source in ("unet", "transformer") else None
+        calls = side.calibration if spec.role == DENOISER else None
         model, info = quantize_graph(path, placed, side.int8[spec.source], calls, float_compute=spec.float_compute,
-                                     symmetric_activations=self.symmetric_activations)
+                                     symmetric_activations=self.plan.int8 is Int8Mode.SYMMETRIC)
         minify(model, placed)
         for stale in path.parent.glob(path.name + "*data"):
             stale.unlink()
         save_onnx(model, path)
         return info
 
-    def _runtime_checks(self, side: TorchSide, staging: Path, placements: dict[str, dict[str, Placement]],
-                        written: dict[str, dict]) -> dict:
+    def _runtime_checks(self, side: TorchSide, staging: Path, names: dict[str, dict[str, Placement]],
+                        placements: dict[str, dict[str, Placement]], written: dict[str, dict]) -> BuildResult:
         """Every component through ONNX Runtime against PyTorch's outputs, then the end-to-end gate."""
-        profile = self.profile
-        results: dict = {"components": {}, "gates": []}
+        plan, profile = self.plan, self.profile
+        result = BuildResult()
         if profile.ort_format:
             convert_to_ort(staging)
         for spec in side.specs:
-            log.info("%s: ONNX Runtime vs PyTorch on the sample inputs", spec.name)
-            inputs, ref_out = side.references[spec.name]
-            model_file = component_model_file(staging, spec, profile)
-            session = ort_session(model_file, profile.providers, self.precision)
-            got = run_session(session, inputs)
-            save_reference(staging / REFERENCE_DIR, spec.name, inputs, ref_out, got)
-            comp = {"file": str(model_file.relative_to(staging)), "outputs": compare_outputs(ref_out, got),
-                    "latency": timings_ms(lambda s=session, i=inputs: run_session(s, i))}
-            del session
+            result.components[spec.name] = comp = self._component_check(side, staging, spec)
             onnx_path = staging / spec.name / "model.onnx"
             if spec.name in placements:
-                comp["int8"] = {**written[spec.name],
-                                **self._int8_checks(side, spec, onnx_path, model_file, placements[spec.name], results)}
-                comp["sparsity"] = int8_sparsity(side.probes[spec.name], placements[spec.name], comp["int8"]["codes"])
+                comp.details["int8"] = {**written[spec.name], **self._int8_checks(
+                    side, spec, onnx_path, staging / comp.file, placements[spec.name], result)}
+                comp.sparsity = int8_sparsity(side.probes[spec.name], placements[spec.name], comp.details["int8"]["codes"])
             else:
-                comp["sparsity"] = sparsity_report(side.probes[spec.name], onnx_path, self.precision)
-            results["components"][spec.name] = comp
-            worst = min(o["cosine"] for o in comp["outputs"].values())
-            results["gates"].append(gate(f"{spec.name} cosine", worst, ">=", profile.gates.min_cosine))
-            if comp["sparsity"].get("pruned_layers"):
-                results["gates"].append(gate(f"{spec.name} pruned zeros survive export",
-                                              float(comp["sparsity"]["zeros_preserved"]), ">=", 1.0))
-            budget = profile.gates.max_latency_ms.get(spec.name)
+                comp.sparsity = sparsity_report(side.probes[spec.name], names[spec.name], onnx_path,
+                                                exact=plan.precision is Precision.FP32)
+            result.gate(f"{spec.name} cosine", min(o["cosine"] for o in comp.details["outputs"].values()), ">=",
+                        plan.gates.min_cosine)
+            if comp.sparsity.pruned_layers:
+                result.gate(f"{spec.name} pruned zeros survive export", float(comp.sparsity.zeros_preserved), ">=", 1.0)
+            budget = plan.gates.max_latency_ms.get(spec.name)
             if budget:
-                results["gates"].append(gate(f"{spec.name} median latency ms", comp["latency"]["median_ms"], "<=", budget))
-        results["end_to_end"] = self._end_to_end(side, staging)
-        results["gates"].append(gate("image PSNR dB", results["end_to_end"]["psnr_db"], ">=",
-                                      profile.gates.min_psnr(self.precision, self.activations)))
-        budget = profile.gates.max_latency_ms.get("pipeline")
+                result.gate(f"{spec.name} median latency ms", comp.details["latency"]["median_ms"], "<=", budget)
+        result.details["end_to_end"] = e2e = self._end_to_end(side, staging)
+        result.gate("image PSNR dB", e2e["psnr_db"], ">=", plan.min_psnr())
+        budget = plan.gates.max_latency_ms.get("pipeline")
         if budget:
-            results["gates"].append(gate("pipeline median latency ms", results["end_to_end"]["latency_onnx"]["median_ms"],
-                                          "<=", budget))
-        return results
+            result.gate("pipeline median latency ms", e2e["latency_onnx"]["median_ms"], "<=", budget)
+        return result
+
+    def _component_check(self, side: TorchSide, staging: Path, spec: ComponentSpec) -> ComponentResult:
+        """One component's file through ONNX Runtime on the sample inputs, against PyTorch; its reference saved."""
+        log.info("%s: ONNX Runtime vs PyTorch on the sample inputs", spec.name)
+        inputs, ref_out = side.references[spec.name]
+        model_file = component_model_file(staging, spec, self.profile)
+        session = ort_session(model_file, self.profile.providers, self.plan.precision)
+        got = run_session(session, inputs)
+        save_reference(staging / REFERENCE_DIR, spec.name, inputs, ref_out, got)
+        details = {"outputs": compare_outputs(ref_out, got),
+                   "latency": timings_ms(lambda s=session, i=inputs: run_session(s, i))}
+        return ComponentResult(str(model_file.relative_to(staging)), SparsityReport(0), details)
 
     def _int8_checks(self, side: TorchSide, spec: ComponentSpec, onnx_path: Path, model_file: Path,
-                     placed: dict[str, Placement], results: dict) -> dict:
+                     placed: dict[str, Placement], result: BuildResult) -> dict:
         """Our codes and scales are what the graph stores; the graph ONNX Runtime runs has int8 kernels."""
         codes = check_codes(OnnxWeights(onnx_path), placed, side.int8[spec.source])
-        results["gates"].append(gate(f"{spec.name} int8 weights equal obsdiff's codes and scales",
-                                     codes["equal"] / codes["layers"], ">=", 1.0))
+        result.gate(f"{spec.name} int8 weights equal obsdiff's codes and scales", codes["equal"] / codes["layers"],
+                    ">=", 1.0)
         kernels = int8_kernels(model_file, self.profile.providers)
-        if side.calibration is not None and spec.source in ("unet", "transformer"):
-            results["gates"].append(gate(f"{spec.name} int8 kernels in ONNX Runtime's optimized graph",
-                                         kernels["int8"], ">=", 1))
+        if side.calibration is not None and spec.role == DENOISER:
+            result.gate(f"{spec.name} int8 kernels in ONNX Runtime's optimized graph", kernels["int8"], ">=", 1)
         return {"codes": codes, "kernels": kernels}
 
-    def torch_side(self, pipe, dense_pipe, record: dict | None, quantization: dict | None = None) -> TorchSide:
-        shapes = self.profile.shapes
+    def torch_side(self, models: TorchPipelines) -> TorchSide:
+        pipe, shapes = models.pipe, self.plan.shapes
         specs = specs_for(pipe)
         dims = pipeline_dims(pipe, shapes)
         log.info("PyTorch references: %d components, then %d prompts × %d steps end to end",
                  len(specs), len(self.prompts), shapes.steps)
         references = {spec.name: reference_io(pipe, spec, dims) for spec in specs}
-        probes = {spec.name: weight_probes(pipe, record, spec.source) for spec in specs}
+        probes = {spec.name: weight_probes(pipe, models.folder, spec.source) for spec in specs}
         latents = initial_latents(pipe, len(self.prompts), shapes.height, shapes.width, seed=0)
         # Prompts go through in batches that fit: one at a time at SD size, all at once for small models.
         per_call = max(1, GATE_LATENT_PIXELS // (shapes.height * shapes.width // pipe.vae_scale_factor**2))
         calibration = None
         with contextlib.ExitStack() as recording:
-            if self.activations is Activations.INT8:
-                denoiser_spec = next(s for s in specs if s.source in ("unet", "transformer"))
+            if self.plan.int8 in (Int8Mode.ACTIVATIONS, Int8Mode.SYMMETRIC):
+                denoiser_spec = next(s for s in specs if s.role == DENOISER)
                 calibration = recording.enter_context(recorded_calls(getattr(pipe, denoiser_spec.source), denoiser_spec))
             images = {"pruned PyTorch": self._images(pipe, latents, per_call)}
-        if dense_pipe is not None:
-            images = {"dense PyTorch": self._images(dense_pipe, latents, per_call), **images}
+        if models.dense is not None:
+            images = {"dense PyTorch": self._images(models.dense, latents, per_call), **images}
         latency = timings_ms(lambda: self._images(pipe, latents[:1], 1, self.prompts[:1]), warmup=1, runs=5)
-        int8 = {}
-        for source, (quant, scales) in (quantization or {}).items():
-            modules = dict(getattr(pipe, source).named_modules())
-            try:
-                int8[source] = {layer: integer_weight(modules[layer].weight, scale, quant) for layer, scale in scales.items()}
-            except (KeyError, ValueError) as exc:
-                raise ExportError(f"{source}: its quantization file does not fit its weights ({exc})") from None
         return TorchSide(specs, dims, references, probes, latents, per_call, images, latency,
-                         type(pipe.scheduler).__name__, int8, calibration)
+                         type(pipe.scheduler).__name__, integer_weights(pipe, models.folder), calibration)
 
     def _images(self, pipe, latents: torch.Tensor, per_call: int, prompts: list[str] | None = None) -> np.ndarray:
-        shapes, prompts = self.profile.shapes, prompts or self.prompts
+        shapes, prompts = self.plan.shapes, prompts or self.prompts
         return np.concatenate([run_pipeline_images(pipe, prompts[i : i + per_call], latents[i : i + per_call],
                                                    shapes.steps, shapes.guidance, shapes.height, shapes.width)
                                for i in range(0, len(prompts), per_call)])
@@ -530,10 +517,10 @@ class OnnxBundleBuilder(BundleBuilder):
     def _end_to_end(self, side: TorchSide, staging: Path) -> dict:
         from optimum.onnxruntime import ORTDiffusionPipeline  # picks the ORT pipeline named in model_index.json
 
-        shapes = self.profile.shapes
+        shapes = self.plan.shapes
         log.info("end to end through ONNX Runtime: %d prompts × %d steps", len(self.prompts), shapes.steps)
         ort_pipe = ORTDiffusionPipeline.from_pretrained(staging, provider=self.profile.providers[0],
-                                                        session_options=host_session_options(self.precision))
+                                                        session_options=host_session_options(self.plan.precision))
         ort_pipe.set_progress_bar_config(disable=True)
         onnx_images = self._images(ort_pipe, side.latents, side.prompts_per_call)
         torch_images = side.images["pruned PyTorch"]
@@ -554,67 +541,111 @@ class OnnxBundleBuilder(BundleBuilder):
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
         return revalidate_onnx(bundle, manifest)
 
-    def report_sections(self, results: dict) -> list[str]:
-        """Components vs PyTorch and the end-to-end comparison."""
-        lines = ["", "## Components vs PyTorch (sample inputs)", "",
-                 "| component | output | cosine | rel. L2 | max abs | median ms | p90 ms | runs | pruned zeros (torch → export) |",
-                 "|---|---|---|---|---|---|---|---|---|"]
-        for name, comp in results["components"].items():
-            sp = comp["sparsity"]
-            zeros = (f"{sp['zero_fraction_torch']:.4f} → {sp['zero_fraction_onnx']:.4f}" if sp.get("pruned_layers") else "dense")
-            for out, c in comp["outputs"].items():
-                lat = comp["latency"]
-                lines.append(f"| {name} | {out} | {c['cosine']:.7f} | {c['relative_l2']:.2e} | {c['max_abs']:.2e} | "
-                             f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {lat['runs']} | {zeros} |")
-        int8 = {name: comp["int8"] for name, comp in results["components"].items() if "int8" in comp}
-        if int8:
-            lines += ["", "## Integer weights", "",
-                      "obsdiff's int8 codes and per-output-channel scales, written into the graph (not re-quantized); "
-                      "kernels counted in the graph ONNX Runtime runs after its optimizations.", "",
-                      "| component | layers with our codes | activations | int8 kernels | weights-only layers |",
-                      "|---|---|---|---|---|"]
-            for name, info in int8.items():
-                kernels = ", ".join(f"{k} {v}" for k, v in info["kernels"].items() if k.startswith("Q") and v) or "none"
-                weights_only = "all" if info["activations"] == "float" else len(info["weights_only_layers"])
-                lines.append(f"| {name} | {info['codes']['equal']} / {info['codes']['layers']} | {info['activations']} | "
-                             f"{kernels} | {weights_only} |")
-        dense = results.get("against_dense")
-        if dense:
-            ms = dense["median_ms"]
-            lines += ["", "## Against the dense export", "",
-                      f"{dense['component']}, dense and pruned graphs timed alternately ({dense['runs']} runs each, "
-                      "ONNX Runtime, the profile's providers):", "",
-                      "| | dense | pruned | pruned / dense |", "|---|---|---|---|",
-                      f"| median ms | {ms['dense']:.2f} | {ms['pruned']:.2f} | **{dense['latency_ratio']:.3f}** |",
-                      f"| model file bytes | {dense['bytes']['dense']} | {dense['bytes']['pruned']} | "
-                      f"{dense['bytes']['pruned'] / dense['bytes']['dense']:.3f} |"]
-            if dense.get("flops_ratio") is not None:
-                lines += [f"| FLOPs per call | | | {dense['flops_ratio']:.3f} |",
-                          f"| parameters | | | {dense['params_ratio']:.3f} |"]
-        e2e = results["end_to_end"]
-        lines += ["", "## End to end", "",
-                  f"{len(e2e['prompts'])} prompts, {e2e['steps']} steps, guidance {e2e['guidance']}, seed {e2e['seed']}, "
-                  f"{e2e['scheduler']}; same initial latents for every row.", "",
-                  f"- exported vs pruned PyTorch: **{e2e['psnr_db']:.2f} dB** PSNR"]
-        if e2e.get("psnr_dense_vs_pruned_db") is not None:
-            lines.append(f"- pruned vs dense PyTorch: {e2e['psnr_dense_vs_pruned_db']:.2f} dB PSNR (what pruning changed)")
-        onnx_ms, torch_ms = e2e["latency_onnx"], e2e["latency_pytorch"]
-        lines += ["", "| pipeline (1 prompt) | median ms | p90 ms | runs |", "|---|---|---|---|",
-                  f"| exported | {onnx_ms['median_ms']:.1f} | {onnx_ms['p90_ms']:.1f} | {onnx_ms['runs']} |",
-                  f"| PyTorch | {torch_ms['median_ms']:.1f} | {torch_ms['p90_ms']:.1f} | {torch_ms['runs']} |",
-                  "", "![dense PyTorch, pruned PyTorch, exported](images.png)"]
-        return lines
+    def report_sections(self, result: BuildResult) -> list[str]:
+        """Components vs PyTorch, integer weights, the dense comparison and the end-to-end comparison."""
+        data = result.to_json()
+        return [*_components_section(data), *_int8_section(data), *_dense_section(data), *_end_to_end_section(data)]
 
 
-def int8_sparsity(probes: dict[str, WeightProbe], placed: dict[str, Placement], codes: dict) -> dict:
-    """The zero report of an int8 graph: a zero weight is code 0 (every scale is positive), so codes equal to ours
-    carry the zeros exactly."""
-    mine = [probes[k] for k in placed]
-    total = sum(p.numel for p in mine)
-    zeros = sum(p.zeros for p in mine) / total
-    kept = codes["equal"] == codes["layers"]
-    return {"pruned_layers": len(mine), "matched_in_onnx": codes["equal"], "zero_fraction_torch": zeros,
-            "zero_fraction_onnx": zeros if kept else 0.0, "zeros_preserved": kept, "lost": codes["different"]}
+def against_dense(plan: ExportPlan, dense_graph: tuple[str, Path], staging: Path, folder: PrunedFolder) -> dict:
+    """Dense and pruned denoiser timed alternately on the same inputs; FLOPs from the prune record."""
+    name, dense_path = dense_graph
+    inputs, _ = load_reference(staging / REFERENCE_DIR, name)
+    precision = plan.precision
+    sessions = {"dense": ort_session(dense_path, plan.profile.providers, precision),
+                "pruned": ort_session(staging / name / "model.onnx", plan.profile.providers, precision)}
+    calls = {k: (lambda s=s: run_session(s, inputs)) for k, s in sessions.items()}
+    t0 = time.perf_counter()
+    for call in calls.values():
+        call()
+    runs = max(5, min(30, int(TIMING_BUDGET_S / max(time.perf_counter() - t0, 1e-6))))
+    log.info("%s: dense and pruned timed alternately, %d runs each", name, runs)
+    timed = interleaved_ms(calls, runs)
+    shrink = next((c.shrink for c in folder.record.components.values() if c.shrink is not None), None)
+    size = {"dense": sum(f.stat().st_size for f in dense_path.parent.glob("model.onnx*")),
+            "pruned": sum(f.stat().st_size for f in (staging / name).glob("model.onnx*"))}
+    return {"component": name, "runs": runs, **timed, "bytes": size,
+            "latency_ratio": timed["median_ms"]["pruned"] / timed["median_ms"]["dense"],
+            "flops_ratio": shrink.flops_after / shrink.flops_before if shrink and shrink.flops_before else None,
+            "params_ratio": shrink.params_after / shrink.params_before if shrink and shrink.flops_before else None}
+
+
+def _components_section(data: dict) -> list[str]:
+    lines = ["", "## Components vs PyTorch (sample inputs)", "",
+             "| component | output | cosine | rel. L2 | max abs | median ms | p90 ms | runs | pruned zeros (torch → export) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, comp in data["components"].items():
+        sp = comp["sparsity"]
+        zeros = (f"{sp['zero_fraction_torch']:.4f} → {sp['zero_fraction_export']:.4f}" if sp.get("pruned_layers")
+                 else "dense")
+        for out, c in comp["outputs"].items():
+            lat = comp["latency"]
+            lines.append(f"| {name} | {out} | {c['cosine']:.7f} | {c['relative_l2']:.2e} | {c['max_abs']:.2e} | "
+                         f"{lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {lat['runs']} | {zeros} |")
+    return lines
+
+
+def _int8_section(data: dict) -> list[str]:
+    int8 = {name: comp["int8"] for name, comp in data["components"].items() if "int8" in comp}
+    if not int8:
+        return []
+    lines = ["", "## Integer weights", "",
+             "obsdiff's int8 codes and per-output-channel scales, written into the graph (not re-quantized); "
+             "kernels counted in the graph ONNX Runtime runs after its optimizations.", "",
+             "| component | layers with our codes | activations | int8 kernels | weights-only layers |",
+             "|---|---|---|---|---|"]
+    for name, info in int8.items():
+        kernels = ", ".join(f"{k} {v}" for k, v in info["kernels"].items() if k.startswith("Q") and v) or "none"
+        weights_only = "all" if info["activations"] == "float" else len(info["weights_only_layers"])
+        lines.append(f"| {name} | {info['codes']['equal']} / {info['codes']['layers']} | {info['activations']} | "
+                     f"{kernels} | {weights_only} |")
+    return lines
+
+
+def _dense_section(data: dict) -> list[str]:
+    dense = data.get("against_dense")
+    if not dense:
+        return []
+    ms = dense["median_ms"]
+    lines = ["", "## Against the dense export", "",
+             f"{dense['component']}, dense and pruned graphs timed alternately ({dense['runs']} runs each, "
+             "ONNX Runtime, the profile's providers):", "",
+             "| | dense | pruned | pruned / dense |", "|---|---|---|---|",
+             f"| median ms | {ms['dense']:.2f} | {ms['pruned']:.2f} | **{dense['latency_ratio']:.3f}** |",
+             f"| model file bytes | {dense['bytes']['dense']} | {dense['bytes']['pruned']} | "
+             f"{dense['bytes']['pruned'] / dense['bytes']['dense']:.3f} |"]
+    if dense.get("flops_ratio") is not None:
+        lines += [f"| FLOPs per call | | | {dense['flops_ratio']:.3f} |",
+                  f"| parameters | | | {dense['params_ratio']:.3f} |"]
+    return lines
+
+
+def _end_to_end_section(data: dict) -> list[str]:
+    e2e = data["end_to_end"]
+    lines = ["", "## End to end", "",
+             f"{len(e2e['prompts'])} prompts, {e2e['steps']} steps, guidance {e2e['guidance']}, seed {e2e['seed']}, "
+             f"{e2e['scheduler']}; same initial latents for every row.", "",
+             f"- exported vs pruned PyTorch: **{e2e['psnr_db']:.2f} dB** PSNR"]
+    if e2e.get("psnr_dense_vs_pruned_db") is not None:
+        lines.append(f"- pruned vs dense PyTorch: {e2e['psnr_dense_vs_pruned_db']:.2f} dB PSNR (what pruning changed)")
+    onnx_ms, torch_ms = e2e["latency_onnx"], e2e["latency_pytorch"]
+    return lines + ["", "| pipeline (1 prompt) | median ms | p90 ms | runs |", "|---|---|---|---|",
+                    f"| exported | {onnx_ms['median_ms']:.1f} | {onnx_ms['p90_ms']:.1f} | {onnx_ms['runs']} |",
+                    f"| PyTorch | {torch_ms['median_ms']:.1f} | {torch_ms['p90_ms']:.1f} | {torch_ms['runs']} |",
+                    "", "![dense PyTorch, pruned PyTorch, exported](images.png)"]
+
+
+def integer_weights(pipe, folder: PrunedFolder) -> dict[str, dict[str, IntegerWeight]]:
+    """Component → quantized layer → its codes and scales, from the folder's scales and the loaded weights."""
+    out = {}
+    for source, quantized in folder.quantization.items():
+        modules = dict(getattr(pipe, source).named_modules())
+        try:
+            out[source] = {layer: integer_weight(modules[layer].weight, scale, quantized.quant)
+                           for layer, scale in quantized.scales.items()}
+        except (KeyError, ValueError) as exc:
+            raise ExportError(f"{source}: its quantization file does not fit its weights ({exc})") from None
+    return out
 
 
 def convert_to_ort(folder: Path) -> None:

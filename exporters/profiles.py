@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,8 @@ from obsdiff.api import (
     SparsitySpec,
     Unstructured,
     check_image_size,
+    check_number,
+    check_whole,
     parse_kind,
     parse_quantization,
     parse_sparsity,
@@ -147,15 +148,18 @@ class TargetProfile:
 
 
 def _whole(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a whole number ≥ {minimum}, got {value!r}")
+    """``checks.check_whole`` as a field error (the loader adds the file and table)."""
+    try:
+        check_whole(name, value, minimum)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _number(name: str, value, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (high is not None and value > high):
-        bounds = f"in [{low:g}, {high:g}]" if high is not None else f"≥ {low:g}"
-        raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
+    try:
+        check_number(name, value, low, high)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _profile_activations(data: dict) -> Activations:

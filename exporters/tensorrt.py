@@ -17,13 +17,13 @@ from pathlib import Path
 
 from obsdiff.api import Dense, Structured
 from obsdiff.errors import ExportError
-from obsdiff.exporters.artifacts import WeightProbe, record_sparsity
-from obsdiff.exporters.builder import BundleBuilder, TorchPipelines
+from obsdiff.exporters.artifacts import WeightProbe
+from obsdiff.exporters.builder import BuildResult, BundleBuilder, TorchPipelines
 from obsdiff.exporters.components import ComponentSpec
-from obsdiff.exporters.onnx import OnnxBundleBuilder, OnnxWeights, match_weights, revalidate_onnx
-from obsdiff.exporters.profiles import Activations, Precision, TargetProfile
+from obsdiff.exporters.export_plan import ExportPlan, Int8Mode
+from obsdiff.exporters.onnx import OnnxBundleBuilder, revalidate_onnx
+from obsdiff.exporters.profiles import TargetProfile
 from obsdiff.exporters.sparsity_check import check_2of4, polygraphy_sparsity
-from obsdiff.exporters.validate import gate
 
 log = logging.getLogger(__name__)
 
@@ -139,55 +139,49 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: ComponentSpec, dims: 
 
 
 class TensorRTBundleBuilder(BundleBuilder):
-    """The ONNX bundle (fp16, ORT-validated) plus 2:4 checks, device scripts and, where possible, engines."""
+    """The ONNX bundle (fp16, ORT-validated; or explicit-quantization QDQ for an int8 folder) plus 2:4 checks,
+    device scripts and, where possible, engines. Its ONNX part is built from the same plan."""
 
-    def __init__(self, profile: TargetProfile, precision: Precision, prompts: list[str],
-                 activations: Activations = Activations.FLOAT) -> None:
-        self.profile, self.precision = profile, precision
-        self.onnx = OnnxBundleBuilder(profile, precision, prompts, activations)
-        self.int8 = False
+    def __init__(self, plan: ExportPlan, prompts: list[str]) -> None:
+        super().__init__(plan, prompts)
+        self.onnx = OnnxBundleBuilder(plan, prompts)
 
-    def check_quantization(self, quantization: dict) -> None:
-        """An int8 folder becomes explicit-quantization QDQ ONNX, TensorRT's int8 input: fp32 graphs (the engine
-        build picks fp16 for the float layers) with int8 weights and symmetric int8 activations around them."""
-        if not quantization:
-            return
-        self.onnx.precision, self.onnx.activations = Precision.FP32, Activations.INT8
-        self.onnx.symmetric_activations = self.int8 = True
-        self.onnx.check_quantization(quantization)
+    @property
+    def int8(self) -> bool:
+        return self.plan.int8 is Int8Mode.SYMMETRIC
 
     @classmethod
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
         """The ONNX files on their references (engines are checked on the device by validate_on_device.py)."""
         return revalidate_onnx(bundle, manifest)
 
-    def build(self, models: TorchPipelines, staging: Path, record: dict | None = None) -> dict:
-        results, side = self.onnx.build_onnx(models, staging, record)
-        specs, dims = side.specs, side.dims
-        results["sparsity_2of4"] = {}
-        skipped = {s: [layer["name"] for layer in comp.get("skipped", [])]
-                   for s, comp in (record or {}).get("components", {}).items()}
+    def build(self, models: TorchPipelines, staging: Path) -> BuildResult:
+        built = self.onnx.build_onnx(models, staging)
+        result, side = built.result, built.side
+        result.details["sparsity_2of4"] = {}
         # The layers a prune zeroed must be 2:4; a quantize-only (dense) or structured record zeroed none.
-        pattern = record_sparsity(record, staging)
-        for spec in () if pattern is None or isinstance(pattern, (Dense, Structured)) else specs:
-            placed = self.onnx.placements.get(spec.name, {})
-            report = two_of_four_report(side.probes[spec.name], skipped.get(spec.source, []),
-                                        staging / spec.name / "model.onnx",
-                                        {k: f"{p.initializer}_quantized" for k, p in placed.items()} or None)
+        pattern = self.plan.pattern
+        for spec in () if pattern is None or isinstance(pattern, (Dense, Structured)) else side.specs:
+            placed = built.placements.get(spec.name, {})
+            names = ({k: f"{p.initializer}_quantized" for k, p in placed.items()} if placed else
+                     {k: p.initializer for k, p in built.names[spec.name].items()})
+            report = two_of_four_report(side.probes[spec.name], models.folder.skipped(spec.source),
+                                        staging / spec.name / "model.onnx", names)
             if report["targeted"]:
-                results["sparsity_2of4"][spec.name] = report
-                results["gates"].append(gate(f"{spec.name} targeted layers 2:4 (checker and polygraphy)",
-                                             float(report["both"]), ">=", float(report["targeted"])))
-        self._write_device_files(staging, specs, dims)
-        results["engines"] = self._maybe_build_engines(staging, specs, dims)
-        results.setdefault("notes", []).append(
+                result.details["sparsity_2of4"][spec.name] = report
+                result.gate(f"{spec.name} targeted layers 2:4 (checker and polygraphy)", float(report["both"]), ">=",
+                            float(report["targeted"]))
+        self._write_device_files(staging, side.specs, side.dims)
+        result.details["engines"] = self._maybe_build_engines(staging, side.specs, side.dims)
+        result.notes.append(
             "TensorRT picks a sparse tactic only when it is faster; the device build log lists the layers that ran sparse "
             "(logs/*.sparsity.txt after build_engines.sh).")
-        return results
+        return result
 
-    def report_sections(self, results: dict) -> list[str]:
+    def report_sections(self, result: BuildResult) -> list[str]:
         """The ONNX sections, then which targeted layers are 2:4, then the engines' status."""
-        lines = self.onnx.report_sections(results)
+        lines = self.onnx.report_sections(result)
+        results = result.details
         for comp, rep in results.get("sparsity_2of4", {}).items():
             lines += ["", f"## 2:4 sparsity of `{comp}` (TensorRT's axis: Conv input channels, MatMul/Gemm K)", "",
                       f"{rep['targeted']} layers targeted by the prune: {rep['checker']} 2:4 by our checker, "
@@ -240,20 +234,17 @@ class TensorRTBundleBuilder(BundleBuilder):
 
 
 def two_of_four_report(probes: dict[str, WeightProbe], skipped: list[str], onnx_path: Path,
-                       int8_initializers: dict[str, str] | None = None) -> dict:
-    """For each layer the prune targeted: is its ONNX initializer 2:4 by our checker and by polygraphy?
-
-    ``skipped``: the layers the prune listed but left dense. ``int8_initializers``: in an int8 graph, each layer's
-    int8 codes initializer (the float weight is gone).
-    """
+                       names: dict[str, str]) -> dict:
+    """For each layer the prune targeted: is its ONNX initializer (from the name map; in an int8 graph, its int8 codes)
+    2:4 by our checker and by polygraphy? ``skipped``: the layers the prune listed but left dense."""
     if not probes:
         return {"targeted": 0, "both": 0, "layers": {}, "dense": skipped}
-    matched = int8_initializers or match_weights(OnnxWeights(onnx_path), probes)
     ours = {c.initializer: c for c in check_2of4(onnx_path)}
     poly = polygraphy_sparsity(onnx_path)
     poly_sparse = set(poly["sparse"])
     layers = {}
-    for name, init in matched.items():
+    for name in probes:
+        init = names.get(name)
         check = ours.get(init) if init else None
         layers[name] = {"initializer": init, "op": check.op if check else None,
                         "checker": bool(check and check.is_2of4), "polygraphy": init in poly_sparse}

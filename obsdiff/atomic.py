@@ -4,7 +4,7 @@ Every output folder is built in a predictable hidden staging folder beside it (`
 cleared by the next run if a killed one left it) and moved into place by renames at the end; single files are
 written to a temporary name, fsynced, then renamed. ``check_disjoint`` refuses an output that is, contains or
 lies inside an input. ``fault_point`` lets tests kill a run, or one rank of it, at a stage boundary
-(``OBSDIFF_FAULT=stage[@rank]``).
+(``OBSDIFF_FAULT=stage[:signal][#n][@rank]``).
 """
 
 from __future__ import annotations
@@ -112,11 +112,19 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+_fault_hits: dict[str, int] = {}  # how often each stage was reached in this process (test hook only)
+
+
 def fault_point(stage: str, rank: int = 0) -> None:
-    """Test hook: ``OBSDIFF_FAULT=stage[:signal][@rank]`` kills this process here (default SIGKILL: no clean-up at
-    all); with ``@rank``, only that rank of a distributed run."""
+    """Test hook: ``OBSDIFF_FAULT=stage[:signal][#n][@rank]`` sends this process the signal here (default SIGKILL: no
+    clean-up at all; SIGINT: a KeyboardInterrupt, as Ctrl-C) the ``n``-th time the stage is reached (default the
+    first); with ``@rank``, only that rank of a distributed run. The one way tests interrupt a run."""
     spec, _, only_rank = os.environ.get("OBSDIFF_FAULT", "").partition("@")
+    spec, _, nth = spec.partition("#")
     name, _, sig = spec.partition(":")
-    if name == stage and (not only_rank or int(only_rank) == rank):
+    if name != stage or (only_rank and int(only_rank) != rank):
+        return
+    _fault_hits[stage] = _fault_hits.get(stage, 0) + 1
+    if _fault_hits[stage] == int(nth or 1):
         log.error("fault injection: %s at %s (rank %d)", sig or "SIGKILL", stage, rank)
         os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))

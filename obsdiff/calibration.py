@@ -11,6 +11,7 @@ import logging
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,3 +147,49 @@ def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decod
     finally:
         ctx.step = None
         bar.close()
+
+
+@dataclass(frozen=True)
+class ComponentCall:
+    """One real call of a component as generation makes it (one prompt, one step, at the calibration size): what
+    the FLOP count and the memory plan's activation estimate run on."""
+
+    module: nn.Module  # what the call runs: the denoiser itself, or the VAE's decoder
+    prefix: str  # that module's path inside the component ("decoder." for the VAE)
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @property
+    def batch(self) -> int:
+        sample = self.args[0] if self.args else self.kwargs.get("sample", self.kwargs.get("hidden_states"))
+        return int(sample.shape[0])
+
+    def __call__(self):
+        return self.module(*self.args, **self.kwargs)
+
+
+def capture_call(pipe, name: str, prompt: str, guidance: float, height: int | None, width: int | None) -> ComponentCall:
+    """Run the pipeline for one step on ``prompt`` and keep the first call of component ``name`` (the denoiser, or the
+    VAE decoder)."""
+    component = pipe.components[name]
+    module, prefix = (component.decoder, "decoder.") if name == "vae" else (component, "")
+    captured: list = []
+    handle = module.register_forward_pre_hook(
+        lambda mod, args, kwargs: captured.append((args, kwargs)) if not captured else None, with_kwargs=True)
+    extra = {k: v for k, v in (("height", height), ("width", width)) if v}
+    try:
+        with torch.no_grad():
+            pipe(prompt, num_inference_steps=1, guidance_scale=guidance, output_type="np" if name == "vae" else "latent",
+                 **extra)
+    finally:
+        handle.remove()
+    return ComponentCall(module, prefix, *captured[0])
+
+
+def vae_encoder_feed(vae) -> Callable[[torch.Tensor], None]:
+    """The VAE encoder sees images in generation (img2img): encode each generated batch."""
+
+    def feed(images: torch.Tensor) -> None:
+        vae.encode(images.to(vae.dtype) * 2 - 1)
+
+    return feed

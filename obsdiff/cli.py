@@ -54,7 +54,8 @@ def _int_arg(text: str) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from obsdiff.adapters import ADAPTERS, find_targets, prunable_layers
-    from obsdiff.model_io import load_pipeline, pipeline_components
+    from obsdiff.model_io import pipeline_components
+    from obsdiff.pruned_folder import load_pipeline
 
     pipe = load_pipeline(args.model)
     print(f"{args.model}: {type(pipe).__name__}")
@@ -95,9 +96,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from obsdiff.distributed import init_world, shutdown
 
     if args.plan:
-        from obsdiff.prune import Pruner
+        from obsdiff.prune import plan_prune
 
-        print(format_plan(Pruner(args.model, args.out, config, overwrite=True).plan_only()))
+        print(format_plan(plan_prune(args.model, config, device=args.device)))
         return 0
     world = init_world()
     try:
@@ -107,17 +108,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         shutdown(world)
     if not world.is_main:
         return 0
-    for name, comp in record["components"].items():
-        if "units" in comp:
+    for name, comp in record.components.items():
+        if comp.shrink is not None:
+            s = comp.shrink
             log.info("%s: %d/%d heads, %d/%d FFN neurons and %d/%d channel groups removed; parameters %d → %d, "
-                     "FLOPs/forward %.3g → %.3g (%.1f%% kept)", name, comp["heads_removed"], comp["heads_total"],
-                     comp["ffn_neurons_removed"], comp["ffn_neurons_total"], comp["channel_groups_removed"],
-                     comp["channel_groups_total"], comp["params_before"], comp["params_after"], comp["flops_before"],
-                     comp["flops_after"], 100 * comp["flops_after"] / max(comp["flops_before"], 1))
+                     "FLOPs/forward %.3g → %.3g (%.1f%% kept)", name, s.heads_removed, s.heads_total,
+                     s.ffn_neurons_removed, s.ffn_neurons_total, s.channel_groups_removed, s.channel_groups_total,
+                     s.params_before, s.params_after, s.flops_before, s.flops_after,
+                     100 * s.flops_after / max(s.flops_before, 1))
         else:
-            log.info("%s: %d layers pruned, sparsity %.3f over %d weights, %d skipped", name, comp["pruned_layers"],
-                     comp["sparsity_of_pruned_layers"], comp["pruned_weights"], len(comp["skipped"]))
-    log.info("wrote %s in %.1f s", args.out, record["timings"]["total_s"])
+            m = comp.mask
+            log.info("%s: %d layers pruned, sparsity %.3f over %d weights, %d skipped", name, m.pruned_layers,
+                     m.sparsity_of_pruned_layers, m.pruned_weights, len(comp.skipped))
+    log.info("wrote %s in %.1f s", args.out, record.timings["total_s"])
     return 0
 
 
@@ -142,7 +145,7 @@ def format_plan(plan: dict) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline
     from obsdiff.digits.train import DEFAULT_JUDGE_DIR
-    from obsdiff.model_io import load_pipeline
+    from obsdiff.pruned_folder import load_pipeline
 
     pipe = load_pipeline(args.model)
     if pipe.scheduler is not None and args.scheduler:
@@ -165,45 +168,35 @@ def _scheduler(name: str, config):
     return getattr(diffusers, classes[name]).from_config(config)
 
 
-def _shape_overrides(args: argparse.Namespace):
-    from obsdiff.exporters.bundle import ShapeOverrides
-
-    return ShapeOverrides(height=args.height, width=args.width, batch=args.batch, gate_prompts=args.gate_prompts,
-                          gate_steps=args.gate_steps)
-
-
-def _apple_options(args: argparse.Namespace):
-    """``--layout``, ``--chunk-unet``, ``--attention-implementation`` parsed here, once."""
+def _export_options(args: argparse.Namespace):
+    """The export options as typed values: parsed here, once, and resolved against the profile by the export plan."""
     from obsdiff.exporters.apple import AppleOptions, parse_attention, parse_layout
+    from obsdiff.exporters.export_plan import ExportOptions, ShapeOverrides
+    from obsdiff.exporters.profiles import Precision, parse_activations
 
-    return AppleOptions(layout=parse_layout(args.layout) if args.layout else None,
-                        chunk_unet=True if args.chunk_unet else None,
-                        attention=parse_attention(args.attention_implementation) if args.attention_implementation
-                        else None)
-
-
-def _activations(args: argparse.Namespace):
-    from obsdiff.exporters.profiles import parse_activations
-
-    return parse_activations(args.activations)
+    apple = AppleOptions(layout=parse_layout(args.layout) if args.layout else None,
+                         chunk_unet=True if args.chunk_unet else None,
+                         attention=parse_attention(args.attention_implementation) if args.attention_implementation
+                         else None)
+    shapes = ShapeOverrides(height=args.height, width=args.width, batch=args.batch, gate_prompts=args.gate_prompts,
+                            gate_steps=args.gate_steps)
+    return ExportOptions(precision=Precision(args.precision) if args.precision else None,
+                         activations=parse_activations(args.activations), shapes=shapes, apple=apple,
+                         compress=getattr(args, "compress", None),
+                         deployment_target=getattr(args, "deployment_target", None), force=args.force, zip=args.zip)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from obsdiff.exporters.bundle import export_bundle
+    from obsdiff.exporters.bundle import export
 
-    export_bundle(args.model, args.target, args.out, precision=args.precision, overwrite=args.overwrite,
-                  zip_bundle=args.zip, force=args.force, dense_model=args.dense, compress=args.compress,
-                  deployment_target=args.deployment_target, shapes=_shape_overrides(args), apple=_apple_options(args),
-                  activations=_activations(args))
+    export(args.model, args.target, args.out, _export_options(args), overwrite=args.overwrite, dense_model=args.dense)
     return 0
 
 
 def cmd_ship(args: argparse.Namespace) -> int:
     from obsdiff.exporters.ship import ship
 
-    ship(args.target, args.model, args.out, pattern=args.pattern, sparsity=args.sparsity, precision=args.precision,
-         force=args.force, zip_bundle=args.zip, shapes=_shape_overrides(args), apple=_apple_options(args),
-         activations=_activations(args))
+    ship(args.target, args.model, args.out, pattern=args.pattern, sparsity=args.sparsity, options=_export_options(args))
     return 0
 
 
@@ -246,18 +239,8 @@ def _add_shape_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-steps", type=_int_arg, help="denoising steps of the end-to-end image gate (default 25)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="obsdiff", description="One-shot OBS-Diff pruning of diffusion "
-                                     "pipelines and export to ONNX Runtime, TensorRT and Core ML.")
-    parser.add_argument("--version", action="version", version=f"obsdiff {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser("info", help="components, parameter counts and prunable layers of a pipeline folder")
-    p.add_argument("model", type=Path)
-    p.set_defaults(func=cmd_info)
-
+def _add_prune_parser(sub) -> None:
+    """``obsdiff prune`` and its options."""
     p = sub.add_parser("prune", help="prune a pipeline folder with OBS-Diff or a baseline")
     p.add_argument("model", type=Path)
     p.add_argument("--out", type=Path, required=True)
@@ -315,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq (default): rounded inside the OBS sweep, each error compensated; rtn: round to nearest "
                         "after pruning (the baseline)")
     p.set_defaults(func=cmd_prune)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="obsdiff", description="One-shot OBS-Diff pruning of diffusion "
+                                     "pipelines and export to ONNX Runtime, TensorRT and Core ML.")
+    parser.add_argument("--version", action="version", version=f"obsdiff {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="components, parameter counts and prunable layers of a pipeline folder")
+    p.add_argument("model", type=Path)
+    p.set_defaults(func=cmd_info)
+
+    _add_prune_parser(sub)
 
     p = sub.add_parser("evaluate", help="conditional digit accuracy and Fréchet distance (default model family)")
     p.add_argument("model", type=Path)

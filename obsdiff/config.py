@@ -9,16 +9,24 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from obsdiff.checks import check_number, check_whole
 from obsdiff.errors import UsageError
 from obsdiff.hessian import Weighting
 from obsdiff.quantize import Quantization, QuantMethod
 from obsdiff.sparsity import NM, Allocation, Dense, SparsitySpec, Structured, Unstructured, to_json
+from obsdiff.sparsity import from_json as sparsity_from_json
 
 DENOISER = "denoiser"  # alias: the pipeline's UNet or transformer
+DENOISERS = ("unet", "transformer")  # the attribute names a pipeline's denoiser has
+
+
+def denoiser_name(components) -> str | None:
+    """Which of ``components`` (names, or a name → module mapping) is the denoiser; None when there is none."""
+    return next((n for n in DENOISERS if n in components), None)
+
 LATENT_SCALE = 8  # the smallest VAE downscale of the supported families: image sizes are multiples of it
 
 
@@ -31,19 +39,6 @@ class Method(enum.StrEnum):
     @property
     def needs_calibration(self) -> bool:
         return self not in (Method.MAGNITUDE, Method.L1)
-
-
-def _whole(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be a whole number ≥ {minimum}, got {value!r}")
-
-
-def _finite(name: str, value, low: float, high: float | None = None, *, open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
-    if not ok:
-        bounds = f"{'(' if open_low else '['}{low:g}, {high:g})" if high is not None else f"{'>' if open_low else '≥'} {low:g}"
-        raise UsageError(f"{name} must be a finite number {'in ' if high is not None else ''}{bounds}, got {value!r}")
 
 
 def check_image_size(name: str, value: int | None) -> None:
@@ -116,15 +111,15 @@ class PruneConfig:
         for name, value, minimum in (("--packages", self.packages, 1), ("--steps", self.steps, 1),
                                      ("--num-prompts", self.num_prompts, 1), ("--batch-size", self.batch_size, 1),
                                      ("--seed", self.seed, 0)):
-            _whole(name, value, minimum)
-        _finite("--damp", self.damp, 0.0, 1.0)
-        _finite("--guidance", self.guidance, 0.0)
-        _finite("--alpha-min", self.alpha_min, 0.0, open_low=True)
-        _finite("--alpha-max", self.alpha_max, 0.0, open_low=True)
+            check_whole(name, value, minimum)
+        check_number("--damp", self.damp, 0.0, 1.0, open_high=True)
+        check_number("--guidance", self.guidance, 0.0)
+        check_number("--alpha-min", self.alpha_min, 0.0, open_low=True)
+        check_number("--alpha-max", self.alpha_max, 0.0, open_low=True)
         check_image_size("--height", self.height)
         check_image_size("--width", self.width)
         if self.max_memory_gib is not None:
-            _finite("--max-memory", self.max_memory_gib, 0.0, open_low=True)
+            check_number("--max-memory", self.max_memory_gib, 0.0, open_low=True)
         if self.hessian_dtype not in ("float32", "float64"):
             raise UsageError("--hessian-dtype must be float32 or float64")
 
@@ -138,6 +133,21 @@ class PruneConfig:
         data["quantization"] = self.quantization.to_json() if self.quantization else None
         data = {k: (str(v) if isinstance(v, (Path, enum.Enum)) else v) for k, v in data.items()}
         return {**data, **to_json(self.sparsity), "components": list(self.components)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PruneConfig:
+        """The inverse of ``to_json`` (a record's ``settings``); fields it lacks (older records) take the defaults."""
+        own = {f.name for f in fields(cls)} - {"sparsity", "quantization"}
+        values = {k: v for k, v in data.items() if k in own}
+        values["method"] = Method(values.get("method", Method.OBS_DIFF))
+        values["weighting"] = Weighting(values.get("weighting", Weighting.LOG_DECREASE))
+        values["components"] = tuple(values.get("components", (DENOISER,)))
+        if values.get("prompts_file") is not None:
+            values["prompts_file"] = Path(values["prompts_file"])
+        quant = data.get("quantization")
+        if quant is not None:
+            quant = Quantization(int(quant["bits"]), quant.get("group_size"), QuantMethod(quant["method"]))
+        return cls(sparsity=sparsity_from_json(data), quantization=quant, **values)
 
     def fingerprint(self, prompts_sha: str) -> str:
         return hashlib.sha256(json.dumps({**self.to_json(), "prompts": prompts_sha}, sort_keys=True).encode()).hexdigest()

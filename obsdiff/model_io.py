@@ -1,8 +1,8 @@
-"""Reading and writing diffusers model folders, with one-line errors for bad input.
+"""Diffusers model folders on disk, with one-line errors for bad input: checks, loading, copying.
 
-Pruned folders are ordinary diffusers folders (safetensors) plus ``pruning.json``. When structured
-pruning changed shapes, ``pruning.json`` lists them; ``load_pipeline`` rebuilds each component from
-its config, resizes those layers, then loads the safetensors — never a pickle.
+What obsdiff itself records in a folder (``pruning.json``, quantization scales) is read and written by
+``obsdiff.pruned_folder`` only; it hands the shrunk components it rebuilt to ``load_diffusers``. Weights are
+safetensors, never a pickle.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
-from obsdiff.errors import ModelFolderError, UsageError
-from obsdiff.quantize import Quantization, QuantMethod
+from obsdiff.errors import ModelFolderError
 
 log = logging.getLogger(__name__)
 
-PRUNING_JSON = "pruning.json"
-QUANT_SCALES = "obsdiff_quantization.safetensors"  # beside a component's weights: "<layer>.weight_scale" tensors
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -67,39 +64,9 @@ def check_safetensors(path: Path) -> None:
         raise ModelFolderError(f"{path}: truncated safetensors file")
 
 
-def read_pruning_record(path: Path) -> dict | None:
-    record = path / PRUNING_JSON
-    return json.loads(record.read_text()) if record.is_file() else None
-
-
-def read_quantization(path: Path) -> dict[str, tuple[Quantization, dict]]:
-    """Component → (its quantization, layer → scales) for every component whose folder holds ``QUANT_SCALES``.
-
-    The scales index the solver's columns (see ``quantize.integer_weight``); the weights beside them hold the
-    dequantized values.
-    """
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(Path(path).glob(f"*/{QUANT_SCALES}")):
-        try:
-            with safe_open(str(file), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                quant = Quantization(int(meta["bits"]), int(meta["group_size"]) or None, QuantMethod(meta["method"]))
-                scales = {k.removesuffix(".weight_scale"): fh.get_tensor(k) for k in fh.keys()}
-        except (KeyError, ValueError, UsageError) as exc:
-            raise ModelFolderError(f"{file}: not an obsdiff quantization file ({_one_line(exc)})") from None
-        out[file.parent.name] = (quant, scales)
-    return out
-
-
-def load_pipeline(path: Path | str, model_index: dict | None = None):
-    """Load a local diffusers pipeline folder (dense, pruned, or structurally shrunk).
-
-    ``model_index``: what ``check_model_folder`` returned for it, when the caller checked it already.
-    """
-    path = Path(path)
-    model_index = model_index if model_index is not None else check_model_folder(path)
+def load_diffusers(path: Path, model_index: dict, replaced: dict):
+    """``DiffusionPipeline.from_pretrained`` on a checked local folder, safetensors only, with ``replaced`` components
+    (already built: structurally shrunk ones) passed in; any failure is one ``ModelFolderError`` line."""
     # Components saved as [null, null] (SD3 without T5, no safety checker) must be passed as None.
     absent = {k: None for k, v in model_index.items() if isinstance(v, list) and v == [None, None]}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,13 +75,9 @@ def load_pipeline(path: Path | str, model_index: dict | None = None):
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-
-    record = read_pruning_record(path)
-    shapes = (record or {}).get("structured", {}).get("components", {})
     try:
-        components = load_shrunk_components(path, shapes) if shapes else {}
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True, **absent,
-                                                 **components)
+                                                 **replaced)
     except ModelFolderError:
         raise
     except Exception as exc:
@@ -145,26 +108,24 @@ def load_state_strict(model, state: dict, where: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_shrunk_components(path: Path, components: dict) -> dict:
-    """Rebuild each structurally shrunk component from its config, resize it, then load its safetensors."""
+def load_shrunk_component(folder: Path, resize, skip: tuple[str, ...] = ()):
+    """Rebuild a structurally shrunk component from its config, ``resize`` it, then load its safetensors (files named
+    in ``skip``, such as quantization scales, are not module state)."""
     import diffusers
     from safetensors.torch import load_file
 
-    from obsdiff.shrink import apply_shapes
-
-    out = {}
-    for name, shapes in components.items():
-        folder = path / name
-        config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    try:
         model = getattr(diffusers, config["_class_name"]).from_config(config)
-        apply_shapes(model, shapes)
-        state = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            if f.name != QUANT_SCALES:  # the scales of quantized weights are not module state
-                state.update(load_file(f))
-        load_state_strict(model, state, folder)
-        out[name] = model.eval()
-    return out
+        resize(model)
+    except Exception as exc:
+        raise ModelFolderError(f"{folder}: could not rebuild the shrunk component ({_one_line(exc)})") from None
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name not in skip:
+            state.update(load_file(f))
+    load_state_strict(model, state, folder)
+    return model.eval()
 
 
 def pipeline_components(pipe) -> dict:

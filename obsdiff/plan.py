@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -142,6 +143,55 @@ def fit_to_budget(packages: list[list[LayerCost]], budget: int, activation_bytes
         if current:
             fitted.append(current)
     return fitted
+
+
+def memory_plan(packages: dict[str, list[list]], costs_of: Callable[[str, list], list[LayerCost] | None],
+                activations: int, budget: int, budget_from: str, passes: int) -> tuple[dict, dict[str, list[list]]]:
+    """Each component's packages re-split (layers kept whole, order kept) so that each fits ``budget`` bytes on top
+    of the process as it is now; the plan (for ``--plan`` and ``pruning.json``) and the packages to run.
+
+    ``costs_of(component, package)`` gives the package's layer costs (None: the package is not split, e.g.
+    structured units); a layer that cannot fit is a one-line error naming it.
+    """
+    base = current_rss()  # after one real pipeline call: the runtime's own caches and arenas are part of the base
+    summary: dict = {"budget_gib": budget / GIB, "budget_from": budget_from, "base_rss_gib": base / GIB,
+                     "activation_gib": activations / GIB, "calibration_passes_per_package": passes, "components": {}}
+    fitted_packages: dict[str, list[list]] = {}
+    worst = 0
+    for name, component_packages in packages.items():
+        costs = [costs_of(name, p) for p in component_packages]
+        if any(c is None for c in costs):
+            summary["components"][name] = [{"units": len(p)} for p in component_packages]
+            fitted_packages[name] = component_packages
+            continue
+        try:
+            fitted = fit_to_budget(costs, budget, activations)
+        except UsageError as exc:
+            raise UsageError(f"{name}: {exc} (budget from {budget_from})") from None
+        by_name = {layer.name: layer for p in component_packages for layer in p}
+        fitted_packages[name] = [[by_name[c.name] for c in p] for p in fitted]
+        rows = []
+        for p in fitted:
+            plan = PackagePlan(p)
+            need = plan.need(activations)
+            worst = max(worst, need)
+            rows.append({"layers": len(p), "first": p[0].name, "last": p[-1].name,
+                         "hessians": len({c.hessian for c in p}), "hessian_gib": plan.hessian_bytes / GIB,
+                         "largest_layer": plan.largest.name, "workspace_gib": plan.largest.workspace_bytes / GIB,
+                         "need_gib": need / GIB, "expected_peak_gib": (base + need) / GIB})
+        summary["components"][name] = rows
+    summary["expected_peak_gib"] = (base + worst) / GIB
+    return summary, fitted_packages
+
+
+def batched_like(args: tuple, kwargs: dict, batch: int, new_batch: int) -> tuple[tuple, dict]:
+    """The same call with every batch-sized tensor resized to ``new_batch`` (shapes only: for the meta run)."""
+    def resize(x):
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch:
+            return x.new_empty((new_batch, *x.shape[1:]), device="meta")
+        return x
+
+    return torch.utils._pytree.tree_map(resize, args), torch.utils._pytree.tree_map(resize, kwargs)
 
 
 class _LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):

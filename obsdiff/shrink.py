@@ -1,8 +1,8 @@
 """Physical shrinking of a component, and the loader of shrunk folders.
 
 Structured pruning decides which heads, FFN neurons and resnet channel groups go (``obsdiff.structured``); this module only slices
-the layers; ``apply_shapes`` resizes a freshly built component to the shapes recorded in ``pruning.json``
-(keeping the first n), so that ``model_io`` loads a shrunk folder without importing the pruning code.
+the layers. ``obsdiff.pruned_folder.ComponentShapes.apply`` uses the same slicers to resize a freshly built component
+to recorded shapes (keeping the first n), so a shrunk folder loads without importing the pruning code.
 """
 
 from __future__ import annotations
@@ -80,13 +80,3 @@ def shrink_resnet(block: nn.Module, keep_groups: list[int]) -> None:
             rows = torch.cat([channels, channels + norm.num_channels])
         block.time_emb_proj = _sliced(block.time_emb_proj, rows=rows)
     block.conv2 = _sliced(block.conv2, cols=channels)
-
-
-def apply_shapes(component: nn.Module, shapes: dict) -> None:
-    """Resize a freshly built component to the recorded structured shapes (weights loaded afterwards)."""
-    for path, heads in shapes.get("attention_heads", {}).items():
-        shrink_attention(component.get_submodule(path), list(range(heads)))
-    for entry in shapes.get("ffn", []):
-        shrink_ffn(component, entry["up"], entry["down"], entry["gated"], list(range(entry["inner"])))
-    for path, groups in shapes.get("resnet_groups", {}).items():
-        shrink_resnet(component.get_submodule(path), list(range(groups)))

@@ -14,10 +14,8 @@ Units come from the adapter's ``StructuredLayout``:
   time_emb_proj (out) and conv2 (in) shrink.
 Head size is read from the layer shapes (to_q rows / heads), never assumed.
 
-A budget (``--flops 0.7``) is met by ``allocate``: every removable group of every unit is ranked by its OBS error,
-relative to its layer's ‖WX‖², per FLOP (or parameter) it saves, and the cheapest are taken until the budget holds;
-``uniform`` instead finds one fraction for every unit. The counts come from the dense model; which groups go is
-decided package by package on the partly pruned model, as always.
+A budget (``--flops 0.7``) gives each unit its count of groups to remove (``obsdiff.budget``); ``UnitSolver`` then
+shrinks one calibrated package at a time and returns its unit records.
 """
 
 from __future__ import annotations
@@ -25,23 +23,21 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from obsdiff.calibration import PackageHooks
 from obsdiff.config import Method, PruneConfig
+from obsdiff.distributed import World
 from obsdiff.errors import UsageError
+from obsdiff.packages import PackageResult, split_units
+from obsdiff.pruned_folder import ComponentSummary, LayerError, ShrinkSummary, Skip, UnitRecord
 from obsdiff.shrink import shrink_attention, shrink_ffn, shrink_resnet
-from obsdiff.solver import (
-    damped_inverse,
-    fill_dead,
-    finite_or_none,
-    group_obs_scores,
-    output_energy,
-    remove_column_groups,
-)
-from obsdiff.sparsity import Allocation, Budget, Measure, Structured
+from obsdiff.solver import damped_inverse, finite_or_none, group_obs_scores, remove_column_groups
+from obsdiff.sparsity import Structured
 
 log = logging.getLogger(__name__)
 
@@ -187,27 +183,29 @@ Unit = AttentionUnit | FFNUnit | ResnetUnit
 
 
 @dataclass
-class StructuredPlan:
+class FoundUnits:
+    """A component's removable units in block order, and the blocks left whole with the reason."""
+
     units: list = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def find_units(model: nn.Module, adapter) -> StructuredPlan:
+def find_units(model: nn.Module, adapter) -> FoundUnits:
     layout = adapter.structured
     if layout is None:
         raise UsageError(f"structured pruning has no layout for {type(model).__name__} ({adapter.family}); "
                          "it supports the UNet, SD3 and Flux denoisers and the VAE decoder")
-    plan = StructuredPlan()
+    found_units = FoundUnits()
     for block_name, block in adapter.block_modules(model):
         if layout.skip_attr and getattr(block, layout.skip_attr, False):
-            plan.skipped.append((block_name, layout.skip_reason))
+            found_units.skipped.append((block_name, layout.skip_reason))
             continue
         if layout.resnets and re.fullmatch(layout.resnets, block_name):
             reason = _resnet_reason(block)
             if reason:
-                plan.skipped.append((block_name, reason))
+                found_units.skipped.append((block_name, reason))
             else:
-                plan.units.append(ResnetUnit(block_name, block_name, block))
+                found_units.units.append(ResnetUnit(block_name, block_name, block))
             continue
         modules = dict(block.named_modules())
         found = 0
@@ -215,20 +213,20 @@ def find_units(model: nn.Module, adapter) -> StructuredPlan:
             if (sub and re.fullmatch(layout.attentions, sub) and hasattr(mod, "to_q") and hasattr(mod, "heads")
                     and getattr(mod, "to_out", None) is not None):
                 joint = getattr(mod, "add_q_proj", None) is not None
-                plan.units.append(AttentionUnit(block_name, f"{block_name}.{sub}", mod, joint))
+                found_units.units.append(AttentionUnit(block_name, f"{block_name}.{sub}", mod, joint))
                 found += 1
         for up_re, down_re, gated in layout.ffns:
             for up in (u for u in modules if re.fullmatch(up_re, u)):
                 down = next((d for d in modules if re.fullmatch(down_re, d) and _same_parent(up, d)), None)
                 if down is not None and isinstance(modules[up], nn.Linear) and isinstance(modules[down], nn.Linear):
-                    plan.units.append(FFNUnit(block_name, f"{block_name}.{up}", f"{block_name}.{down}", modules[up],
+                    found_units.units.append(FFNUnit(block_name, f"{block_name}.{up}", f"{block_name}.{down}", modules[up],
                                               modules[down], gated))
                     found += 1
         if not found and any(isinstance(m, nn.Linear) for m in modules.values()):
-            plan.skipped.append((block_name, "no heads, FFN neurons or resnet channels in a layout that can shrink "
+            found_units.skipped.append((block_name, "no heads, FFN neurons or resnet channels in a layout that can shrink "
                                              "(e.g. Flux single blocks fuse attention and MLP into one proj_out): "
                                              "left whole"))
-    return plan
+    return found_units
 
 
 def _resnet_reason(block: nn.Module) -> str | None:
@@ -284,19 +282,18 @@ def _spec(config: PruneConfig) -> Structured:
     return config.sparsity
 
 
-def _down_matrix(layer: nn.Module) -> torch.Tensor:
+def down_matrix(layer: nn.Module) -> torch.Tensor:
     """The down layer's weight with columns in its Hessian's order (a conv flattened as im2col: C, R, S)."""
     w = layer.weight.detach()
     return w.reshape(w.shape[0], -1)
 
 
-def _layer_errors(results: dict) -> dict:
-    return {k: {"error": finite_or_none(v.error), "relative_error": finite_or_none(v.relative_error)}
-            for k, v in results.items()}
+def _layer_errors(results: dict) -> dict[str, LayerError]:
+    return {k: LayerError(finite_or_none(v.error), finite_or_none(v.relative_error)) for k, v in results.items()}
 
 
 def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None], config: PruneConfig,
-                    n: int | None = None) -> dict:
+                    n: int | None = None) -> UnitRecord:
     """Remove ``n`` heads (default: the spec's head fraction), compensating the output projection(s)."""
     heads, d = unit.heads, unit.head_dim
     n = fraction_count(unit, _spec(config)) if n is None else n
@@ -318,12 +315,12 @@ def prune_attention(unit: AttentionUnit, hessians: dict[str, torch.Tensor | None
         layer.weight.data.copy_(results[name].weight.to(layer.weight.dtype))
     keep = [h for h in range(heads) if h not in removed]
     shrink_attention(unit.module, keep)
-    return {"unit": unit.path, "kind": "heads", "before": heads, "after": len(keep), "head_dim": d,
-            "removed": sorted(removed), "layers": _layer_errors(results)}
+    return UnitRecord("", unit.path, "heads", heads, len(keep), 0, _layer_errors(results), tuple(sorted(removed)),
+                      head_dim=d)
 
 
 def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config: PruneConfig, component: nn.Module,
-              n: int | None = None) -> dict:
+              n: int | None = None) -> UnitRecord:
     """Remove ``n`` hidden neurons (default: the spec's FFN fraction), compensating the down projection."""
     inner = unit.inner
     n = fraction_count(unit, _spec(config)) if n is None else n
@@ -335,29 +332,30 @@ def prune_ffn(unit: FFNUnit, hessian: torch.Tensor | None, config: PruneConfig, 
     removed = set(res.removed)
     keep = [q for q in range(inner) if q not in removed]
     unit.up, unit.down = shrink_ffn(component, unit.up_path, unit.down_path, unit.gated, keep)
-    return {"unit": unit.down_path, "up": unit.up_path, "kind": "ffn", "before": inner, "after": len(keep),
-            "gated": unit.gated, "layers": _layer_errors({unit.down_path: res})}
+    return UnitRecord("", unit.down_path, "ffn", inner, len(keep), 0, _layer_errors({unit.down_path: res}),
+                      up=unit.up_path, gated=unit.gated)
 
 
-def prune_resnet(unit: ResnetUnit, hessian: torch.Tensor | None, config: PruneConfig, n: int | None = None) -> dict:
+def prune_resnet(unit: ResnetUnit, hessian: torch.Tensor | None, config: PruneConfig,
+                 n: int | None = None) -> UnitRecord:
     """Remove ``n`` GroupNorm groups of channels (default: the spec's channel fraction), compensating conv2."""
     groups = unit.total
     n = fraction_count(unit, _spec(config)) if n is None else n
     by_l1 = config.method is Method.L1
     conv2 = unit.module.conv2
-    res = remove_column_groups(_down_matrix(conv2), hessian, unit.column_groups(), n, by_l1_norm=by_l1,
+    res = remove_column_groups(down_matrix(conv2), hessian, unit.column_groups(), n, by_l1_norm=by_l1,
                                compensate=config.compensate and not by_l1, damp=config.damp,
                                batch=max(1, math.ceil(n / FFN_BATCHES)))
     conv2.weight.data.copy_(res.weight.reshape(conv2.weight.shape).to(conv2.weight.dtype))
     removed = set(res.removed)
     keep = [g for g in range(groups) if g not in removed]
     shrink_resnet(unit.module, keep)
-    return {"unit": unit.path, "kind": "channels", "before": groups, "after": len(keep), "group_size": unit.group_size,
-            "removed": sorted(removed), "layers": _layer_errors({f"{unit.path}.conv2": res})}
+    return UnitRecord("", unit.path, "channels", groups, len(keep), 0, _layer_errors({f"{unit.path}.conv2": res}),
+                      tuple(sorted(removed)), group_size=unit.group_size)
 
 
 def prune_unit(unit: Unit, hessians: dict[str, torch.Tensor | None], config: PruneConfig, component: nn.Module,
-               n: int | None = None) -> dict:
+               n: int | None = None) -> UnitRecord:
     """One unit of any kind: its groups scored on its down layers' Hessians, removed, compensated, shrunk."""
     if isinstance(unit, AttentionUnit):
         return prune_attention(unit, hessians, config, n)
@@ -367,114 +365,59 @@ def prune_unit(unit: Unit, hessians: dict[str, torch.Tensor | None], config: Pru
     return prune_resnet(unit, hessian, config, n)
 
 
-# ---- budget allocation ------------------------------------------------------------------------------
+class UnitSolver:
+    """Heads, FFN neurons and resnet channel groups: scored, compensated and physically removed; shapes recorded.
 
-
-def unit_scores(unit: Unit, hessians: dict[str, torch.Tensor], damp: float) -> torch.Tensor:
-    """Each group's OBS removal error relative to its layer's ‖WX‖², summed over the unit's down layers.
-
-    Relative errors make layers of different widths and activation scales comparable, so one ranking can span
-    every block (the budget's "error per FLOP saved").
+    Without a budget each unit loses its kind's fraction; with one, the counts (``obsdiff.budget``) come in to
+    ``solve``.
     """
-    groups = [torch.as_tensor(g) for g in unit.column_groups()]
-    total = torch.zeros(len(groups), dtype=torch.float64)
-    for name, layer in unit.down_layers().items():
-        h = fill_dead(hessians[name])
-        w = _down_matrix(layer).float()
-        energy = 2 * output_energy(w, h)  # the scores are w_S [H⁻¹_SS]⁻¹ w_Sᵀ = 2 × the ½(δW)H(δW)ᵀ error
-        scores = group_obs_scores(w, damped_inverse(h, damp), groups).double()
-        total += scores / energy if energy > 0 else scores
-    return total
 
+    reshapes = True
 
-@dataclass(frozen=True)
-class UnitCost:
-    """What removing one group of a unit saves, and how many groups it has."""
+    def __init__(self, config: PruneConfig, spec: Structured) -> None:
+        self.config, self.spec = config, spec
 
-    key: str
-    kind: str
-    groups: int
-    saving: float  # FLOPs per forward, or parameters, per group
+    def packages(self, name: str, module: nn.Module, adapter) -> tuple[list[list[Unit]], list[Skip]]:
+        if self.spec.budget is not None and not adapter.denoiser:
+            raise UsageError(f"--{self.spec.budget.measure} budgets the denoiser; prune {name} with --head-sparsity, "
+                             "--ffn-sparsity or --channel-sparsity")
+        found = find_units(module, adapter)
+        units = found.units
+        if self.spec.budget is None:  # a kind whose fraction is 0 is not calibrated at all
+            units = [u for u in units if fraction_count(u, self.spec) > 0]
+        if not units:
+            raise UsageError(f"component {name} has no attention heads, FFN neurons or resnet channels to remove "
+                             f"at these fractions")
+        return split_units(units, self.config.packages), [Skip(b, r) for b, r in found.skipped]
 
+    def hooked_layers(self, package: list[Unit]) -> dict[str, nn.Module]:
+        return {n: m for unit in package for n, m in unit.down_layers().items()}
 
-def unit_costs(units: list[Unit], measure: Measure, flops_by_module: dict[str, int]) -> list[UnitCost]:
-    costs = []
-    for u in units:
-        if measure is Measure.FLOPS:
-            saving = sum(flops_by_module.get(p, 0) for p in u.flop_paths()) / u.total
-        else:
-            saving = u.params_per_group()
-        costs.append(UnitCost(u.key, u.kind, u.total, float(saving)))
-    return costs
+    def layer_costs(self, model: nn.Module, package: list[Unit], statistic: str, dtype_bytes: int,
+                    input_shapes: dict) -> None:
+        """Structured packages are not split to fit a memory budget."""
+        return None
 
+    def solve(self, component: str, module: nn.Module, package: list[Unit], index: int, hooks: PackageHooks | None,
+              world: World, counts: dict[str, int] | None = None) -> PackageResult:
+        result = PackageResult()
+        for unit in tqdm(package, desc=f"shrink {component} {index + 1}", leave=False, mininterval=2):
+            hessians = {n: hooks.hessian(n).hessian if hooks else None for n in unit.down_layers()}
+            n = counts[unit.key] if counts is not None else None
+            record = prune_unit(unit, hessians, self.config, module, n)
+            result.units.append(replace(record, component=component, package=index))
+            if hooks is not None:
+                for layer in unit.down_layers():
+                    hooks.release(layer)
+        return result
 
-def allocate(costs: list[UnitCost], to_save: float, budget: Budget, scores: dict[str, torch.Tensor] | None = None,
-             total: float | None = None) -> dict[str, int]:
-    """Groups to remove per unit so that the saving reaches ``to_save``; every unit keeps at least one group.
-
-    global: every group is an item costing (its relative OBS error) / (its saving); the cheapest are taken, each
-    unit's in its own ascending order, until the saving is reached. uniform: the smallest single fraction, rounded per
-    unit, that reaches it. ``total`` (the denoiser's whole FLOPs or parameters) only words the error.
-    """
-    check_reachable(costs, to_save, budget, total)
-    if budget.allocation is Allocation.UNIFORM:
-        return _uniform(costs, to_save)
-    if scores is None:
-        raise UsageError("global allocation ranks groups by OBS error; it needs calibration (--method obs-diff)")
-    items = []
-    for c in costs:
-        ordered = scores[c.key].sort().values.tolist()[: c.groups - 1]
-        items += [(err / max(c.saving, 1e-12), c.key, c.saving) for err in ordered]
-    items.sort(key=lambda item: item[0])
-    counts = {c.key: 0 for c in costs}
-    saved = 0.0
-    for _, key, saving in items:
-        if saved >= to_save:
-            break
-        counts[key] += 1
-        saved += saving
-    return counts
-
-
-def check_reachable(costs: list[UnitCost], to_save: float, budget: Budget, total: float | None = None) -> None:
-    """A budget that needs more than every unit but one group each is refused, naming the unit it would empty."""
-    reachable = sum((c.groups - 1) * c.saving for c in costs)
-    if reachable >= to_save:
-        return
-    worst = max(costs, key=lambda c: c.saving * c.groups) if costs else None
-    kept = f"{1 - reachable / total:.1%} of its {budget.measure}" if total else "more than the budget"
-    raise UsageError(
-        f"--{budget.measure} {budget.keep:g} cannot be met without removing every group of some layer: with one group "
-        f"left in each of the {len(costs)} units the denoiser still keeps {kept}"
-        + (f"; {worst.key} would have to lose all {worst.groups} {worst.kind} groups" if worst else ""))
-
-
-def _uniform(costs: list[UnitCost], to_save: float) -> dict[str, int]:
-    def counts(fraction: float) -> dict[str, int]:
-        return {c.key: min(c.groups - 1, int(round(c.groups * fraction))) for c in costs}
-
-    def saved(fraction: float) -> float:
-        n = counts(fraction)
-        return sum(n[c.key] * c.saving for c in costs)
-
-    low, high = 0.0, 1.0
-    for _ in range(60):  # saved() is a non-decreasing step function of the fraction
-        mid = (low + high) / 2
-        low, high = (mid, high) if saved(mid) < to_save else (low, mid)
-    return counts(high)
-
-
-def shapes_from_records(records: list[dict]) -> dict:
-    """The structured shapes of one component, from its unit records (what the loader needs)."""
-    shapes: dict = {"attention_heads": {}, "ffn": [], "resnet_groups": {}}
-    for r in records:
-        if r["kind"] == "heads":
-            shapes["attention_heads"][r["unit"]] = r["after"]
-        elif r["kind"] == "channels":
-            shapes["resnet_groups"][r["unit"]] = r["after"]
-        else:
-            shapes["ffn"].append({"up": r["up"], "down": r["unit"], "inner": r["after"], "gated": r["gated"]})
-    return shapes
+    def summary(self, name: str, adapter, packages: list, skipped: list[Skip], layers: list, units: list[UnitRecord],
+                costs: tuple[dict, dict] | None) -> ComponentSummary:
+        before, after = costs
+        return ComponentSummary(adapter.family, [[u.key for u in p] for p in packages],
+                                [Skip(f"{name}.{s.name}", s.reason) for s in skipped],
+                                shrink=ShrinkSummary.of(units, str(self.spec.budget) if self.spec.budget else None,
+                                                        before, after))
 
 
 # ---- size and cost ---------------------------------------------------------------------------------

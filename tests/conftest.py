@@ -1,10 +1,14 @@
-"""Shared fixtures: the shipped default model and tiny pipelines built once per session."""
+"""Shared fixtures: the shipped default model, tiny pipelines, and the expensive prunes and exports, each made once
+per session and reused; the command line run in process unless the test is about the process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from tiny_pipelines import BUILDERS  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "digits-sd"
 DEFAULT_JUDGE = REPO / "models" / "digits-judge"
+FAST = dict(num_prompts=8, steps=5, batch_size=8, packages=2)  # the short calibration most prunes here use
 
 
 @pytest.fixture(scope="session")
@@ -48,22 +53,77 @@ def pruned_24(default_model, tmp_path_factory) -> Path:
     from obsdiff.sparsity import NM
 
     out = tmp_path_factory.mktemp("p") / "model24"
-    prune(default_model, out, PruneConfig(sparsity=NM(2, 4), num_prompts=8, steps=5, batch_size=8, packages=2))
+    prune(default_model, out, PruneConfig(sparsity=NM(2, 4), **FAST))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pruned_tiny(tiny, tmp_path_factory) -> Path:
+    """The tiny SD pipeline pruned 50% unstructured (shared by the gate and reliability tests)."""
+    from obsdiff.prune import PruneConfig, prune
+    from obsdiff.sparsity import Unstructured
+
+    out = tmp_path_factory.mktemp("pt") / "model"
+    prune(tiny("sd"), out, PruneConfig(sparsity=Unstructured(0.5), num_prompts=2, steps=2, packages=1))
     return out
 
 
 @pytest.fixture(scope="session")
 def cpu_bundle(pruned_24, default_model, tmp_path_factory) -> Path:
     """The 2:4 model exported for the cpu target (shared by the ONNX and the reliability tests)."""
-    from obsdiff.exporters.bundle import export_bundle
+    from obsdiff.exporters.bundle import export
 
     out = tmp_path_factory.mktemp("b") / "cpu"
-    export_bundle(pruned_24, "cpu", out, dense_model=default_model)
+    export(pruned_24, "cpu", out, dense_model=default_model)
     return out
 
 
+@pytest.fixture(scope="session")
+def fast_profile(tmp_path_factory):
+    """fast_profile("cpu") → a copy of the profile whose end-to-end gate runs 2 steps (gate tests export in seconds)."""
+    folder = tmp_path_factory.mktemp("profiles")
+
+    def get(target: str) -> Path:
+        path = folder / f"{target}_fast.toml"
+        if not path.exists():
+            text = (REPO / "targets" / f"{target}.toml").read_text()
+            path.write_text(text.replace("steps = 25\nguidance", "steps = 2\nguidance"))
+        return path
+
+    return get
+
+
+def export_options(**kwargs):
+    """``ExportOptions`` with shape overrides by name (height, width, batch, gate_prompts, gate_steps)."""
+    from obsdiff.exporters.export_plan import ExportOptions, ShapeOverrides
+
+    shape_keys = {"height", "width", "batch", "gate_prompts", "gate_steps"}
+    shapes = ShapeOverrides(**{k: v for k, v in kwargs.items() if k in shape_keys})
+    return ExportOptions(shapes=shapes, **{k: v for k, v in kwargs.items() if k not in shape_keys})
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args) -> CliResult:
+    """The command line in this process (its exit code, stdout and stderr), for tests not about the process."""
+    from obsdiff.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
 def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The real command line, in a subprocess (exit codes and stderr as a user sees them)."""
+    """The real command line, in a subprocess: for what is about the process (signals, exit on a kill)."""
     proc = subprocess.run([sys.executable, "-m", "obsdiff", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     if check and proc.returncode != 0:
@@ -71,7 +131,7 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subproc
     return proc
 
 
-def error_line(proc: subprocess.CompletedProcess) -> str:
+def error_line(proc) -> str:
     """The one error line; fails if there is a traceback."""
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("obsdiff: error:")]
@@ -79,14 +139,27 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@contextlib.contextmanager
+def interrupted_at(monkeypatch, stage: str, nth: int = 1):
+    """Ctrl-C (SIGINT: a KeyboardInterrupt) the ``nth`` time the run reaches ``stage``: ``OBSDIFF_FAULT``, the one
+    interruption mechanism, in process."""
+    from obsdiff import atomic
+
+    atomic._fault_hits.clear()
+    monkeypatch.setenv("OBSDIFF_FAULT", f"{stage}:SIGINT#{nth}")
+    try:
+        yield
+    finally:
+        monkeypatch.delenv("OBSDIFF_FAULT")
+        atomic._fault_hits.clear()
+
+
 def calibrated_layer(model_dir, name: str):
     """One UNet layer of a pipeline folder and its Hessian from 20 prompts × 10 steps of real calibration."""
-    import torch
-
     from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
     from obsdiff.digits.data import prompt_for
     from obsdiff.hessian import StepContext, timestep_weights
-    from obsdiff.model_io import load_pipeline
+    from obsdiff.pruned_folder import load_pipeline
 
     pipe = load_pipeline(model_dir)
     layer = dict(pipe.unet.named_modules())[name]

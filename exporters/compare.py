@@ -1,4 +1,4 @@
-"""Validators: exported components and pipelines against PyTorch, plus latency.
+"""Comparisons: exported components and pipelines against PyTorch, plus latency (what the gates are made of).
 
 (1) per component on the description's sample inputs: cosine, relative L2, max abs error;
 (2) end to end: exported pipeline vs PyTorch pipeline, same prompts, initial latents and scheduler → PSNR;
@@ -38,12 +38,6 @@ class Comparison:
         b = candidate.astype(np.float64).ravel()
         rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
         return cls(cosine_similarity(a, b), rel, float(np.abs(a - b).max()))
-
-
-def gate(name: str, value: float, op: str, limit: float) -> dict:
-    """One validation gate; a failed one keeps the bundle from being published."""
-    ok = value >= limit if op == ">=" else value <= limit
-    return {"name": name, "value": value, "op": op, "limit": limit, "passed": bool(ok)}
 
 
 TIMING_BUDGET_S = 60.0  # per timed thing: small models get every run, SD-size ones at least 3
