@@ -3,6 +3,7 @@
     python -m benchmarks.identity --out /tmp/ids-before.json       # on the old commit
     python -m benchmarks.identity --out /tmp/ids-after.json        # on the new one
     python -m benchmarks.identity --compare /tmp/ids-before.json /tmp/ids-after.json
+    python -m benchmarks.identity --gates OLD_OUT NEW_OUT      # two `obsdiff ship` outputs: the same gate numbers?
 
 Each configuration is ``obsdiff prune models/digits-sd --method M --pattern P --num-prompts 8 --steps 5
 --packages 2 --batch-size 8`` (plus its own options), run in its own process with 2 threads, as the typed-pattern
@@ -80,13 +81,32 @@ def compare(a: Path, b: Path) -> int:
     return 1 if differ else 0
 
 
+def compare_gates(a: Path, b: Path) -> int:
+    """The gates of two bundles (``OUT/bundle`` of ``ship``, or the bundle folder itself): same names, same values.
+    Latency gates are timings, not arithmetic, and are left out."""
+    def gates(folder: Path) -> dict[str, float]:
+        bundle = folder / "bundle" if (folder / "bundle").is_dir() else folder
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        return {g["name"]: g["value"] for g in manifest["validation"]["gates"] if "latency" not in g["name"]}
+
+    old, new = gates(a), gates(b)
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    for k in sorted(old.keys() | new.keys()):
+        print(f"{'same' if k not in differ else 'DIFFERENT':9} {k}: {old.get(k)} → {new.get(k)}")
+    print(f"{len(old.keys() | new.keys()) - len(differ)} of {len(old.keys() | new.keys())} gates report the same number")
+    return 1 if differ else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--compare", type=Path, nargs=2)
+    parser.add_argument("--gates", type=Path, nargs=2)
     args = parser.parse_args()
     if args.compare:
         return compare(*args.compare)
+    if args.gates:
+        return compare_gates(*args.gates)
     if not args.out:
         parser.error("--out or --compare")
     measure(args.out)

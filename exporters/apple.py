@@ -25,7 +25,6 @@ attention processor; ``original`` keeps diffusers' own.
 from __future__ import annotations
 
 import contextlib
-import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,33 +40,16 @@ from obsdiff.exporters.components import (
     TensorSpec,
     VAEDecoderWrapper,
 )
+from obsdiff.exporters.profiles import (  # noqa: F401  (parse_layout, parse_attention: re-exported)
+    AttentionImplementation,
+    CoreMLOptions,
+    Layout,
+    parse_attention,
+    parse_layout,
+)
 
 _F32 = torch.float32
 CHUNK_ABOVE_BYTES = 1 << 30  # ios chunks the UNet by default above 1 GB of weights, as Apple does for iPhones
-
-
-class Layout(enum.StrEnum):
-    APPLE = "apple"  # the Swift pipeline's names and layouts
-    OURS = "ours"  # the component descriptions of the ONNX bundles
-
-
-class AttentionImplementation(enum.StrEnum):
-    ORIGINAL = "original"
-    SPLIT_EINSUM = "split-einsum"
-
-
-def parse_layout(text: str) -> Layout:
-    try:
-        return Layout(text)
-    except ValueError:
-        raise UsageError(f"--layout must be apple or ours, got {text!r}") from None
-
-
-def parse_attention(text: str) -> AttentionImplementation:
-    try:
-        return AttentionImplementation(text)
-    except ValueError:
-        raise UsageError(f"--attention-implementation must be original or split-einsum, got {text!r}") from None
 
 
 # ---- wrappers --------------------------------------------------------------------------------------------
@@ -356,16 +338,11 @@ class AppleOptions:
     def given(self) -> bool:
         return any(v is not None for v in (self.layout, self.chunk_unet, self.attention))
 
-    def resolve(self, backend: dict) -> tuple[Layout, bool | None, AttentionImplementation]:
+    def resolve(self, profile: CoreMLOptions) -> tuple[Layout, bool | None, AttentionImplementation]:
         """Layout, chunking (None: "auto", decided from the UNet's size) and attention, options over the profile."""
-        layout = self.layout or parse_layout(backend.get("layout", "ours"))
-        attention = self.attention or parse_attention(backend.get("attention_implementation", "original"))
-        chunk = self.chunk_unet
-        if chunk is None:
-            raw = backend.get("chunk_unet", False)
-            if raw not in (True, False, "auto"):
-                raise UsageError(f"[coreml] chunk_unet must be true, false or \"auto\", got {raw!r}")
-            chunk = None if raw == "auto" else raw
+        layout = self.layout or profile.layout
+        attention = self.attention or profile.attention_implementation
+        chunk = self.chunk_unet if self.chunk_unet is not None else profile.chunk_unet
         if layout is Layout.OURS and self.chunk_unet:
             raise UsageError("--chunk-unet splits the UNet the way Apple's Swift pipeline loads it: use it with "
                              "--layout apple")

@@ -1,7 +1,8 @@
 """The interface every bundle format implements, and what a build returns; ``registry`` picks a builder per format.
 
 ``bundle.export_bundle`` (format-neutral: staging, gates, manifest, report, publish) calls ``build`` and
-``report_sections``; ``bundle.validate_bundle_on_disk`` calls ``revalidate`` after hashing every file. A build
+``report_sections``; ``bundle_check.validate_bundle_on_disk`` calls ``required_files`` and ``revalidate`` after
+hashing every file. A build
 returns a ``BuildResult``: per component its file and its sparsity report, the gates, notes and the format's own
 details; the manifest, ``validation.json`` and the report are written from it.
 """
@@ -152,3 +153,9 @@ class BundleBuilder(ABC):
     @abstractmethod
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
         """Re-run the format's checks on a published bundle (its files already match the manifest)."""
+
+    @classmethod
+    @abstractmethod
+    def required_files(cls, bundle: Path, manifest: dict) -> list[str]:
+        """What a bundle of this format must hold, from the format, the pipeline family and, for a shipped target,
+        its profile: never from the manifest's file list alone (its hashes are already checked against the disk)."""

@@ -22,10 +22,7 @@ import torch
 from torch import nn
 
 from obsdiff.errors import ExportError, UsageError
-from obsdiff.exporters.profiles import Shapes
-
-# Which role each component plays; target profiles choose components by role (Core ML ships no VAE encoder).
-TEXT_ENCODER, DENOISER, VAE_DECODER, VAE_ENCODER = "text_encoder", "denoiser", "vae_decoder", "vae_encoder"
+from obsdiff.exporters.profiles import DENOISER, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Shapes
 
 
 @dataclass(frozen=True)
@@ -302,6 +299,21 @@ PIPELINE_SPECS: dict[str, Callable[[object], tuple[ComponentSpec, ...]]] = {
 T5_SEQUENCE = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
 # A mid-schedule timestep for sample inputs: UNets and SD3 take 0..1000, Flux takes t/1000.
 SAMPLE_TIMESTEP = {"FluxPipeline": 0.5}
+
+
+# The ONNX component folders every bundle of a family has (optimum's layout); text encoders come from the pipeline's
+# own model_index.json (SD3 without its T5, an SDXL refiner without its first encoder).
+ONNX_BASE_COMPONENTS = {"StableDiffusionPipeline": ("unet",), "StableDiffusionXLPipeline": ("unet",),
+                        "StableDiffusion3Pipeline": ("transformer",), "FluxPipeline": ("transformer",)}
+
+
+def exported_components(model_index: dict) -> tuple[str, ...]:
+    """The component folders an ONNX bundle of this pipeline must hold, from its ``model_index.json``."""
+    family = model_index.get("_class_name")
+    if family not in ONNX_BASE_COMPONENTS:
+        raise ExportError(f"model_index.json names {family!r}, which has no component description")
+    encoders = [k for k, v in model_index.items() if k.startswith("text_encoder") and v not in (None, [None, None])]
+    return (*sorted(encoders), *ONNX_BASE_COMPONENTS[family], "vae_decoder", "vae_encoder")
 
 
 def specs_for(pipe) -> tuple[ComponentSpec, ...]:

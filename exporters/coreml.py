@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from obsdiff.api import IntegerWeight, PrunedFolder, integer_weight
-from obsdiff.errors import BundleError, ExportError, UsageError
+from obsdiff.errors import BundleError, ExportError
 from obsdiff.exporters.apple import (
     COMPILE_SCRIPT,
     AttentionImplementation,
@@ -364,11 +364,7 @@ class CoreMLBundleBuilder(BundleBuilder):
         descriptions. Made once per export (the chunk interface comes from running chunk 1)."""
         if self._specs is not None:
             return self._specs
-        wanted = self.profile.backend.get("components", [TEXT_ENCODER, DENOISER, VAE_DECODER])
-        unknown = sorted(set(wanted) - set(ROLES))
-        if unknown:
-            raise UsageError(f"target {self.profile.name}: [coreml] components are roles ({', '.join(ROLES)}); "
-                             f"unknown: {', '.join(unknown)}")
+        wanted = self.profile.coreml.components
         if self.plan.layout is Layout.OURS:
             specs = specs_for(pipe)
         else:
@@ -383,6 +379,10 @@ class CoreMLBundleBuilder(BundleBuilder):
     @classmethod
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
         return revalidate_coreml(bundle, manifest)
+
+    @classmethod
+    def required_files(cls, bundle: Path, manifest: dict) -> list[str]:
+        return coreml_required_files(manifest)
 
     def build(self, models: TorchPipelines, staging: Path) -> BuildResult:
         plan, pipe = self.plan, models.pipe
@@ -440,7 +440,7 @@ class CoreMLBundleBuilder(BundleBuilder):
             "io": check_io(final, spec, dims)})
         self._check(comp, spec, final, layout, weights, names, codes, result)
         comp.details["prediction"] = predict_on_macos(final, pipe, spec, dims,
-                                                      self.profile.backend.get("compute_units", "ALL"))
+                                                      self.profile.coreml.compute_units)
         if comp.details["prediction"]["status"] == "ran":  # macOS: outputs vs PyTorch, the worst output counts
             result.gate(f"{spec.name} Core ML vs PyTorch PSNR dB", min(comp.details["prediction"]["psnr_db"].values()),
                         ">=", plan.min_psnr())
@@ -512,7 +512,7 @@ class CoreMLBundleBuilder(BundleBuilder):
         script.write_text(COMPILE_SCRIPT.replace("{pipeline}", pipeline + "Pipeline"))
         script.chmod(0o755)
         (staging / "README_DEVICE.md").write_text(device_readme(
-            pipe, specs, self.plan.attention, self.profile.backend.get("compute_units", "ALL")))
+            pipe, specs, self.plan.attention, self.profile.coreml.compute_units))
         if platform.system() == "Darwin" and shutil.which("xcrun"):  # pragma: no cover - macOS with Xcode only
             log.info("compiling the packages into %s/ (xcrun coremlcompiler)", RESOURCES)
             proc = subprocess.run([str(script)], capture_output=True, text=True)
@@ -611,6 +611,31 @@ def _copy_tokenizer_files(pipe, staging: Path, resources: Path) -> None:
 def _zero_fraction(weights: dict[str, torch.Tensor]) -> float:
     total = sum(w.numel() for w in weights.values())
     return sum(float((w == 0).sum()) for w in weights.values()) / total if total else 0.0
+
+
+# What each role's packages are called, in either layout (a component's name is its package's, or our description's).
+ROLE_NAMES = {TEXT_ENCODER: ("TextEncoder", "text_encoder"),
+              DENOISER: ("Unet", "UnetChunk", "MultiModalDiffusionTransformer", "FluxTransformer", "unet", "transformer"),
+              VAE_DECODER: ("VAEDecoder", "vae_decoder"), VAE_ENCODER: ("VAEEncoder", "vae_encoder")}
+PACKAGE_FILES = ("Manifest.json", "Data/com.apple.CoreML/model.mlmodel")
+
+
+def coreml_required_files(manifest: dict) -> list[str]:
+    """The tokenizer files, the Apple layout's scripts, a package for every role the target converts (a shipped
+    target's profile says which; any other needs at least the denoiser), and each package's spec."""
+    from obsdiff.exporters.profiles import available_targets, load_profile
+
+    apple = (manifest.get("validation") or {}).get("layout") == str(Layout.APPLE)
+    files = [f"{RESOURCES}/vocab.json", f"{RESOURCES}/merges.txt", "report.md", "validation.json"]
+    files += ["compile_models.sh", "README_DEVICE.md", "scheduler_config.json"] if apple else \
+        [f"{RESOURCES}/scheduler_config.json"]
+    target = manifest["target"]
+    shipped = manifest.get("shipped_profile") is True and target in available_targets()
+    roles = load_profile(target).coreml.components if shipped else [DENOISER]
+    for role in roles:
+        if not any(name.startswith(ROLE_NAMES[role]) for name in manifest["components"]):
+            raise BundleError(f"target {target} converts its {role}, and the manifest describes no package for it")
+    return files + [f"{c['file'].rstrip('/')}/{f}" for c in manifest["components"].values() for f in PACKAGE_FILES]
 
 
 def revalidate_coreml(bundle: Path, manifest: dict) -> dict:

@@ -119,10 +119,23 @@ def _parse_target(text: str) -> tuple[str, int]:
     raise UsageError(f"deployment target must look like iOS17 or macOS14, got {text!r}")
 
 
+def _check_known(target: str) -> None:
+    """A deployment target coremltools can convert for (a newer name would fail halfway through conversion)."""
+    import coremltools as ct
+
+    if not hasattr(ct.target, target):
+        family = "iOS" if target.startswith("iOS") else "macOS"
+        known = [t for t in dir(ct.target) if t.startswith(family) and t[len(family):].isdigit()]
+        raise UsageError(f"deployment target {target} is unknown to coremltools {ct.__version__} (it knows up to "
+                         f"{max(known, key=lambda t: int(t[len(family):]))})")
+
+
 def resolve_deployment_target(requested: str | None, default: str, compress: str | None) -> str:
     """The profile's default is raised to what the compression needs; an explicit older request is an error."""
     if compress not in MIN_TARGET:
         raise UsageError(f"--compress must be one of {', '.join(COMPRESSIONS)} (got {compress!r})")
+    if requested:
+        _check_known(requested)
     family, version = _parse_target(requested or default)
     minimum = MIN_TARGET[compress][family]
     if version >= minimum:
@@ -188,11 +201,11 @@ def _coreml_plan(profile: TargetProfile, options: ExportOptions, folder: FolderF
     if folder.quantization and compress:
         raise UsageError(f"--compress {compress} would re-quantize weights this folder already holds as integer "
                          "codes: drop --compress")
-    default = profile.backend.get("deployment_target", "iOS17")
+    default = profile.coreml.deployment_target
     target = resolve_deployment_target(options.deployment_target, default, compress)
     if folder.quantization:
         target = resolve_deployment_target(options.deployment_target, default, "int8")
-    layout, chunk, attention = options.apple.resolve(profile.backend)
+    layout, chunk, attention = options.apple.resolve(profile.coreml)
     return ExportPlan(profile, precision, Activations.FLOAT, Int8Mode.WEIGHTS if folder.quantization else Int8Mode.NONE,
                       folder.pattern, tuple(sorted(folder.quantization)), layout, chunk, attention, compress, target,
                       zip=options.zip)

@@ -11,6 +11,7 @@ export copies weights bit for bit, and fp16 rounds only non-zero values.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import subprocess
@@ -39,7 +40,14 @@ from obsdiff.exporters.compare import (
     save_image_grid,
     timings_ms,
 )
-from obsdiff.exporters.components import DENOISER, ComponentSpec, pipeline_dims, recorded_calls, specs_for
+from obsdiff.exporters.components import (
+    DENOISER,
+    ComponentSpec,
+    exported_components,
+    pipeline_dims,
+    recorded_calls,
+    specs_for,
+)
 from obsdiff.exporters.export_plan import ExportPlan, Int8Mode
 from obsdiff.exporters.onnx_int8 import (
     Placement,
@@ -50,7 +58,7 @@ from obsdiff.exporters.onnx_int8 import (
     place,
     quantize_graph,
 )
-from obsdiff.exporters.profiles import Precision, TargetProfile
+from obsdiff.exporters.profiles import Precision, TargetProfile, available_targets, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +549,10 @@ class OnnxBundleBuilder(BundleBuilder):
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
         return revalidate_onnx(bundle, manifest)
 
+    @classmethod
+    def required_files(cls, bundle: Path, manifest: dict) -> list[str]:
+        return onnx_required_files(bundle, manifest)
+
     def report_sections(self, result: BuildResult) -> list[str]:
         """Components vs PyTorch, integer weights, the dense comparison and the end-to-end comparison."""
         data = result.to_json()
@@ -659,6 +671,32 @@ def convert_to_ort(folder: Path) -> None:
     if not configs:
         raise BundleError("ORT format conversion wrote no required-operators config")
     configs[0].rename(folder / "required_operators.config")
+
+
+def onnx_required_files(bundle: Path, manifest: dict) -> list[str]:
+    """optimum's layout for the bundle's pipeline family (read from its own ``model_index.json``): every component's
+    graph and reference, in ORT format too for an ORT-format target; the manifest must describe exactly those."""
+    index_path = bundle / "model_index.json"
+    try:
+        names = exported_components(json.loads(index_path.read_text()))
+    except (OSError, ValueError, AttributeError, ExportError) as exc:
+        raise BundleError(f"{bundle}: model_index.json is missing or unreadable, so which models it needs is unknown "
+                          f"({str(exc).splitlines()[0][:120]})") from None
+    described = set(manifest["components"])
+    if described != set(names):
+        raise BundleError(f"{bundle}: its manifest describes {sorted(described)}, its pipeline needs {list(names)}")
+    ort = manifest_is_ort_format(manifest)
+    files = ["model_index.json", "report.md", "validation.json"]
+    for name in names:
+        files += [f"{name}/model.onnx", f"{REFERENCE_DIR}/{name}.safetensors"] + ([f"{name}/model.ort"] if ort else [])
+    return files + (["required_operators.config"] if ort else [])
+
+
+def manifest_is_ort_format(manifest: dict) -> bool:
+    """A shipped target says so in its profile; another one by its files (``model.ort``)."""
+    if manifest.get("shipped_profile") is True and manifest["target"] in available_targets():
+        return load_profile(manifest["target"]).ort_format
+    return any(str(c["file"]).endswith(".ort") for c in manifest["components"].values())
 
 
 def revalidate_onnx(bundle: Path, manifest: dict) -> dict:

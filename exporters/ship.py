@@ -21,9 +21,9 @@ from obsdiff.api import (
     parse_sparsity,
     prune,
 )
-from obsdiff.atomic import check_disjoint, remove, replace_dir, staging_path
+from obsdiff.atomic import OutputLock, check_disjoint, remove, replace_dir, staging_path
 from obsdiff.errors import ExportError, UsageError
-from obsdiff.exporters.bundle import export_bundle
+from obsdiff.exporters.bundle import check_export_size, export_bundle
 from obsdiff.exporters.components import SizeRule
 from obsdiff.exporters.export_plan import ExportOptions, FolderFacts, resolve_export_plan
 from obsdiff.exporters.profiles import TargetProfile, load_profile
@@ -72,6 +72,7 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
     source = PrunedFolder.open(model)
     check_disjoint(out, {"model": model}, output_name="--out")
     plan = resolve_export_plan(profile, options, expected_facts(source, config))  # a size the model cannot take fails
+    check_export_size(source.path, plan)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     if not out.parent.is_dir():
@@ -79,12 +80,24 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
 
     created = not out.exists()
     out.mkdir(exist_ok=True)
+    try:
+        with OutputLock(out):
+            return _ship_locked(source, config, plan, model, out, spec)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def _ship_locked(source: PrunedFolder, config: PruneConfig | None, plan, model: Path, out: Path,
+                 spec: SparsitySpec) -> dict:
+    """Prune into a hidden folder, export, then put the pruned model in place; a ship that prunes nothing removes an
+    ``OUT/model`` an earlier ship left (it would not be the model of this bundle)."""
     pruned_dir, bundle_dir = out / "model", out / "bundle"
     new_model = staging_path(pruned_dir, ".obsdiff-ship")
     try:
         folder = source
         if config is not None:
-            log.info("pruning %s (%s) for target %s", model, spec, profile.name)
+            log.info("pruning %s (%s) for target %s", model, spec, plan.profile.name)
             prune(model, new_model, config)
             folder = PrunedFolder.open(new_model)
             if set(folder.quantization) != set(plan.quantized):
@@ -94,9 +107,10 @@ def ship(target: str, model: Path, out: Path, *, pattern: str | None = None, spa
                                  source_name=str(pruned_dir if config is not None else model))
         if config is not None:
             replace_dir(new_model, pruned_dir)
+        elif pruned_dir.exists():
+            log.info("removing %s: this bundle was exported from %s as it is", pruned_dir, model)
+            remove(pruned_dir)
     except BaseException:
         remove(new_model)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
         raise
     return manifest

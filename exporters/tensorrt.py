@@ -21,13 +21,14 @@ from obsdiff.exporters.artifacts import WeightProbe
 from obsdiff.exporters.builder import BuildResult, BundleBuilder, TorchPipelines
 from obsdiff.exporters.components import ComponentSpec
 from obsdiff.exporters.export_plan import ExportPlan, Int8Mode
-from obsdiff.exporters.onnx import OnnxBundleBuilder, revalidate_onnx
+from obsdiff.exporters.onnx import OnnxBundleBuilder, onnx_required_files, revalidate_onnx
 from obsdiff.exporters.profiles import TargetProfile
 from obsdiff.exporters.sparsity_check import check_2of4, polygraphy_sparsity
 
 log = logging.getLogger(__name__)
 
 DEVICE_DIR = Path(__file__).resolve().parent / "device"
+DEVICE_FILES = ("build_engines.sh", "validate_on_device.py", "device.json", "README_DEVICE.md")
 
 _ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math: (.*)")
 _PICKED = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers: (.*)")
@@ -70,11 +71,11 @@ def shape_args(spec: ComponentSpec, dims: dict[str, int]) -> str:
 
 
 def build_script(specs: tuple[ComponentSpec, ...], dims: dict[str, int], profile: TargetProfile, int8: bool = False) -> str:
-    trt_cfg = profile.backend
+    trt_cfg = profile.tensorrt
     lines = [
         "#!/usr/bin/env bash",
         f"# Build TensorRT engines for this bundle on the device (target {profile.name}: "
-        f"JetPack {trt_cfg.get('jetpack', '-')}, TensorRT {trt_cfg.get('tensorrt', '10.x')}).",
+        f"JetPack {trt_cfg.jetpack}, TensorRT {trt_cfg.tensorrt}).",
         "# fp16 + 2:4 sparse weights" + (" + int8 Q/DQ (explicit quantization)" if int8 else "") +
         "; static shapes from the target profile; verbose logs and layer info kept.",
         "set -euo pipefail",
@@ -90,8 +91,8 @@ def build_script(specs: tuple[ComponentSpec, ...], dims: dict[str, int], profile
             f'echo "building {spec.name}..."',
             f'"$TRTEXEC" --onnx={spec.name}/model.onnx --saveEngine=engines/{spec.name}.plan '
             f"--fp16 {'--int8 ' if int8 else ''}--sparsity=enable {shape_flags}"
-            f"--memPoolSize=workspace:{trt_cfg.get('workspace_mb', 1024)}M "
-            f"--builderOptimizationLevel={trt_cfg.get('builder_optimization_level', 3)} "
+            f"--memPoolSize=workspace:{trt_cfg.workspace_mb}M "
+            f"--builderOptimizationLevel={trt_cfg.builder_optimization_level} "
             f"--timingCacheFile=engines/timing.cache --profilingVerbosity=detailed "
             f"--exportLayerInfo=engines/{spec.name}.layers.json --verbose > logs/{spec.name}.build.log 2>&1 "
             f'|| {{ echo "build_engines.sh: {spec.name} failed, see logs/{spec.name}.build.log" >&2; exit 1; }}',
@@ -119,8 +120,8 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: ComponentSpec, dims: 
         opt.add(t.name, min=shape, opt=shape, max=shape)
     config = CreateConfig(
         fp16=True, int8=int8, sparse_weights=True, profiles=[opt], profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
-        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: profile.backend.get("workspace_mb", 1024) << 20},
-        builder_optimization_level=profile.backend.get("builder_optimization_level", 3),
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: profile.tensorrt.workspace_mb << 20},
+        builder_optimization_level=profile.tensorrt.builder_optimization_level,
         load_timing_cache=str(timing_cache) if timing_cache.is_file() else None)
     log_path = engine_path.with_suffix(".build.log")
     saved_severity, saved_file = G_LOGGER.module_severity, G_LOGGER.log_file
@@ -154,6 +155,11 @@ class TensorRTBundleBuilder(BundleBuilder):
     def revalidate(cls, bundle: Path, manifest: dict) -> dict:
         """The ONNX files on their references (engines are checked on the device by validate_on_device.py)."""
         return revalidate_onnx(bundle, manifest)
+
+    @classmethod
+    def required_files(cls, bundle: Path, manifest: dict) -> list[str]:
+        """The ONNX bundle's files, and what the device needs to build and check its engines."""
+        return [*onnx_required_files(bundle, manifest), *DEVICE_FILES]
 
     def build(self, models: TorchPipelines, staging: Path) -> BuildResult:
         built = self.onnx.build_onnx(models, staging)
@@ -205,21 +211,21 @@ class TensorRTBundleBuilder(BundleBuilder):
         script.write_text(build_script(specs, dims, self.profile, self.int8))
         script.chmod(0o755)
         shutil.copy(DEVICE_DIR / "validate_on_device.py", staging / "validate_on_device.py")
-        backend = self.profile.backend
+        backend = self.profile.tensorrt
         device = {
             "target": self.profile.name,
-            "gates": {"min_cosine": backend.get("device_min_cosine", 0.99), "min_psnr_db": backend.get("device_min_psnr_db", 30.0)},
+            "gates": {"min_cosine": backend.device_min_cosine, "min_psnr_db": backend.device_min_psnr_db},
             "components": {s.name: {"onnx": f"{s.name}/model.onnx", "engine": f"engines/{s.name}.plan",
                                     "reference": f"reference/{s.name}.safetensors",
                                     "inputs": {t.name: list(s.resolve(dims, t)) for t in s.inputs}} for s in specs},
         }
         (staging / "device.json").write_text(json.dumps(device, indent=2))
         (staging / "README_DEVICE.md").write_text(DEVICE_README.format(target=self.profile.name,
-                                                                      jetpack=backend.get("jetpack", "-"),
-                                                                      trt=backend.get("tensorrt", "10.x")))
+                                                                      jetpack=backend.jetpack,
+                                                                      trt=backend.tensorrt))
 
     def _maybe_build_engines(self, staging: Path, specs, dims) -> dict:
-        if self.profile.backend.get("build_on", "device") != "host":
+        if self.profile.tensorrt.build_on != "host":
             return {"status": "to be built on device", "reason": "engines are specific to the device GPU and TensorRT "
                     "version: run build_engines.sh on the device"}
         ok, reason = tensorrt_available()

@@ -9,6 +9,7 @@ from obsdiff import __version__
 from obsdiff.checks import check_number, check_whole
 from obsdiff.config import DENOISER, DENOISERS, LATENT_SCALE, Method, PruneConfig, check_image_size, denoiser_name
 from obsdiff.model_io import check_model_folder
+from obsdiff.plan import available_memory, check_size_fits
 from obsdiff.prune import prune
 from obsdiff.pruned_folder import (
     ComponentShapes,
@@ -34,10 +35,10 @@ from obsdiff.sparsity import from_json as sparsity_from_json
 from obsdiff.sparsity import to_json as sparsity_to_json
 
 __all__ = [
-    "DENOISER", "DENOISERS", "LATENT_SCALE", "NM", "ComponentShapes", "Dense", "IntegerWeight", "LayerRecord",
-    "Method", "PatternError", "PrunedFolder", "PruneConfig", "PruningRecord", "QuantizedComponent", "Quantization",
-    "SparsitySpec", "Structured", "Unstructured", "__version__", "check_image_size", "check_model_folder", "check_number",
-    "check_whole",
-    "copy_record", "denoiser_name", "integer_weight", "load_pipeline", "parse_kind", "parse_quantization",
-    "parse_sparsity", "prune", "sparsity_from_json", "sparsity_to_json",
+    "__version__", "available_memory", "check_image_size", "check_model_folder", "check_number", "check_size_fits",
+    "check_whole", "ComponentShapes", "copy_record", "DENOISER", "denoiser_name", "DENOISERS", "Dense",
+    "integer_weight", "IntegerWeight", "LATENT_SCALE", "LayerRecord", "load_pipeline", "Method", "NM", "parse_kind",
+    "parse_quantization", "parse_sparsity", "PatternError", "prune", "PruneConfig", "PrunedFolder", "PruningRecord",
+    "Quantization", "QuantizedComponent", "sparsity_from_json", "sparsity_to_json", "SparsitySpec", "Structured",
+    "Unstructured",
 ]

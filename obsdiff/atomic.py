@@ -1,7 +1,10 @@
-"""Outputs appear whole or not at all, and inputs are never touched.
+"""Outputs appear whole or not at all, inputs are never touched, and one output has one writer at a time.
 
-Every output folder is built in a predictable hidden staging folder beside it (``.NAME.obsdiff-staging``,
-cleared by the next run if a killed one left it) and moved into place by renames at the end; single files are
+A run holds an exclusive lock on its output (``OutputLock``: ``flock`` on ``.NAME.obsdiff-lock`` beside it, the file
+naming the holder's pid); a second run into the same output is refused in one line, so a staging folder is only
+ever cleared by the run that owns it. Every output folder is built in a predictable hidden staging folder beside it
+(``.NAME.obsdiff-staging``, cleared by the next run if a killed one left it) and moved into place by renames at the
+end; single files are
 written to a temporary name, fsynced, then renamed. ``check_disjoint`` refuses an output that is, contains or
 lies inside an input. ``fault_point`` lets tests kill a run, or one rank of it, at a stage boundary
 (``OBSDIFF_FAULT=stage[:signal][#n][@rank]``).
@@ -9,6 +12,7 @@ lies inside an input. ``fault_point`` lets tests kill a run, or one rank of it, 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -21,6 +25,51 @@ log = logging.getLogger(__name__)
 
 STAGING_SUFFIX = ".obsdiff-staging"
 OLD_SUFFIX = ".obsdiff-old"
+LOCK_SUFFIX = ".obsdiff-lock"
+
+
+class OutputLock:
+    """An exclusive lock on one output path for as long as a run writes it (its staging, checkpoints, the rename).
+
+    ``flock`` is released by the kernel when the holder dies, so a killed run never blocks the next one; the lock file
+    a killed run leaves is simply taken over. A run that finds the lock held is refused, naming the holder's pid.
+    """
+
+    def __init__(self, final: Path, what: str = "--out") -> None:
+        self.final, self.what = Path(final), what
+        self.path = self.final.with_name(f".{self.final.name}{LOCK_SUFFIX}")
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UsageError(f"{self.what} {self.final} is being written by another obsdiff run (pid {holder}): "
+                                 "wait for it to finish, or choose another output") from None
+            try:  # a finishing run may have removed the file between our open and flock: lock a fresh one
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: nobody can be waiting on this inode
+        finally:
+            os.close(self.fd)
+            self.fd = None
 
 
 def staging_path(final: Path, suffix: str = STAGING_SUFFIX) -> Path:

@@ -201,7 +201,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from obsdiff.exporters.bundle import validate_bundle_on_disk
+    from obsdiff.exporters.bundle_check import validate_bundle_on_disk
 
     validate_bundle_on_disk(args.bundle)
     return 0

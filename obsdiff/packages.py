@@ -54,11 +54,13 @@ def block_filter(spec: str | None, block_names: list[str]):
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         if m := _INDEX_RANGE.fullmatch(part):
             idx = range(int(m[1]), int(m[2] or m[1]) + 1)
-            chosen.update(block_names[i] for i in idx if i < len(block_names))
+            picked = {block_names[i] for i in idx if i < len(block_names)}
         else:
-            chosen.update(n for n in block_names if fnmatch.fnmatchcase(n, part))
-    if not chosen:
-        raise UsageError(f"--blocks {spec!r} selects no block; blocks are: {', '.join(block_names[:8])}…")
+            picked = {n for n in block_names if fnmatch.fnmatchcase(n, part)}
+        if not picked:  # every part must select something: a typo in one pattern is not silently dropped
+            raise UsageError(f"--blocks: {part!r} selects no block (there are {len(block_names)}: "
+                             f"{', '.join(block_names[:6])}…)")
+        chosen |= picked
     return chosen.__contains__
 
 

@@ -12,12 +12,14 @@ over budget) so that every package fits ``budget`` bytes of Hessians, workspace 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,6 +62,16 @@ class LayerCost:
     hessian_bytes: int
     workspace_bytes: int
     calibration_bytes: int  # transient of one hook call (a conv's im2col chunk and its reshaped copy)
+
+
+def unit_cost(key: str, block: str, layers: list[LayerCost]) -> LayerCost:
+    """A structured unit as one item: its down layers' Hessians (each its own) held together, and the group solve's
+    workspace: a dead-filled copy of H, H + λI, its factor, the inverse and its product, and the downdates (8 float32
+    H-sized buffers of its widest layer) on top of the weights."""
+    widest = max(layers, key=lambda c: c.columns)
+    workspace = 8 * widest.columns * widest.columns * 4 + widest.workspace_bytes
+    return LayerCost(key, block, key, widest.columns, sum(c.hessian_bytes for c in layers), workspace,
+                     max(c.calibration_bytes for c in layers))
 
 
 def layer_cost(model: nn.Module, name: str, module: nn.Module, block: str, statistic: str, dtype_bytes: int,
@@ -145,13 +157,13 @@ def fit_to_budget(packages: list[list[LayerCost]], budget: int, activation_bytes
     return fitted
 
 
-def memory_plan(packages: dict[str, list[list]], costs_of: Callable[[str, list], list[LayerCost] | None],
+def memory_plan(packages: dict[str, list[list]], costs_of: Callable[[str, list], list[LayerCost]],
                 activations: int, budget: int, budget_from: str, passes: int) -> tuple[dict, dict[str, list[list]]]:
     """Each component's packages re-split (layers kept whole, order kept) so that each fits ``budget`` bytes on top
     of the process as it is now; the plan (for ``--plan`` and ``pruning.json``) and the packages to run.
 
-    ``costs_of(component, package)`` gives the package's layer costs (None: the package is not split, e.g.
-    structured units); a layer that cannot fit is a one-line error naming it.
+    ``costs_of(component, package)`` gives one cost per item of the package (a layer, or a structured unit with its
+    down layers); an item that cannot fit is a one-line error naming it.
     """
     base = current_rss()  # after one real pipeline call: the runtime's own caches and arenas are part of the base
     summary: dict = {"budget_gib": budget / GIB, "budget_from": budget_from, "base_rss_gib": base / GIB,
@@ -159,17 +171,13 @@ def memory_plan(packages: dict[str, list[list]], costs_of: Callable[[str, list],
     fitted_packages: dict[str, list[list]] = {}
     worst = 0
     for name, component_packages in packages.items():
-        costs = [costs_of(name, p) for p in component_packages]
-        if any(c is None for c in costs):
-            summary["components"][name] = [{"units": len(p)} for p in component_packages]
-            fitted_packages[name] = component_packages
-            continue
+        costs = [costs_of(name, p) for p in component_packages]  # one cost per package item, in order
         try:
             fitted = fit_to_budget(costs, budget, activations)
         except UsageError as exc:
             raise UsageError(f"{name}: {exc} (budget from {budget_from})") from None
-        by_name = {layer.name: layer for p in component_packages for layer in p}
-        fitted_packages[name] = [[by_name[c.name] for c in p] for p in fitted]
+        item_of = {c.name: item for p, pc in zip(component_packages, costs) for item, c in zip(p, pc)}
+        fitted_packages[name] = [[item_of[c.name] for c in p] for p in fitted]
         rows = []
         for p in fitted:
             plan = PackagePlan(p)
@@ -184,12 +192,19 @@ def memory_plan(packages: dict[str, list[list]], costs_of: Callable[[str, list],
     return summary, fitted_packages
 
 
-def batched_like(args: tuple, kwargs: dict, batch: int, new_batch: int) -> tuple[tuple, dict]:
-    """The same call with every batch-sized tensor resized to ``new_batch`` (shapes only: for the meta run)."""
+def batched_like(args: tuple, kwargs: dict, batch: int, new_batch: int, latent: tuple[int, int] | None = None,
+                 new_latent: tuple[int, int] | None = None) -> tuple[tuple, dict]:
+    """The same call with every batch-sized tensor resized to ``new_batch``, and every 4-D tensor whose last two dims
+    are the ``latent`` size resized to ``new_latent`` (shapes only, on ``meta``: for the activation estimate)."""
     def resize(x):
-        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch:
-            return x.new_empty((new_batch, *x.shape[1:]), device="meta")
-        return x
+        if not isinstance(x, torch.Tensor) or not x.dim():
+            return x
+        shape = list(x.shape)
+        if shape[0] == batch:
+            shape[0] = new_batch
+        if latent and new_latent and x.dim() == 4 and tuple(shape[-2:]) == tuple(latent):
+            shape[-2:] = new_latent
+        return x.new_empty(shape, device="meta") if shape != list(x.shape) else x
 
     return torch.utils._pytree.tree_map(resize, args), torch.utils._pytree.tree_map(resize, kwargs)
 
@@ -257,6 +272,43 @@ def activation_bytes(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int,
         for h in hooks:
             h.remove()
     return counter.peak, shapes
+
+
+def activation_floor(model_dir: Path, height: int, width: int, batch: int) -> int:
+    """A lower bound of one denoiser call's activations at this size, from the folder's configs alone (nothing loaded):
+    the first level's feature map, at the full latent resolution and the classifier-free-guidance batch, held about
+    four times at once (input, norm, conv output, skip). A real call needs more, so refusing a size above the budget
+    never refuses one that fits."""
+    def config(name: str) -> dict:
+        path = model_dir / name / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    denoiser = config("unet") or config("transformer")
+    vae_scale = 2 ** (len(config("vae").get("block_out_channels", (0,) * 4)) - 1)
+    h, w = height // vae_scale, width // vae_scale
+    if "block_out_channels" in denoiser:  # a UNet
+        channels, positions = denoiser["block_out_channels"][0], h * w
+    else:  # a transformer: tokens of patch × patch latents, its hidden width
+        patch = denoiser.get("patch_size") or 1
+        channels = denoiser.get("num_attention_heads", 1) * denoiser.get("attention_head_dim", 1)
+        positions = (h // patch) * (w // patch)
+    return 4 * 2 * batch * channels * positions * 4
+
+
+def check_size_fits(model_dir: Path, height: int | None, width: int | None, batch: int, budget: int,
+                    budget_from: str) -> None:
+    """Refuse, before any work, a size whose denoiser activations alone cannot fit the budget (unset: native)."""
+    if not height and not width:
+        return
+    configs = {n: json.loads((model_dir / n / "config.json").read_text()) for n in ("unet", "transformer", "vae")
+               if (model_dir / n / "config.json").is_file()}
+    native = (configs.get("unet") or configs.get("transformer") or {}).get("sample_size") or 64
+    scale = 2 ** (len(configs.get("vae", {}).get("block_out_channels", (0,) * 4)) - 1)
+    height, width = height or native * scale, width or native * scale
+    need = activation_floor(model_dir, height, width, batch)
+    if need > budget:
+        raise UsageError(f"{height}×{width} px needs at least {need / GIB:.1f} GiB of denoiser activations per call, "
+                         f"over the {budget / GIB:.1f} GiB budget ({budget_from}): choose a smaller size")
 
 
 def current_rss() -> int:

@@ -9,6 +9,7 @@ the result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from torch import nn
 
 from obsdiff import __version__
 from obsdiff.adapters import Adapter, adapter_for
-from obsdiff.atomic import check_disjoint, discard_staging, fault_point, replace_dir, staging_path
+from obsdiff.atomic import OutputLock, check_disjoint, discard_staging, fault_point, replace_dir, staging_path
 from obsdiff.budget import allocate_budget
 from obsdiff.calibration import (
     CalibrationSettings,
@@ -39,7 +40,15 @@ from obsdiff.hessian import StepContext, timestep_weights
 from obsdiff.mask import MaskSolver
 from obsdiff.model_io import copy_model_files, pipeline_components
 from obsdiff.packages import PackageResult, check_blocks_spec
-from obsdiff.plan import GIB, activation_bytes, available_memory, batched_like, memory_plan, peak_rss
+from obsdiff.plan import (
+    GIB,
+    activation_bytes,
+    available_memory,
+    batched_like,
+    check_size_fits,
+    memory_plan,
+    peak_rss,
+)
 from obsdiff.pruned_folder import (
     RECORD_FILE,
     CalibrationRecord,
@@ -149,11 +158,15 @@ def _plan_memory(prepared: Prepared, device: torch.device) -> dict:
     config, components = prepared.config, prepared.components
     denoiser = denoiser_name(components)
     activations, input_shapes = 0, {}
+    budget = int(config.max_memory_gib * GIB) if config.max_memory_gib else available_memory(device)
+    budget_from = "--max-memory" if config.max_memory_gib else "available memory"
     if denoiser is not None and config.needs_calibration:
-        call = prepared.call(denoiser)
-        activations, shapes = activation_bytes(components[denoiser], *batched_like(call.args, call.kwargs, call.batch,
-                                                                                    config.batch_size * call.batch))
-        input_shapes = {denoiser: shapes}
+        activations, input_shapes[denoiser] = _calibration_activations(prepared, denoiser)
+        if activations > budget:
+            size = f"{config.height or 'native'}×{config.width or 'native'} px"
+            raise UsageError(f"calibration at {size} in batches of {config.batch_size} needs {activations / GIB:.2f} GiB "
+                             f"of denoiser activations, over the {budget / GIB:.2f} GiB budget ({budget_from}): lower "
+                             "--batch-size or the size")
     statistic = {Method.OBS_DIFF: "full", Method.WANDA: "diagonal"}.get(config.method, "none")
     dtype_bytes = 8 if config.hessian_dtype == "float64" else 4
 
@@ -161,13 +174,30 @@ def _plan_memory(prepared: Prepared, device: torch.device) -> dict:
         return prepared.solver.layer_costs(components[name], package, statistic, dtype_bytes,
                                            input_shapes.get(name, {}))
 
-    budget = int(config.max_memory_gib * GIB) if config.max_memory_gib else available_memory(device)
     passes = -(-len(prepared.prompts) // config.batch_size) * config.steps if config.needs_calibration else 0
     summary, fitted = memory_plan({n: w.packages for n, w in prepared.work.items()}, costs_of, activations, budget,
-                                  "--max-memory" if config.max_memory_gib else "available memory", passes)
+                                  budget_from, passes)
     for name, packages in fitted.items():
         prepared.work[name].packages = packages
     return summary
+
+
+def _calibration_activations(prepared: Prepared, denoiser: str) -> tuple[int, dict]:
+    """The denoiser's activations in one calibration call, measured on ``meta`` (nothing allocated), and its convs'
+    input shapes. The call is captured at the model's native size (cheap) and resized to the calibration's batch and
+    latent size, so that a size too large for memory is refused here instead of failing in an allocation."""
+    config = prepared.config
+    if config.height or config.width:
+        prompt = (prepared.prompts[:1] or [""])[0]
+        call = capture_call(prepared.pipe, denoiser, prompt, config.guidance, None, None)
+        scale = prepared.pipe.vae_scale_factor
+        native = tuple(call.args[0].shape[-2:]) if call.args and call.args[0].dim() == 4 else None
+        latent = ((config.height or native[0] * scale) // scale, (config.width or native[1] * scale) // scale) \
+            if native else None
+    else:
+        call, native, latent = prepared.call(denoiser), None, None
+    args, kwargs = batched_like(call.args, call.kwargs, call.batch, config.batch_size * call.batch, native, latent)
+    return activation_bytes(prepared.components[denoiser], args, kwargs)
 
 
 def calibrate_package(prepared: Prepared, settings: CalibrationSettings, world: World, progress: Progress,
@@ -193,11 +223,19 @@ def calibrate_package(prepared: Prepared, settings: CalibrationSettings, world: 
     return hooks
 
 
+def check_calibration_size(source: PrunedFolder, config: PruneConfig, world: World, device: str | None) -> None:
+    """A calibration size whose activations alone exceed the memory budget is refused before anything loads."""
+    budget = int(config.max_memory_gib * GIB) if config.max_memory_gib else available_memory(device_for(world, device))
+    check_size_fits(source.path, config.height, config.width, config.batch_size, budget,
+                    "--max-memory" if config.max_memory_gib else "available memory")
+
+
 def plan_prune(model_dir: Path, config: PruneConfig, device: str | None = None) -> dict:
     """``--plan``: the packages, their layers and memory, and the expected peak; writes nothing."""
     config.validate()
     check_blocks_spec(config.blocks)
     source = PrunedFolder.open(model_dir)
+    check_calibration_size(source, config, World(), device)
     prompts = read_prompts(config, source.path) if config.needs_calibration else []
     return prepare(source, config, prompts, World(), device).memory
 
@@ -222,7 +260,11 @@ def _check_world(config: PruneConfig, world: World, prompts: list[str]) -> None:
 
 def prune(model_dir: Path, out_dir: Path, config: PruneConfig, *, resume: bool = False, overwrite: bool = False,
           world: World | None = None, device: str | None = None, hessian_device: str | None = None) -> PruningRecord:
-    """Prune ``model_dir`` into ``out_dir`` (published whole at the end); returns the record it wrote."""
+    """Prune ``model_dir`` into ``out_dir`` (published whole at the end); returns the record it wrote.
+
+    The writing rank holds ``out_dir``'s lock from before the model loads until the folder is published: a second
+    prune into the same output is refused instead of clearing the first one's checkpoint.
+    """
     started = time.time()
     config.validate()
     check_blocks_spec(config.blocks)
@@ -230,8 +272,16 @@ def prune(model_dir: Path, out_dir: Path, config: PruneConfig, *, resume: bool =
     out_dir = Path(out_dir)
     _check_output(out_dir, source, config, overwrite)
     world = world or init_world()
+    with OutputLock(out_dir) if world.is_main else contextlib.nullcontext():
+        return _prune_locked(source, out_dir, config, resume, world, device, hessian_device, started)
+
+
+def _prune_locked(source: PrunedFolder, out_dir: Path, config: PruneConfig, resume: bool, world: World,
+                  device: str | None, hessian_device: str | None, started: float) -> PruningRecord:
     prompts = read_prompts(config, source.path) if config.needs_calibration else []
     _check_world(config, world, prompts)
+    check_source(source, config)
+    check_calibration_size(source, config, world, device)
     prepared = prepare(source, config, prompts, world, device)
     config = prepared.config
     costs_before = {n: prepared.cost(n) for n in config.components} if prepared.solver.reshapes else {}
@@ -264,6 +314,15 @@ def prune(model_dir: Path, out_dir: Path, config: PruneConfig, *, resume: bool =
         checkpoint.discard()
     barrier(world)
     return record
+
+
+def check_source(source: PrunedFolder, config: PruneConfig) -> None:
+    """A folder that already holds integer codes is not pruned or quantized again: its weights would leave their grid
+    (or be rounded twice). Refused in one line, before anything loads."""
+    quantized = sorted(set(source.quantization) & set(resolve_components(config.components, source.model_index)))
+    if quantized:
+        raise UsageError(f"{source.path}: {', '.join(quantized)} already hold integer codes (quantized by an earlier "
+                         "prune); prune the float folder it was made from, then quantize in the same prune")
 
 
 def run_packages(prepared: Prepared, settings: CalibrationSettings, world: World, progress: Progress,

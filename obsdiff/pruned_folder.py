@@ -360,6 +360,54 @@ def read_scales(path: Path) -> QuantizedComponent:
     return QuantizedComponent(quant, scales)
 
 
+def _weight_shapes(folder: Path) -> dict[str, tuple[list[int], Path]]:
+    """Parameter name → (shape, file) for a component's safetensors, read from their headers (no weights loaded)."""
+    shapes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        if file.name == SCALES_FILE:
+            continue
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        shapes.update({k: (v["shape"], file) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def check_scales(folder: Path, quantized: QuantizedComponent, layers: list[str] | None) -> int:
+    """Every quantized layer has its scales (``layers``: those the record lists; None: a folder without a record is
+    not a quantized obsdiff folder), each the shape the weight needs, finite and positive, and the weight on its grid.
+    Returns how many layers were checked; any failure is one ``ModelFolderError`` naming the layer."""
+    from safetensors import safe_open
+
+    from obsdiff.quantize import codes_on_grid
+
+    where = folder / SCALES_FILE
+    if layers is None:
+        raise ModelFolderError(f"{where}: a scales file without pruning.json beside the folder (not written by "
+                               "obsdiff prune)")
+    missing = sorted(set(layers) - set(quantized.scales))
+    if missing:
+        raise ModelFolderError(f"{where}: no scales for {len(missing)} quantized layer(s), e.g. {missing[0]}: "
+                               "they would ship as float while the bundle claims integer codes")
+    extra = sorted(set(quantized.scales) - set(layers))
+    if extra:
+        raise ModelFolderError(f"{where}: scales for {extra[0]}, which the record does not list as quantized")
+    shapes = _weight_shapes(folder)
+    for layer in layers:
+        shape, file = shapes.get(f"{layer}.weight", (None, None))
+        if shape is None:
+            raise ModelFolderError(f"{where}: {layer} has scales but the folder has no weight {layer}.weight")
+        problem = codes_on_grid(_read_tensor(safe_open, file, f"{layer}.weight"), quantized.scales[layer],
+                                quantized.quant)
+        if problem:
+            raise ModelFolderError(f"{where}: {layer}: {problem}")
+    return len(layers)
+
+
+def _read_tensor(safe_open, file: Path, key: str) -> torch.Tensor:
+    with safe_open(str(file), framework="pt") as fh:
+        return fh.get_tensor(key)
+
+
 class PrunedFolder:
     """A diffusers pipeline folder, dense or written by ``obsdiff prune``: checked and read once, then asked.
 
@@ -393,8 +441,22 @@ class PrunedFolder:
 
     @functools.cached_property
     def quantization(self) -> dict[str, QuantizedComponent]:
-        """Component → its quantization and scales, for every component that holds a scales file."""
-        return {file.parent.name: read_scales(file) for file in sorted(self.path.glob(f"*/{SCALES_FILE}"))}
+        """Component → its quantization and scales, for every component that holds a scales file, each checked on
+        the way in (``check_scales``): a scale missing, misshapen, not finite and positive, or weights off their grid
+        is a one-line error here, before any export work."""
+        out = {}
+        for file in sorted(self.path.glob(f"*/{SCALES_FILE}")):
+            name = file.parent.name
+            quantized = read_scales(file)
+            layers = [r.layer for r in self.layers(name)] if self.record else None
+            self.scales_checked[name] = check_scales(file.parent, quantized, layers)
+            out[name] = quantized
+        return out
+
+    @functools.cached_property
+    def scales_checked(self) -> dict[str, int]:
+        """Component → how many quantized layers ``check_scales`` found on their grid (filled by ``quantization``)."""
+        return {}
 
     def shapes(self, component: str) -> ComponentShapes:
         return self.record.shapes.get(component, ComponentShapes()) if self.record else ComponentShapes()

@@ -92,6 +92,27 @@ def codes(weight: torch.Tensor, scale: torch.Tensor, quant: Quantization) -> tor
     return (weight.float() / per_column(scale, quant)).round().clamp(-quant.levels, quant.levels).to(torch.int8)
 
 
+def codes_on_grid(weight: torch.Tensor, scale: torch.Tensor, quant: Quantization) -> str | None:
+    """Why ``scale`` cannot be this weight's grid (shape, not finite and positive, weights off the grid, codes out
+    of range), or None when every weight is a whole code times its scale."""
+    matrix = as_matrix(weight.detach().float())
+    rows, cols = matrix.shape
+    want = (rows, 1) if quant.group_size is None else (rows, cols // quant.group_size)
+    if quant.group_size is not None and cols % quant.group_size:
+        return f"{cols} columns do not split into groups of {quant.group_size}"
+    if tuple(scale.shape) != want:
+        return f"scales of shape {tuple(scale.shape)}, the weight needs {want}"
+    if not torch.isfinite(scale).all() or not (scale > 0).all():
+        return "scales must be finite and positive"
+    cols_scale = per_column(scale.float(), quant)
+    code = matrix / cols_scale
+    if not torch.isfinite(code).all() or ((code - code.round()).abs() > 1e-3).any():
+        return f"weights are not on their int{quant.bits} grid"
+    if code.round().abs().max() > quant.levels:
+        return f"codes beyond ±{quant.levels}"
+    return None
+
+
 def rtn(weight: torch.Tensor, quant: Quantization) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest of every weight (zeros stay zero); returns the dequantized weight and its scales."""
     s = scales(weight, quant)

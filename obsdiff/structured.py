@@ -34,6 +34,7 @@ from obsdiff.config import Method, PruneConfig
 from obsdiff.distributed import World
 from obsdiff.errors import UsageError
 from obsdiff.packages import PackageResult, split_units
+from obsdiff.plan import LayerCost, layer_cost, unit_cost
 from obsdiff.pruned_folder import ComponentSummary, LayerError, ShrinkSummary, Skip, UnitRecord
 from obsdiff.shrink import shrink_attention, shrink_ffn, shrink_resnet
 from obsdiff.solver import damped_inverse, finite_or_none, group_obs_scores, remove_column_groups
@@ -394,9 +395,11 @@ class UnitSolver:
         return {n: m for unit in package for n, m in unit.down_layers().items()}
 
     def layer_costs(self, model: nn.Module, package: list[Unit], statistic: str, dtype_bytes: int,
-                    input_shapes: dict) -> None:
-        """Structured packages are not split to fit a memory budget."""
-        return None
+                    input_shapes: dict) -> list[LayerCost]:
+        """One cost per unit (its down layers' Hessians and the group solve), so ``--max-memory`` splits packages at
+        whole units."""
+        return [unit_cost(u.key, u.block, [layer_cost(model, n, m, u.block, statistic, dtype_bytes, input_shapes.get(n))
+                                            for n, m in u.down_layers().items()]) for u in package]
 
     def solve(self, component: str, module: nn.Module, package: list[Unit], index: int, hooks: PackageHooks | None,
               world: World, counts: dict[str, int] | None = None) -> PackageResult:

@@ -14,25 +14,16 @@ from obsdiff.exporters.coreml import stored_weights
 from obsdiff.exporters.export_plan import resolve_deployment_target
 from obsdiff.prune import PruneConfig, prune
 from obsdiff.pruned_folder import load_pipeline
-from obsdiff.resources import targets_dir
-from obsdiff.sparsity import Unstructured, parse_sparsity
+from obsdiff.sparsity import Unstructured
 
 
-@pytest.fixture(scope="module", params=["unstructured", "2:4"])
-def ios_bundle(request, tiny, pruned_tiny, tmp_path_factory):
-    """A tiny UNet pruned 50% (unstructured or 2:4) and exported for iOS with our own IO (``--layout ours``; Apple's
-    layout is tests/test_apple.py). The 2:4 bundle converts the UNet only (the ios profile, components = denoiser)."""
-    root = tmp_path_factory.mktemp(f"ios_{request.param.replace(':', '')}")
-    profile = "ios"
-    if request.param == "unstructured":
-        shutil.copytree(pruned_tiny, root / "model")  # the shared prune: the same settings
-    else:
-        prune(tiny("sd"), root / "model", PruneConfig(sparsity=parse_sparsity(request.param), num_prompts=2, steps=2,
-                                                      packages=1))
-        profile = root / "ios_unet.toml"
-        profile.write_text((targets_dir() / "ios.toml").read_text().replace(
-            'components = ["text_encoder", "denoiser", "vae_decoder"]', 'components = ["denoiser"]'))
-    export(root / "model", profile, root / "bundle", export_options(apple=AppleOptions(layout=Layout.OURS)))
+@pytest.fixture(scope="module")
+def ios_bundle(pruned_tiny, tmp_path_factory):
+    """The tiny UNet pruned 50% and exported for iOS with our own IO (``--layout ours``; Apple's layout is
+    tests/test_apple.py). (2:4 in Core ML's sparse storage: tests/test_int8_export.py, jointly with int8 codes.)"""
+    root = tmp_path_factory.mktemp("ios")
+    shutil.copytree(pruned_tiny, root / "model")  # the shared prune
+    export(root / "model", "ios", root / "bundle", export_options(apple=AppleOptions(layout=Layout.OURS)))
     return root
 
 

@@ -4,7 +4,12 @@ leave nothing half-written behind."""
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +23,13 @@ from safetensors.torch import load_file, save_file
 from obsdiff.errors import BundleError, GateError, UsageError
 from obsdiff.exporters import coreml
 from obsdiff.exporters import onnx as onnx_exporter
-from obsdiff.exporters.bundle import export, validate_bundle_on_disk
+from obsdiff.exporters.bundle import export
+from obsdiff.exporters.bundle_check import validate_bundle_on_disk
 from obsdiff.exporters.profiles import load_profile
 from obsdiff.prune import PruneConfig, prune
 from obsdiff.pruned_folder import PrunedFolder
-from obsdiff.sparsity import Unstructured
+from obsdiff.quantize import Quantization
+from obsdiff.sparsity import Dense, Unstructured
 
 FAST = ["--num-prompts", "2", "--steps", "2", "--packages", "2", "--batch-size", "2"]
 KILLED = -9  # SIGKILL: the process gets no chance to clean up
@@ -399,8 +406,217 @@ def test_export_killed_or_terminated_publishes_nothing_and_the_rerun_succeeds(pr
     assert list(tmp_path.iterdir()) == []  # SIGTERM: staging removed on the way out
     proc = run_cli("export", pruned_tiny, "--target", fast_cpu, "--out", out, env={"OBSDIFF_FAULT": "export-before-publish"})
     assert proc.returncode == KILLED and not out.exists()
-    assert leftovers(tmp_path) == [".bundle.obsdiff-staging"]  # SIGKILL: nothing can clean up, but nothing is published
+    # SIGKILL: nothing can clean up (its staging and its lock file stay), but nothing is published
+    assert leftovers(tmp_path) == [".bundle.obsdiff-lock", ".bundle.obsdiff-staging"]
     proc = cli("export", pruned_tiny, "--target", fast_cpu, "--out", out)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert leftovers(tmp_path) == [] and cli("validate", out).returncode == 0
     assert tree_digest(pruned_tiny) == before
+
+
+# ---- round two: concurrent runs, bundle paths, int8 side files, every profile field, late options, stale outputs ----
+
+
+def _wait_until_stopped(proc: subprocess.Popen, timeout: float = 300) -> None:
+    """A process that sent itself SIGSTOP (``OBSDIFF_FAULT=stage:SIGSTOP``) holds its lock, stopped mid-run."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else "exited"
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "T":
+            return
+        time.sleep(0.2)
+    raise AssertionError("the first run never reached its stop")
+
+
+def _start(*args, stage: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "obsdiff", *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OBSDIFF_FAULT": f"{stage}:SIGSTOP"})
+
+
+def _resume(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+
+
+def test_two_exports_into_one_out_the_second_is_refused_naming_the_first(pruned_tiny, tiny, fast_cpu, tmp_path):
+    out = tmp_path / "bundle"
+    first = _start("export", pruned_tiny, "--target", fast_cpu, "--out", out, stage="export-after-build")
+    try:
+        _wait_until_stopped(first)
+        proc = cli("export", tiny("sd"), "--target", fast_cpu, "--out", out, "--overwrite")  # another model, same out
+        assert proc.returncode == 2 and f"another obsdiff run (pid {first.pid})" in error_line(proc)
+        _resume(first)
+    finally:
+        first.kill()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source_model"] == str(pruned_tiny) and manifest["pruning"] is not None  # the first one's, whole
+    assert cli("validate", out).returncode == 0 and leftovers(tmp_path) == []
+
+
+def test_two_prunes_into_one_out_the_second_is_refused_and_the_first_finishes(tiny, tmp_path):
+    out = tmp_path / "pruned"
+    first = _start("prune", tiny("sd"), "--out", out, *FAST, stage="after-package")
+    try:
+        _wait_until_stopped(first)
+        partial = tmp_path / ".pruned.obsdiff-partial"
+        before = tree_digest(partial)
+        proc = cli("prune", tiny("sd"), "--out", out, *FAST, "--overwrite")
+        assert proc.returncode == 2 and f"pid {first.pid}" in error_line(proc)
+        assert tree_digest(partial) == before  # the first run's checkpoint is untouched
+        _resume(first)
+    finally:
+        first.kill()
+    assert PrunedFolder.open(out).record.layers and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["components"]["unet"].update(file="../outside.onnx"), "is not a file of this bundle"),
+    (lambda m: m["components"]["unet"].update(file="/etc/passwd"), "is not a file of this bundle"),
+    (lambda m: m.update(components={}), "it is empty"),
+    (lambda m: m["components"].update(unet=5), "components['unet'] must be an object"),
+    (lambda m: m["components"]["unet"].update(inputs="sample"), "inputs must be a list"),
+    (lambda m: m.update(precision="fp8"), "unknown precision 'fp8'"),
+    (lambda m: m.update(format="tflite"), "unknown format 'tflite'"),
+    (lambda m: m["gates"].update(min_cosine="high"), "gates.min_cosine must be a number"),
+])
+def test_validate_refuses_a_manifest_that_lies_about_its_models(bundle_copy, edit, message):
+    (bundle_copy.parent / "outside.onnx").write_bytes(b"not a model")
+    _edit_manifest(bundle_copy, edit)
+    proc = cli("validate", bundle_copy)
+    assert proc.returncode != 0 and message in error_line(proc)
+
+
+def test_validate_misses_a_required_file_removed_with_its_manifest_line(bundle_copy):
+    for rel in ("reference/unet.safetensors", "model_index.json"):
+        copy = bundle_copy.parent / rel.replace("/", "_")
+        shutil.copytree(bundle_copy, copy)
+        (copy / rel).unlink()
+        _edit_manifest(copy, lambda m, rel=rel: m["files"].pop(rel))
+        proc = cli("validate", copy)
+        assert proc.returncode != 0 and (f"needs {rel}" in error_line(proc) or "model_index.json" in error_line(proc))
+    (bundle_copy / "unet" / "model.onnx").unlink()  # a whole component gone, with its lines
+    _edit_manifest(bundle_copy, lambda m: (m["files"].pop("unet/model.onnx"), m["components"].pop("unet")))
+    proc = cli("validate", bundle_copy)
+    assert proc.returncode != 0 and "its pipeline needs" in error_line(proc)
+
+
+def test_validate_refuses_a_fifo(bundle_copy):
+    os.mkfifo(bundle_copy / "unet" / "pipe")
+    proc = cli("validate", bundle_copy)
+    assert proc.returncode != 0 and "unet/pipe is not a regular file" in error_line(proc)
+
+
+@pytest.fixture(scope="module")
+def int8_tiny(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("q") / "model"
+    prune(tiny("sd"), out, PruneConfig(sparsity=Dense(), quantization=Quantization(8), num_prompts=2, steps=2,
+                                       packages=1))
+    return out
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda s: s.pop(next(iter(s))), "no scales for 1 quantized layer"),
+    (lambda s: s.update({k: v[:-1] for k, v in list(s.items())[:1]}), "the weight needs"),
+    (lambda s: s.update({k: torch.full_like(v, float("nan")) for k, v in list(s.items())[:1]}), "finite and positive"),
+    (lambda s: s.update({k: v * 1.5 for k, v in list(s.items())[:1]}), "not on their int8 grid"),
+])
+def test_a_quantized_folder_is_checked_when_opened(int8_tiny, fast_cpu, tmp_path, corrupt, message):
+    from safetensors import safe_open
+
+    model = tmp_path / "m"
+    shutil.copytree(int8_tiny, model)
+    file = model / "unet" / "obsdiff_quantization.safetensors"
+    with safe_open(str(file), framework="pt") as fh:
+        meta = fh.metadata()
+    scales = load_file(file)
+    corrupt(scales)
+    save_file(scales, file, metadata=meta)
+    started = time.time()
+    proc = cli("export", model, "--target", "cpu-int8", "--out", tmp_path / "b")
+    assert proc.returncode != 0 and message in error_line(proc)
+    assert time.time() - started < 20 and not (tmp_path / "b").exists()  # before any export work
+
+
+def test_a_quantized_folder_is_not_pruned_or_quantized_again(int8_tiny, tmp_path):
+    for args in (["--pattern", "dense", "--quantize", "int8"], ["--pattern", "2:4"]):
+        proc = cli("prune", int8_tiny, "--out", tmp_path / "o", *FAST, *args)
+        assert proc.returncode == 2 and "already hold integer codes" in error_line(proc)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_export_report_counts_the_scales_it_checked(int8_tiny, tmp_path):
+    from obsdiff.exporters.bundle import export
+    from obsdiff.exporters.export_plan import ExportOptions, ShapeOverrides
+
+    # the cpu target: int8 weights with float activations (an untrained tiny UNet's int8 activations miss the gate)
+    manifest = export(int8_tiny, "cpu", tmp_path / "b", ExportOptions(shapes=ShapeOverrides(gate_prompts=1, gate_steps=2)))
+    checked = manifest["validation"]["scales_checked"]
+    assert checked == {"unet": len(PrunedFolder.open(int8_tiny).layers("unet"))} and checked["unet"] > 100
+    assert f"unet {checked['unet']} layers" in (tmp_path / "b" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("target,old,new,message", [
+    ("cpu", 'precision = "fp32"', 'precison = "fp16"', "unknown key(s) at the top level: precison"),
+    ("android", "intra_op_num_threads = 1", "intra_op_num_thread = 1", "unknown key(s) in [session_options]"),
+    ("ios", 'compute_units = "CPU_AND_NE"', 'compute_unit = "CPU_AND_NE"', "unknown key(s) in [coreml]: compute_unit"),
+    ("jetson", 'build_on = "device"', 'build_onn = "host"', "unknown key(s) in [tensorrt]: build_onn"),
+    ("cpu", "min_cosine = 0.9999", "min_cosin = 0.9999", "unknown key(s) in [gates]: min_cosin"),
+    ("cpu", 'providers = ["CPUExecutionProvider"]', "providers = [1, 2]", "providers must be a list of strings"),
+    ("cpu", 'providers = ["CPUExecutionProvider"]', 'providers = ["CPUExecutionProvidr"]',
+     "unknown execution provider 'CPUExecutionProvidr'"),
+    ("android", '"XnnpackExecutionProvider"', '"XNNPACKProvider"', "unknown execution provider 'XNNPACKProvider'"),
+    ("jetson", 'build_on = "device"', 'build_on = "moon"', 'build_on must be "device" or "host"'),
+    ("ios", 'compute_units = "CPU_AND_NE"', 'compute_units = "GPU_ONLY"', "compute_units must be one of"),
+    ("ios", 'components = ["text_encoder", "denoiser", "vae_decoder"]', 'components = ["unet"]',
+     "components are roles"),
+    ("cpu", 'format = "onnx"', 'format = "onnx"\n[coreml]\nlayout = "apple"', '[coreml] applies to format = "coreml"'),
+    ("android", 'graph_optimization_level = "ORT_ENABLE_ALL"', 'graph_optimization_level = "max"',
+     "graph_optimization_level must be one of"),
+])
+def test_a_typo_or_bad_value_at_every_profile_level_names_the_file_and_key(tmp_path, target, old, new, message):
+    text = (REPO / "targets" / f"{target}.toml").read_text()
+    assert old in text, old
+    path = tmp_path / f"{target}.toml"
+    path.write_text(text.replace(old, new, 1))
+    proc = cli("export", REPO / "models" / "digits-sd", "--target", path, "--out", tmp_path / "b")
+    line = error_line(proc)
+    assert proc.returncode == 2 and message in line and str(path) in line, line
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (("export", "{tiny}", "--target", "ios", "--deployment-target", "iOS99"), "iOS99 is unknown to coremltools"),
+    (("export", "{tiny}", "--target", "cpu", "--height", "100000", "--width", "100000"),
+     "GiB of denoiser activations per call"),
+    (("prune", "{tiny}", "--height", "100000", "--width", "100000"), "GiB of denoiser activations per call"),
+    (("prune", "{tiny}", "--height", "512", "--width", "512", "--batch-size", "1", "--max-memory", "0.2", "--plan"),
+     "GiB of denoiser activations, over the 0.20 GiB budget"),  # past the size floor: the plan's own measure
+    (("prune", "{tiny}", "--pattern", "structured", "--max-memory", "1e-9", "--plan"), "(--max-memory)"),
+    (("prune", "{tiny}", "--blocks", "down_blocks.*,nothing*"), "'nothing*' selects no block"),
+])
+def test_late_option_checks_come_before_any_work(tiny, tmp_path, args, message):
+    args = [tiny("sd") if a == "{tiny}" else a for a in args]
+    out = ["--out", tmp_path / "o"]
+    started = time.time()
+    proc = cli(*args, *out)
+    assert proc.returncode == 2 and message in error_line(proc), proc.stderr[-500:]
+    assert time.time() - started < 30 and not (tmp_path / "o").exists()
+
+
+def test_stale_outputs_do_not_survive_beside_fresh_ones(tiny, pruned_tiny, fast_cpu, tmp_path):
+    """``ship --pattern dense`` removes the OUT/model an earlier (pruning) ship left; ``export --overwrite`` without
+    ``--zip`` removes the OUT.zip an earlier export wrote. Both earlier outputs are put in place as those runs left
+    them."""
+    out = tmp_path / "OUT"
+    shutil.copytree(pruned_tiny, out / "model")
+    proc = cli("ship", "--target", fast_cpu, "--model", tiny("sd"), "--out", out, "--pattern", "dense",
+               "--gate-prompts", "1")
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert not (out / "model").exists() and json.loads((out / "bundle" / "manifest.json").read_text())["pruning"] is None
+    (out / "bundle.zip").write_bytes(b"an archive of an earlier bundle")
+    assert cli("export", tiny("sd"), "--target", fast_cpu, "--out", out / "bundle", "--overwrite",
+               "--gate-prompts", "1").returncode == 0
+    assert not (out / "bundle.zip").exists() and (out / "bundle" / "manifest.json").is_file()

@@ -4,7 +4,7 @@ smaller; FLOP and parameter budgets allocated over all of them."""
 
 import pytest
 import torch
-from conftest import FAST, calibrated_layer, cli, error_line, interrupted_at
+from conftest import FAST, calibrated_layer, cli, error_line, export_options, interrupted_at
 from safetensors.torch import load_file
 from tiny_pipelines import DENOISER
 
@@ -133,7 +133,7 @@ def test_structured_model_exports_to_onnx(default_model, structured_30, tmp_path
     from obsdiff.exporters.bundle import export
 
     out, record = structured_30
-    manifest = export(out, "cpu", tmp_path / "b", dense_model=default_model)
+    manifest = export(out, "cpu", tmp_path / "b", export_options(gate_prompts=2, gate_steps=5), dense_model=default_model)
     # The report puts the measured latency against the dense export next to the FLOP ratio of the prune.
     dense = manifest["validation"]["against_dense"]
     unet = record.components["unet"].shrink
@@ -158,7 +158,7 @@ def test_shrunk_transformer_families_export(family, tiny, tmp_path):
 
     prune(tiny(family), tmp_path / "model", PruneConfig(sparsity=Structured(0.3, 0.3), num_prompts=2, steps=2,
                                                        packages=1))
-    export(tmp_path / "model", "cpu", tmp_path / "b")
+    export(tmp_path / "model", "cpu", tmp_path / "b", export_options(gate_prompts=2, gate_steps=5))
     dense = load_pipeline(tiny(family))
     export_onnx(dense, tmp_path / "dense", specs_for(dense), pipeline_dims(dense, Shapes()), exporter="optimum")
     name = DENOISER[family]
@@ -357,7 +357,7 @@ def test_sd_unet_and_vae_decoder_shrink_and_export_smaller_graphs(tiny, tmp_path
     images = pipe(["a handwritten digit six"], num_inference_steps=3, height=16, width=16, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
     assert torch.isfinite(images).all()
-    export(tmp_path / "model", "cpu", tmp_path / "b")
+    export(tmp_path / "model", "cpu", tmp_path / "b", export_options(gate_prompts=2, gate_steps=5))
     dense = load_pipeline(tiny("sd"))
     export_onnx(dense, tmp_path / "dense", specs_for(dense), pipeline_dims(dense, Shapes()), exporter="optimum")
     for name, graph in (("unet", "unet"), ("vae", "vae_decoder")):

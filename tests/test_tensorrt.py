@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import cli, error_line
+from conftest import cli, error_line, export_options
 from torch import nn
 
 from obsdiff.errors import UsageError
@@ -25,7 +25,7 @@ from obsdiff.sparsity import NM, Unstructured
 @pytest.fixture(scope="module")
 def jetson_bundle(pruned_24, tmp_path_factory):
     out = tmp_path_factory.mktemp("j") / "jetson"
-    export(pruned_24, "jetson", out)
+    export(pruned_24, "jetson", out, export_options(gate_prompts=2, gate_steps=5))
     return out
 
 
@@ -126,7 +126,7 @@ def test_layers_with_dims_not_divisible_by_4_are_listed_dense(tiny, tmp_path):
     src = tiny("sd", cross_attention_dim=30)
     pruned = tmp_path / "p"
     prune(src, pruned, PruneConfig(sparsity=NM(2, 4), num_prompts=2, steps=2, packages=1))
-    manifest = export(pruned, "jetson", tmp_path / "b")
+    manifest = export(pruned, "jetson", tmp_path / "b", export_options(gate_prompts=2, gate_steps=5))
     rep = manifest["validation"]["sparsity_2of4"]["unet"]
     assert any(n.endswith("attn2.to_k") for n in rep["dense"])
     assert rep["both"] == rep["targeted"]
