@@ -19,6 +19,10 @@ from obsdiff.layers import PRUNABLE, unsupported_reason
 # AdaLN modulation layers take one time embedding per sample: rank ≤ batch, and every token of the
 # block depends on them. They stay dense.
 _ADALN = r".*norm1(_context)?\.linear|.*norm\.linear"
+# A UNet's time (and SDXL's added text-time) conditioning is the same kind of layer: one input row per sample and call,
+# the same row for every prompt at a step, so its Hessian has rank ≤ the number of distinct timesteps whatever the
+# calibration; SD 1.5's 1280-column time_emb_proj would need 2,560 calls' worth of rows to be estimated at all.
+_TIME_CONDITIONING = r"time_embedding\..*|add_embedding\..*|.*\.time_emb_proj"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ UNET = Adapter(
         r"mid_block\.(resnets|attentions)\.\d+",
     ),
     order=("time_embedding", "add_embedding", "down_blocks", "mid_block", "up_blocks"),
+    ignore=(_TIME_CONDITIONING,),
     denoiser=True,
     structured=StructuredLayout(
         attentions=r"transformer_blocks\.\d+\.attn[12]",
@@ -194,7 +199,7 @@ def find_targets(model: nn.Module, adapter: Adapter, block_filter=None) -> tuple
                 continue
             full = f"{block_name}.{sub}"
             if adapter.is_ignored(full):
-                claimed[full] = "kept dense by the adapter (AdaLN modulation)"
+                claimed[full] = "kept dense by the adapter (time conditioning: one row per sample and step)"
             elif reason := unsupported_reason(mod):
                 claimed[full] = reason
             else:

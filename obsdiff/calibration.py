@@ -1,16 +1,28 @@
-"""Calibration: run the real pipeline while one package of layers is hooked.
+"""Calibration: run the real denoising while one package of layers is hooked, paying only for what its Hessians need.
 
-The runner drives the pipeline's own denoising loop (any diffusers scheduler, classifier-free
-guidance batches included) and moves the ``StepContext`` forward through
-``callback_on_step_end``; hooks read the step from that context, never from a global.
+Two ways to feed a package:
+- ``run_pipeline``: the pipeline's own loop (any diffusers scheduler, classifier-free guidance batches included),
+  every prompt, every step, end to end (``--calibration full``; the text encoders' and the VAE's packages).
+- ``record_trajectory`` once, then ``replay``: the denoiser's recorded calls (latents, timestep, text states, CFG
+  batch) fed straight to the partly pruned denoiser, only as many of them as the package's widest row budget needs,
+  each stopped as soon as every hooked layer has seen its input (``StopForward``): the layers after the package are
+  never computed (``--calibration replay``, the default).
+
+Either way each hooked layer keeps a row budget: of a call's rows it keeps a seeded uniform subset, sized so that the
+layer ends with about ``rows_per_column`` × its columns in total (all rows where they are scarce), weighted so the
+statistic stays the α-weighted mean of 2XXᵀ. The step and the prompt batch reach the hooks through the
+``StepContext``, never a global; the subset of a call depends only on (seed, layer, batch, step, chunk), so processes
+that split the prompts draw exactly what one process would.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import weakref
+import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from obsdiff.errors import CalibrationError
-from obsdiff.hessian import HessianAccumulator, StepContext, input_chunks, layer_rows
+from obsdiff.hessian import HessianAccumulator, StepContext, input_chunks, sampled_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +51,40 @@ class CalibrationSettings:
     hessian_dtype: torch.dtype = torch.float32
 
 
+class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Every hooked layer of the package has seen this call's input: the rest of the forward is not needed."""
+
+
+def _subset_seed(seed: int, layer: str, batch: int | None, step: int | None, chunk: int) -> int:
+    return zlib.crc32(f"{seed}:{layer}:{batch}:{step}:{chunk}".encode())
+
+
 class PackageHooks:
     """Forward pre-hooks that fill one Hessian accumulator per distinct layer input.
 
     Layers under the same parent that receive the very same input tensor in the same call (q/k/v of
     a self-attention; k/v of a cross-attention) share one accumulator; the grouping is found on the
-    first call and checked on every later one.
+    first call and checked on every later one. ``quotas``: rows kept per call for each layer (None: all).
+    ``stop_when_done``: raise ``StopForward`` once every hooked layer has fired in the current call.
+    Non-finite activations are flagged on the device and checked once per call (``check_finite``), not per layer.
     """
 
     def __init__(self, layers: dict[str, nn.Module], ctx: StepContext, weighted: bool,
                  hessian_device: str | None = None, hessian_dtype: torch.dtype = torch.float32,
-                 diagonal_only: bool = False) -> None:
+                 diagonal_only: bool = False, quotas: dict[str, int | None] | None = None, seed: int = 0,
+                 stop_when_done: bool = False) -> None:
         self.layers = layers
         self.diagonal_only = diagonal_only
         self.hessian_device, self.hessian_dtype = hessian_device, hessian_dtype
         self.ctx = ctx
         self.weighted = weighted
+        self.quotas, self.seed, self.stop_when_done = quotas or {}, seed, stop_when_done
         self.accumulators: dict[str, HessianAccumulator] = {}
         self.owner: dict[str, str] = {}  # layer -> layer whose accumulator it uses
         self._last_input: dict[str, tuple[weakref.ref, str]] = {}  # parent -> (last input, its owner)
         self._handles: list = []
+        self._fired: set[str] = set()
+        self._nonfinite: dict[str, torch.Tensor] = {}
 
     def _hook(self, name: str) -> Callable:
         parent = name.rsplit(".", 1)[0] if "." in name else ""
@@ -76,22 +102,42 @@ class PackageHooks:
             if owner != name:
                 if not (same_input and last[1] == owner):
                     raise CalibrationError(f"layer {name} stopped sharing its input with {owner}")
-                return
-            self._last_input[parent] = (weakref.ref(x), name)
-            alpha, step = (self.ctx.alpha(), self.ctx.step) if self.weighted else (1.0, None)
-            for i, part in enumerate(input_chunks(module, x)):
-                rows = layer_rows(module, part)
-                if not torch.isfinite(rows).all():
-                    raise CalibrationError(f"non-finite activations (NaN/Inf) entering layer {name}")
-                acc = self.accumulators.get(name)
-                if acc is None:
-                    acc = self.accumulators[name] = HessianAccumulator(
-                        rows.shape[1], self.hessian_device or rows.device, self.hessian_dtype, self.diagonal_only)
-                acc.add(rows, alpha, step, count_step=i == 0)
+            else:
+                self._last_input[parent] = (weakref.ref(x), name)
+                self._accumulate(name, module, x)
+            self._fired.add(name)
+            if self.stop_when_done and len(self._fired) == len(self.layers):
+                raise StopForward
 
         return hook
 
-    def __enter__(self) -> "PackageHooks":
+    def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        alpha, step = (self.ctx.alpha(), self.ctx.step) if self.weighted else (1.0, None)
+        quota = self.quotas.get(name)
+        for i, part in enumerate(input_chunks(module, x) if quota is None else [x]):
+            generator = None if quota is None else \
+                torch.Generator().manual_seed(_subset_seed(self.seed, name, self.ctx.batch, step, i))
+            rows, represents = sampled_rows(module, part, quota, generator)
+            bad = ~torch.isfinite(rows).all()
+            self._nonfinite[name] = bad if name not in self._nonfinite else self._nonfinite[name] | bad
+            acc = self.accumulators.get(name)
+            if acc is None:
+                acc = self.accumulators[name] = HessianAccumulator(
+                    rows.shape[1], self.hessian_device or rows.device, self.hessian_dtype, self.diagonal_only)
+            acc.add(rows, alpha, step, count_step=i == 0, represents=represents)
+
+    def new_call(self) -> None:
+        """A new forward begins: no hooked layer has fired in it yet."""
+        self._fired.clear()
+
+    def check_finite(self) -> None:
+        """One sync for the call: a non-finite activation anywhere is an error naming the layer."""
+        for name, flag in self._nonfinite.items():
+            if bool(flag):
+                raise CalibrationError(f"non-finite activations (NaN/Inf) entering layer {name}")
+        self._nonfinite.clear()
+
+    def __enter__(self) -> PackageHooks:
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
@@ -102,9 +148,11 @@ class PackageHooks:
         self._handles.clear()
 
     def hessian(self, name: str) -> HessianAccumulator:
+        """The accumulator ``name`` reads, normalised (once) on first access."""
         owner = self.owner.get(name)
         if owner is None or owner not in self.accumulators:
             raise CalibrationError(f"layer {name} was never called during calibration")
+        self.accumulators[owner].finalize()
         return self.accumulators[owner]
 
     def release(self, name: str) -> None:
@@ -118,7 +166,8 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decode: bool,
-                 after_batch: Callable[[torch.Tensor], None] | None = None, desc: str = "calibrate") -> None:
+                 after_batch: Callable[[torch.Tensor], None] | None = None, desc: str = "calibrate",
+                 hooks: PackageHooks | None = None) -> None:
     """Generate every calibration prompt once, with hooks wherever the caller placed them."""
     ids = settings.prompt_ids if settings.prompt_ids is not None else list(range(len(settings.prompts)))
     batches = list(zip(_batches(settings.prompts, settings.batch_size), _batches(ids, settings.batch_size)))
@@ -127,6 +176,8 @@ def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decod
 
     def on_step_end(_pipe, i: int, _t, _kwargs: dict) -> dict:
         ctx.step = i + 1
+        if hooks is not None:
+            hooks.check_finite()
         bar.update(1)
         return {}
 
@@ -137,16 +188,72 @@ def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decod
         extra["width"] = settings.width
     try:
         for prompts, prompt_ids in batches:
-            ctx.step = 0
+            ctx.step, ctx.batch = 0, prompt_ids[0] // settings.batch_size
             out = pipe(prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                        generator=[torch.Generator().manual_seed(settings.seed + i) for i in prompt_ids],
                        output_type="pt" if decode else "latent", callback_on_step_end=on_step_end, **extra)
             ctx.step = None
             if after_batch is not None:
                 after_batch(out.images)
+            if hooks is not None:
+                hooks.check_finite()
     finally:
-        ctx.step = None
+        ctx.step = ctx.batch = None
         bar.close()
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """One denoiser call of the calibration's generation: which prompt batch, which step, and its inputs."""
+
+    batch: int
+    step: int
+    args: tuple
+    kwargs: dict[str, Any] = field(hash=False)
+
+
+def record_trajectory(pipe, module: nn.Module, settings: CalibrationSettings, ctx: StepContext,
+                      desc: str = "record") -> list[RecordedCall]:
+    """Generate every calibration prompt once and keep every call of ``module`` (the denoiser): the inputs a package's
+    replay feeds it. Latents are new tensors each step; the text states are one tensor per batch, shared by its calls."""
+    calls: list[RecordedCall] = []
+
+    def hook(_module, args, kwargs) -> None:
+        calls.append(RecordedCall(ctx.batch, ctx.step, tuple(args), dict(kwargs)))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run_pipeline(pipe, settings, ctx, decode=False, desc=desc)
+    finally:
+        handle.remove()
+    return calls
+
+
+def select_calls(keys: list[tuple[int, int]], count: int, seed: int) -> set[tuple[int, int]]:
+    """``count`` of the (batch, step) keys of a whole calibration, a seeded uniform draw (spread over prompts and
+    steps), the same in every process."""
+    chosen = list(keys)
+    random.Random(seed).shuffle(chosen)
+    return set(chosen[:count])
+
+
+def replay(module: nn.Module, calls: list[RecordedCall], ctx: StepContext, hooks: PackageHooks,
+           desc: str = "replay") -> None:
+    """Feed recorded calls to ``module`` with a package's hooks in place; each stops once every hooked layer has seen
+    its input."""
+    try:
+        with torch.no_grad():
+            for call in tqdm(calls, desc=desc, unit="call", mininterval=2, leave=False):
+                ctx.step, ctx.batch = call.step, call.batch
+                hooks.new_call()
+                try:
+                    module(*call.args, **call.kwargs)
+                except StopForward:
+                    pass
+                hooks.check_finite()
+    finally:
+        ctx.step = ctx.batch = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class Progress:
     timings: dict[str, float] = field(default_factory=dict)
     allocation: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> unit -> groups to remove
     quantized: dict[str, QuantizedComponent] = field(default_factory=dict)  # component -> scales so far
+    package_s: dict[str, dict[str, float]] = field(default_factory=dict)  # "component/index" -> measured seconds
 
     def forget(self, component: str) -> None:
         """Start ``component`` over (its checkpoint was unusable)."""
@@ -43,6 +44,7 @@ class Progress:
         self.allocation.pop(component, None)
         self.quantized.pop(component, None)
         self.layers = [r for r in self.layers if r.component != component]
+        self.package_s = {k: v for k, v in self.package_s.items() if not k.startswith(component + "/")}
         self.units = [u for u in self.units if u.component != component]
 
     def add_time(self, what: str, seconds: float) -> None:
@@ -50,13 +52,15 @@ class Progress:
 
     def to_json(self) -> dict:
         return {"fingerprint": self.fingerprint, "done": self.done, "layers": [r.to_json() for r in self.layers],
-                "units": [u.to_json() for u in self.units], "timings": self.timings, "allocation": self.allocation}
+                "units": [u.to_json() for u in self.units], "timings": self.timings, "allocation": self.allocation,
+                "package_s": self.package_s}
 
     @classmethod
     def from_json(cls, data: dict) -> Progress:
         names = set(data["done"])
         return cls(data["fingerprint"], dict(data["done"]), [LayerRecord.from_json(r, names) for r in data["layers"]],
-                   [UnitRecord.from_json(u) for u in data["units"]], dict(data["timings"]), dict(data["allocation"]))
+                   [UnitRecord.from_json(u) for u in data["units"]], dict(data["timings"]), dict(data["allocation"]),
+                   package_s=dict(data.get("package_s", {})))
 
 
 class Checkpoint:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from obsdiff import __version__
 from obsdiff.atomic import Terminated, raise_on_sigterm
+from obsdiff.config import DEFAULT_ROWS_PER_COLUMN
 from obsdiff.errors import ObsdiffError
 
 log = logging.getLogger("obsdiff")
@@ -50,6 +51,16 @@ def _int_arg(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _rows_arg(text: str) -> int | None:
+    """``--rows-per-column``: a whole number, or ``all`` (every row, no budget)."""
+    if text.strip() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1 or 'all', got {text!r}") from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -91,14 +102,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, weighting=args.weighting, alpha_min=args.alpha_min,
         alpha_max=args.alpha_max, packages=args.packages, damp=args.damp, blocks=args.blocks, seed=args.seed,
         batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, compensate=not args.no_compensate,
-        max_memory_gib=args.max_memory, quantization=quantization,
+        max_memory_gib=args.max_memory, quantization=quantization, rows_per_column=args.rows_per_column,
+        calibration=args.calibration, refresh_every=args.refresh_every,
     )
     from obsdiff.distributed import init_world, shutdown
 
+    if args.json and not args.plan:
+        from obsdiff.errors import UsageError
+
+        raise UsageError("--json prints the plan: use it with --plan")
     if args.plan:
         from obsdiff.prune import plan_prune
 
-        print(format_plan(plan_prune(args.model, config, device=args.device)))
+        plan = plan_prune(args.model, config, device=args.device)
+        print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
         return 0
     world = init_world()
     try:
@@ -124,21 +141,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else \
+        f"{seconds:.0f} s"
+
+
 def format_plan(plan: dict) -> str:
-    """``prune --plan``: one line per package, then the expected peak."""
+    """``prune --plan``: the budget, one line per package (memory and time), rows per column per width, the totals."""
     lines = [f"memory budget {plan['budget_gib']:.2f} GiB ({plan['budget_from']}) for Hessians, solve workspace and "
              f"activations ({plan['activation_gib']:.2f} GiB); pipeline loaded and run once: {plan['base_rss_gib']:.2f} GiB RSS; "
-             f"{plan['calibration_passes_per_package']} denoising steps of calibration per package"]
+             f"{plan['calibration_passes_per_package']} denoising steps of calibration per package at most; "
+             f"{plan.get('seconds_per_image', 0):.2f} s per image through the denoiser (probed)"]
+    if plan.get("recording_seconds"):
+        lines.append(f"recording the trajectory (every prompt, every step, once): {_duration(plan['recording_seconds'])}")
     for name, packages in plan["components"].items():
         for i, p in enumerate(packages):
-            if "units" in p:
-                lines.append(f"{name} package {i + 1}: {p['units']} structured units")
-                continue
+            time_part = ""
+            if "expected_seconds" in p:
+                time_part = (f"; expected {_duration(p['expected_seconds'])} (calibration "
+                             f"{_duration(p['expected_calibration_seconds'])}, updates "
+                             f"{_duration(p['expected_update_seconds'])}, solves {_duration(p['expected_solve_seconds'])})")
             lines.append(f"{name} package {i + 1}: {p['layers']} layers ({p['first']} … {p['last']}), {p['hessians']} "
                          f"Hessians {p['hessian_gib']:.2f} GiB, largest solve {p['largest_layer']} "
                          f"{p['workspace_gib']:.2f} GiB, needs {p['need_gib']:.2f} GiB, expected peak "
-                         f"{p['expected_peak_gib']:.2f} GiB")
+                         f"{p['expected_peak_gib']:.2f} GiB{time_part}")
+    widths = plan.get("rows_per_column_by_width")
+    if widths:
+        lines.append("rows per column, fewest per layer width: " +
+                     ", ".join(f"{cols} cols {ratio:.1f}×" for cols, ratio in widths.items()))
     lines.append(f"expected peak RSS: {plan['expected_peak_gib']:.2f} GiB")
+    if "expected_seconds" in plan:
+        lines.append(f"expected wall time: {_duration(plan['expected_seconds'])} ({plan['expected_seconds']:.0f} s)")
     return "\n".join(lines)
 
 
@@ -268,11 +301,21 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--blocks", help="blocks to prune: glob patterns or indices/ranges, comma-separated")
     p.add_argument("--seed", type=_int_arg, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted prune into the same --out")
+    p.add_argument("--rows-per-column", type=_rows_arg, default=DEFAULT_ROWS_PER_COLUMN, metavar="R|all",
+                   help="each Hessian's row budget: about R × its columns rows in all, a seeded subset of each call's "
+                        f"(default {DEFAULT_ROWS_PER_COLUMN}; all: every row)")
+    p.add_argument("--calibration", default="replay", choices=["replay", "full"],
+                   help="replay (default): record the denoiser's calls once, then feed each package only the calls "
+                        "its row budget needs, stopped after its last layer; full: rerun the whole pipeline per package")
+    p.add_argument("--refresh-every", type=_int_arg, default=0, metavar="N",
+                   help="replay: re-record the trajectory on the partly pruned model every N packages (0: never)")
     p.add_argument("--max-memory", type=_float_arg, metavar="GIB",
                    help="packages are split so that Hessians, solve workspace and activations fit (default: available "
                    "memory of the device)")
     p.add_argument("--plan", action="store_true", help="print the packages, their memory and the expected peak; "
                    "calibrate nothing, write nothing")
+    p.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON document on stdout (per "
+                   "package and in total: expected_seconds, expected_peak_bytes)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", help="where the pipeline runs (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--hessian-device", help="where Hessians accumulate, e.g. cpu to keep them off the GPU "

@@ -30,6 +30,17 @@ def denoiser_name(components) -> str | None:
 LATENT_SCALE = 8  # the smallest VAE downscale of the supported families: image sizes are multiples of it
 
 
+class Calibration(enum.StrEnum):
+    """How a denoiser package is fed: its recorded trajectory replayed and stopped after the package's last layer, or
+    the whole pipeline rerun for every prompt and step."""
+
+    REPLAY = "replay"
+    FULL = "full"
+
+
+DEFAULT_ROWS_PER_COLUMN = 16  # from benchmarks/results/calibration_cost.md: where accuracy and layer error flatten
+
+
 class Method(enum.StrEnum):
     OBS_DIFF = "obs-diff"
     WANDA = "wanda"
@@ -72,6 +83,9 @@ class PruneConfig:
     compensate: bool = True  # structured only: OBS update of the remaining columns
     max_memory_gib: float | None = None  # packages are split to fit; None: the device's available memory
     quantization: Quantization | None = None  # weights rounded in the same pass (GPTQ) or after it (RTN)
+    rows_per_column: int | None = DEFAULT_ROWS_PER_COLUMN  # each Hessian's row budget; None: every row
+    calibration: Calibration = Calibration.REPLAY
+    refresh_every: int = 0  # replay: re-record the trajectory on the partly pruned model every N packages (0: never)
 
     def validate(self) -> None:
         """Every option, with a one-line error naming it; called before the model is loaded."""
@@ -120,6 +134,13 @@ class PruneConfig:
         check_image_size("--width", self.width)
         if self.max_memory_gib is not None:
             check_number("--max-memory", self.max_memory_gib, 0.0, open_low=True)
+        if self.rows_per_column is not None:
+            check_whole("--rows-per-column", self.rows_per_column, 1)
+        try:
+            self.calibration = Calibration(self.calibration)
+        except ValueError:
+            raise UsageError(f"--calibration must be replay or full, got {self.calibration!r}") from None
+        check_whole("--refresh-every", self.refresh_every, 0)
         if self.hessian_dtype not in ("float32", "float64"):
             raise UsageError("--hessian-dtype must be float32 or float64")
 
@@ -141,6 +162,9 @@ class PruneConfig:
         values = {k: v for k, v in data.items() if k in own}
         values["method"] = Method(values.get("method", Method.OBS_DIFF))
         values["weighting"] = Weighting(values.get("weighting", Weighting.LOG_DECREASE))
+        # records made before row budgets and replay calibrated every row of a full rerun
+        values.setdefault("rows_per_column", None)
+        values["calibration"] = Calibration(values.get("calibration", Calibration.FULL))
         values["components"] = tuple(values.get("components", (DENOISER,)))
         if values.get("prompts_file") is not None:
             values["prompts_file"] = Path(values["prompts_file"])

@@ -77,12 +77,11 @@ def all_reduce_hessians(world: World, accumulators: dict) -> None:
     import torch.distributed as dist
 
     for name in sorted(accumulators):
-        acc = accumulators[name]
-        total = acc.to_sum()  # in place: no second Hessian-sized buffer
-        weight = torch.tensor([acc.weight_sum], dtype=torch.float64, device=total.device)  # exact: fp64 always
-        dist.all_reduce(total)
+        acc = accumulators[name]  # still the raw sum: accumulators are normalised once, after this
+        weight = torch.tensor([acc.weight_sum, acc.rows, acc.kept], dtype=torch.float64, device=acc.hessian.device)
+        dist.all_reduce(acc.hessian)
         dist.all_reduce(weight)
-        acc.from_sum(float(weight.item()))
+        acc.weight_sum, acc.rows, acc.kept = float(weight[0].item()), int(weight[1].item()), int(weight[2].item())
 
 
 def broadcast_layer(world: World, module: torch.nn.Module, record: dict | None, src: int) -> dict:

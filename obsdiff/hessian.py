@@ -63,6 +63,7 @@ class StepContext:
 
     weights: list[float] = field(default_factory=list)
     step: int | None = None
+    batch: int | None = None  # which prompt batch of the calibration (global index): seeds a call's row subset
 
     def alpha(self) -> float:
         if self.step is None or not self.weights:
@@ -91,6 +92,47 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no Hessian statistic for {type(module).__name__}")
 
 
+def row_count(module: nn.Module, x: torch.Tensor) -> int:
+    """How many rows ``layer_rows`` would make of ``x``: tokens of a Linear, output positions of a conv."""
+    if isinstance(module, nn.Linear):
+        return x.numel() // x.shape[-1]
+    h, w = _conv_out_size(module, x)
+    return x.shape[0] * h * w
+
+
+def _conv_out_size(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    padding = module.padding if module.padding_mode == "zeros" else (0, 0)
+    if module.padding_mode != "zeros":
+        x_h, x_w = x.shape[2] + 2 * module.padding[0], x.shape[3] + 2 * module.padding[1]
+    else:
+        x_h, x_w = x.shape[2], x.shape[3]
+    return tuple((size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
+                 zip((x_h, x_w), padding, module.dilation, module.kernel_size, module.stride))
+
+
+def sampled_rows(module: nn.Module, x: torch.Tensor, keep: int | None,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+    """``keep`` of the layer's rows of ``x``, a uniform draw without replacement (all of them when ``keep`` is None or
+    not smaller), and how many rows they stand for. A zero-padded conv gathers only the drawn patches, so a layer with
+    thousands of output positions per call never builds its whole im2col matrix."""
+    n = row_count(module, x)
+    if keep is None or keep >= n:
+        return layer_rows(module, x), n
+    index = torch.randperm(n, generator=generator)[:keep].to(x.device)
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).index_select(0, index), n
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return layer_rows(module, x).index_select(0, index), n
+    out_h, out_w = _conv_out_size(module, x)
+    sample, position = index // (out_h * out_w), index % (out_h * out_w)
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = module.kernel_size, module.stride, module.dilation, module.padding
+    padded = F.pad(x, (pw, pw, ph, ph))
+    ys = (position // out_w)[:, None] * sh + torch.arange(kh, device=x.device) * dh  # [keep, kh]
+    xs = (position % out_w)[:, None] * sw + torch.arange(kw, device=x.device) * dw  # [keep, kw]
+    patches = padded[sample[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # [keep, kh, kw, C]
+    return patches.permute(0, 3, 1, 2).reshape(keep, -1), n  # unfold's column order: channel slowest
+
+
 UNFOLD_BYTES = 256 << 20  # one hook call never unfolds more than this at once
 
 
@@ -109,10 +151,13 @@ def input_chunks(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 class HessianAccumulator:
-    """Running α-weighted mean of 2·XXᵀ (float32 or float64), plus which steps contributed.
+    """The α-weighted mean of 2·XXᵀ (float32 or float64), summed un-normalised and normalised once.
 
-    ``diagonal_only`` keeps just diag(H) = Σ α·2x_j² / Σ α·B, a vector: all Wanda reads (its ‖X_j‖), at
-    O(columns) memory instead of O(columns²).
+    ``add`` takes one call's rows, or a uniform random subset standing for all of them (weighted n / kept), so the sum
+    stays an unbiased estimate of the full one (the row budget: a wide, low-resolution layer keeps every row, a layer with
+    thousands of rows per call only what its columns need). ``weight_sum`` counts Σ α·n over every row seen, kept or
+    not; ``finalize`` divides once (``PackageHooks.hessian`` calls it), so an all-reduce sums the raw statistics of
+    every rank. ``diagonal_only`` keeps just diag(H) (all Wanda reads: its ‖X_j‖), O(columns) memory.
     """
 
     def __init__(self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -122,32 +167,37 @@ class HessianAccumulator:
         shape = (columns,) if diagonal_only else (columns, columns)
         self.hessian = torch.zeros(shape, dtype=dtype, device=device)
         self.weight_sum = 0.0
-        self.rows = 0
+        self.rows = 0  # rows seen (before any subset was taken)
+        self.kept = 0  # rows added to the sum
+        self.finalized = False
         self.steps_seen: Counter[int | None] = Counter()
 
     @property
     def diagonal_only(self) -> bool:
         return self.hessian.dim() == 1
 
-    def add(self, rows: torch.Tensor, alpha: float, step: int | None = None, count_step: bool = True) -> None:
+    def add(self, rows: torch.Tensor, alpha: float, step: int | None = None, count_step: bool = True,
+            represents: int | None = None) -> None:
+        """One call's rows; when they are a uniform subset of ``represents`` rows, each counts for represents / kept."""
+        if self.finalized:
+            raise CalibrationError("rows added to a Hessian that was already normalised")
+        n = rows.shape[0] if represents is None else represents
+        weight = n / rows.shape[0] if rows.shape[0] else 0.0
         rows = rows.detach().to(self.hessian.device, self.hessian.dtype)
-        n = rows.shape[0]
-        new_sum = self.weight_sum + alpha * n
-        self.hessian *= self.weight_sum / new_sum
         if self.diagonal_only:
-            self.hessian.add_((rows * rows).sum(0), alpha=2 * alpha / new_sum)
+            self.hessian.add_((rows * rows).sum(0), alpha=2 * alpha * weight)
         else:
-            self.hessian.addmm_(rows.T, rows, alpha=2 * alpha / new_sum)
-        self.weight_sum = new_sum
+            self.hessian.addmm_(rows.T, rows, alpha=2 * alpha * weight)
+        self.weight_sum += alpha * n
         self.rows += n
+        self.kept += rows.shape[0]
         if count_step:
             self.steps_seen[step] += 1
 
-    def to_sum(self) -> torch.Tensor:
-        """In place: the statistic becomes the un-normalised Σ α·2XXᵀ (for an all-reduce); returns it."""
-        return self.hessian.mul_(self.weight_sum)
-
-    def from_sum(self, weight_sum: float) -> None:
-        """In place: back to the mean, after the sums of every rank were added into ``hessian``."""
-        self.hessian.div_(weight_sum)
-        self.weight_sum = weight_sum
+    def finalize(self) -> torch.Tensor:
+        """In place, once: the sum becomes the mean 2·E_α[XXᵀ]; returns it."""
+        if not self.finalized:
+            if self.weight_sum > 0:
+                self.hessian.div_(self.weight_sum)
+            self.finalized = True
+        return self.hessian

@@ -247,8 +247,8 @@ class _FlashAttention(torch.overrides.TorchFunctionMode):
 
 def activation_bytes(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, dict[str, tuple[int, ...]]]:
     """Peak bytes of the tensors one forward creates, measured on the ``meta`` device (no memory, no compute),
-    and the input shape of every conv. The module runs with meta stand-ins for its parameters, buffers and inputs
-    (``torch.func.functional_call``)."""
+    and the input shape of every conv and Linear (what a calibration call feeds each layer). The module runs with
+    meta stand-ins for its parameters, buffers and inputs (``torch.func.functional_call``)."""
 
     def to_meta(x):
         return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
@@ -263,7 +263,8 @@ def activation_bytes(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int,
 
         return hook
 
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in module.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
     counter = _LiveTensors()
     try:
         with torch.no_grad(), _FlashAttention(), counter:
@@ -293,6 +294,22 @@ def activation_floor(model_dir: Path, height: int, width: int, batch: int) -> in
         channels = denoiser.get("num_attention_heads", 1) * denoiser.get("attention_head_dim", 1)
         positions = (h // patch) * (w // patch)
     return 4 * 2 * batch * channels * positions * 4
+
+
+def rows_per_call(module: nn.Module, input_shape: tuple[int, ...] | None) -> int | None:
+    """How many Hessian rows one call gives a layer: a Linear's tokens, a conv's output positions (im2col rows)."""
+    if input_shape is None:
+        return None
+    if isinstance(module, nn.Linear):
+        return int(math.prod(input_shape[:-1]))
+    if isinstance(module, nn.Conv2d) and len(input_shape) == 4:
+        n, _, h, w = input_shape
+        size = []
+        for dim, k, s, p, d in zip((h, w), module.kernel_size, module.stride, module.padding, module.dilation):
+            p = p if isinstance(p, int) else 0  # "same"/"valid" strings: unpadded is the lower bound
+            size.append((dim + 2 * p - d * (k - 1) - 1) // s + 1)
+        return n * size[0] * size[1]
+    return None
 
 
 def check_size_fits(model_dir: Path, height: int | None, width: int | None, batch: int, budget: int,

@@ -13,12 +13,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from obsdiff import __version__
 from obsdiff.adapters import Adapter, adapter_for
@@ -28,12 +30,16 @@ from obsdiff.calibration import (
     CalibrationSettings,
     ComponentCall,
     PackageHooks,
+    RecordedCall,
     capture_call,
+    record_trajectory,
+    replay,
     run_pipeline,
+    select_calls,
     vae_encoder_feed,
 )
 from obsdiff.checkpoint import Checkpoint, Progress
-from obsdiff.config import DENOISER, Method, PruneConfig, denoiser_name
+from obsdiff.config import DENOISER, Calibration, Method, PruneConfig, denoiser_name
 from obsdiff.distributed import World, all_reduce_hessians, barrier, device_for, init_world
 from obsdiff.errors import ObsdiffError, UsageError
 from obsdiff.hessian import StepContext, timestep_weights
@@ -48,6 +54,8 @@ from obsdiff.plan import (
     check_size_fits,
     memory_plan,
     peak_rss,
+    rows_per_call,
+    shared_input_key,
 )
 from obsdiff.pruned_folder import (
     RECORD_FILE,
@@ -62,6 +70,7 @@ from obsdiff.pruned_folder import (
 from obsdiff.resources import default_prompts_file, read_prompt_lines
 from obsdiff.sparsity import Dense, Measure, Structured
 from obsdiff.structured import UnitSolver, count_params, flops_by_module
+from obsdiff.timing import PackageTime, flop_shares, image_seconds, solve_seconds, update_rate
 
 __all__ = ["DENOISER", "Method", "PruneConfig", "plan_prune", "prune"]
 
@@ -115,6 +124,8 @@ class Prepared:
     work: dict[str, ComponentWork]
     memory: dict
     calls: dict[str, ComponentCall]
+    input_shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)  # at the calibration batch
+    trajectory: list[RecordedCall] | None = None  # the denoiser's recorded calls (replay calibration)
 
     @property
     def components(self) -> dict[str, nn.Module]:
@@ -150,7 +161,87 @@ def prepare(source: PrunedFolder, config: PruneConfig, prompts: list[str], world
         work[name] = ComponentWork(adapter, *solver.packages(name, components[name], adapter))
     prepared = Prepared(config, pipe, prompts, solver, work, {}, {})
     prepared.memory = _plan_memory(prepared, device_for(world, device))
+    add_time_estimates(prepared)
     return prepared
+
+
+def add_time_estimates(prepared: Prepared) -> None:
+    """Each package's expected seconds (calibration, Hessian updates, solves) and the recording's, from timed probes
+    (``obsdiff.timing``), written into the plan beside its memory."""
+    config, plan = prepared.config, prepared.memory
+    denoiser = denoiser_name(prepared.work)
+    replaying = config.needs_calibration and config.calibration is Calibration.REPLAY and denoiser is not None
+    per_image, images, shares = 0.0, 0, {}
+    if denoiser is not None and config.needs_calibration:
+        call = prepared.call(denoiser)
+        per_image, images = image_seconds(call), config.batch_size * call.batch
+        total_flops, by_module = flops_by_module(call, call.prefix)
+        blocks = [b for b, _ in prepared.work[denoiser].adapter.block_modules(prepared.components[denoiser])]
+        shares = flop_shares(blocks, by_module, total_flops)
+    recording = total_calls(config, len(prepared.prompts), True) * images * per_image if replaying else 0.0
+    total = recording
+    plan["rows_per_column_by_width"] = rows_by_width(prepared)
+    for name, work in prepared.work.items():
+        for row, package in zip(plan["components"][name], work.packages):
+            estimate = package_time(prepared, name, package, per_image * images, shares)
+            row.update(expected_seconds=estimate.total_s, expected_calibration_seconds=estimate.calibration_s,
+                       expected_update_seconds=estimate.update_s, expected_solve_seconds=estimate.solve_s,
+                       expected_peak_bytes=int(row.get("expected_peak_gib", 0) * GIB))
+            total += estimate.total_s
+    plan.update(recording_seconds=recording, seconds_per_image=per_image, expected_seconds=total,
+                expected_peak_bytes=int(plan["expected_peak_gib"] * GIB))
+
+
+def rows_by_width(prepared: Prepared) -> dict[str, float]:
+    """For each layer width (columns) of the denoiser, the fewest expected rows per column any layer of it gets: what
+    the row budget and the calls a package is fed leave the scarcest layers (a 23,040-column layer at an 8×8 latent
+    sees 64 rows per image and call)."""
+    name = denoiser_name(prepared.work)
+    if name is None or not prepared.config.needs_calibration:
+        return {}
+    shapes, out = prepared.input_shapes.get(name, {}), {}
+    for package in prepared.work[name].packages:
+        layers = prepared.solver.hooked_layers(package)
+        calls, quotas = package_feed(prepared, name, layers)
+        for layer, module in layers.items():
+            cols = module.weight[0].numel()
+            per_call = rows_per_call(module, shapes.get(layer))
+            if per_call is None:
+                continue
+            ratio = calls * min(per_call, quotas.get(layer) or per_call) / cols
+            out[str(cols)] = min(out.get(str(cols), ratio), ratio)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def package_time(prepared: Prepared, name: str, package: list, seconds_per_call: float,
+                 shares: dict[str, float]) -> PackageTime:
+    """One package: the calls it is fed (a replay stops after its last block), its Hessians' updates, its solves."""
+    config, work = prepared.config, prepared.work[name]
+    if not config.needs_calibration:
+        return PackageTime(0.0, 0.0, 0.0)
+    layers = prepared.solver.hooked_layers(package)
+    calls, quotas = package_feed(prepared, name, layers)
+    share = 1.0
+    if work.adapter.denoiser and config.calibration is Calibration.REPLAY:
+        share = shares.get(package[-1].block, 1.0)
+    calibration = calls * seconds_per_call * share if work.adapter.denoiser else 0.0
+    shapes = prepared.input_shapes.get(name, {})
+    updates, solves, seen = 0.0, 0.0, set()
+    module = prepared.components[name]
+    for layer, m in layers.items():
+        cols = m.weight[0].numel()
+        key = shared_input_key(module, layer)
+        per_call = rows_per_call(m, shapes.get(layer)) or cols
+        rows = calls * min(per_call, quotas.get(layer) or per_call)
+        if key not in seen:
+            seen.add(key)
+            width = cols if config.method is Method.WANDA else cols * cols
+            updates += 2 * rows * width / update_rate(cols)
+        if config.method is Method.OBS_DIFF:
+            solves += solve_seconds(m.weight.shape[0], cols)
+    if getattr(config.sparsity, "budget", None) is not None:  # the budget's scoring pass calibrates it once more
+        calibration, updates = 2 * calibration, 2 * updates
+    return PackageTime(calibration, updates, solves)
 
 
 def _plan_memory(prepared: Prepared, device: torch.device) -> dict:
@@ -162,6 +253,7 @@ def _plan_memory(prepared: Prepared, device: torch.device) -> dict:
     budget_from = "--max-memory" if config.max_memory_gib else "available memory"
     if denoiser is not None and config.needs_calibration:
         activations, input_shapes[denoiser] = _calibration_activations(prepared, denoiser)
+        prepared.input_shapes[denoiser] = input_shapes[denoiser]
         if activations > budget:
             size = f"{config.height or 'native'}×{config.width or 'native'} px"
             raise UsageError(f"calibration at {size} in batches of {config.batch_size} needs {activations / GIB:.2f} GiB "
@@ -200,10 +292,41 @@ def _calibration_activations(prepared: Prepared, denoiser: str) -> tuple[int, di
     return activation_bytes(prepared.components[denoiser], args, kwargs)
 
 
+def total_calls(config: PruneConfig, prompts: int, denoiser: bool) -> int:
+    """Calls of a component in one calibration: every prompt batch at every step for the denoiser, one per batch for
+    the text encoders and the VAE."""
+    batches = -(-prompts // config.batch_size)
+    return batches * config.steps if denoiser else max(batches, 1)
+
+
+def package_feed(prepared: Prepared, component: str, layers: dict[str, nn.Module]) -> tuple[int, dict]:
+    """How many of the calibration's calls a package needs, and how many rows of each call each layer keeps.
+
+    Each layer should end with ``rows_per_column`` × its columns: a replayed package takes the calls its hungriest
+    layer needs (every call where rows are scarce, e.g. 8×8-latent layers with 23,040 columns), and each layer keeps
+    of every call just its share. Without a row budget, or rerunning the pipeline, every call is fed.
+    """
+    config = prepared.config
+    adapter = prepared.work[component].adapter
+    total = total_calls(config, len(prepared.prompts), adapter.denoiser)
+    budget = config.rows_per_column
+    if budget is None:
+        return total, {}
+    shapes = prepared.input_shapes.get(component, {})
+    columns = {name: module.weight[0].numel() for name, module in layers.items()}
+    replaying = adapter.denoiser and config.calibration is Calibration.REPLAY
+    calls = total
+    if replaying:
+        per_call = {name: rows_per_call(module, shapes.get(name)) for name, module in layers.items()}
+        calls = min(total, max(total if per_call[n] is None else math.ceil(budget * columns[n] / per_call[n])
+                               for n in layers))
+    return calls, {name: math.ceil(budget * columns[name] / calls) for name in layers}
+
+
 def calibrate_package(prepared: Prepared, settings: CalibrationSettings, world: World, progress: Progress,
                       component: str, layers: dict[str, nn.Module], index: int,
                       what: str = "calibrate") -> PackageHooks | None:
-    """Hook one package's layers, run the pipeline over this rank's prompts, sum Hessians over ranks."""
+    """Hook one package's layers, feed them (replayed calls, or the whole pipeline), sum Hessians over ranks."""
     config = prepared.config
     if not config.needs_calibration:
         return None
@@ -211,16 +334,38 @@ def calibrate_package(prepared: Prepared, settings: CalibrationSettings, world: 
     adapter = prepared.work[component].adapter
     ctx = StepContext(timestep_weights(config.weighting, config.steps, config.alpha_min, config.alpha_max)
                       if adapter.denoiser else [])
+    calls, quotas = package_feed(prepared, component, layers)
+    replaying = adapter.denoiser and config.calibration is Calibration.REPLAY
     hooks = PackageHooks(layers, ctx, weighted=adapter.denoiser, hessian_device=settings.hessian_device,
-                         hessian_dtype=settings.hessian_dtype, diagonal_only=config.method is Method.WANDA)
+                         hessian_dtype=settings.hessian_dtype, diagonal_only=config.method is Method.WANDA,
+                         quotas=quotas, seed=config.seed, stop_when_done=replaying)
     module = prepared.pipe.components[component]
-    after_batch = vae_encoder_feed(module) if component == "vae" else None
     with hooks, torch.no_grad():
-        run_pipeline(prepared.pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
-                     desc=f"{what} {component} {index + 1}")
+        if replaying:
+            keys = [(b, s) for b in range(-(-len(prepared.prompts) // config.batch_size)) for s in range(config.steps)]
+            chosen = select_calls(keys, calls, config.seed * 1_000_003 + index)
+            mine = [c for c in prepared.trajectory if (c.batch, c.step) in chosen]
+            replay(module, mine, ctx, hooks, desc=f"{what} {component} {index + 1}")
+        else:
+            after_batch = vae_encoder_feed(module) if component == "vae" else None
+            run_pipeline(prepared.pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
+                         desc=f"{what} {component} {index + 1}", hooks=hooks)
     all_reduce_hessians(world, hooks.accumulators)
     progress.add_time("calibration_s", time.time() - t0)
     return hooks
+
+
+def record_denoiser(prepared: Prepared, settings: CalibrationSettings) -> None:
+    """The denoiser's calls over this process's prompts, recorded on the model as it is now (replay calibration)."""
+    config = prepared.config
+    name = denoiser_name(prepared.work)
+    if name is None or not config.needs_calibration or config.calibration is not Calibration.REPLAY:
+        return
+    t0 = time.time()
+    ctx = StepContext(timestep_weights(config.weighting, config.steps, config.alpha_min, config.alpha_max))
+    prepared.trajectory = record_trajectory(prepared.pipe, prepared.pipe.components[name], settings, ctx,
+                                            desc=f"record {name}")
+    log.info("%s: %d calls recorded in %.1f s", name, len(prepared.trajectory), time.time() - t0)
 
 
 def check_calibration_size(source: PrunedFolder, config: PruneConfig, world: World, device: str | None) -> None:
@@ -288,14 +433,15 @@ def _prune_locked(source: PrunedFolder, out_dir: Path, config: PruneConfig, resu
     layout = {name: [[getattr(u, "name", None) or u.key for u in p] for p in w.packages]
               for name, w in prepared.work.items()}  # package boundaries, which a budget may have moved
     prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-    checkpoint = Checkpoint(out_dir)
-    progress = checkpoint.start(config.fingerprint(prompts_sha + json.dumps(layout)), prepared.components, resume,
-                                world.is_main)
-    barrier(world)
     my_prompts, my_ids = world.shard(prompts, config.batch_size)
     settings = CalibrationSettings(my_prompts, config.steps, config.guidance, config.height, config.width,
                                    config.seed, config.batch_size, prompt_ids=my_ids, hessian_device=hessian_device,
                                    hessian_dtype=getattr(torch, config.hessian_dtype))
+    record_denoiser(prepared, settings)  # on the model as it is before any package: a resumed run records the same
+    checkpoint = Checkpoint(out_dir)
+    progress = checkpoint.start(config.fingerprint(prompts_sha + json.dumps(layout)), prepared.components, resume,
+                                world.is_main)
+    barrier(world)
     try:
         run_packages(prepared, settings, world, progress, checkpoint)
     except (KeyboardInterrupt, SystemExit) as exc:
@@ -334,20 +480,39 @@ def run_packages(prepared: Prepared, settings: CalibrationSettings, world: World
         return calibrate_package(prepared, settings, world, progress, name, solver.hooked_layers(package), index, what)
 
     counts, ready = budget_counts(prepared, progress, calibrate)
+    expected = [r.get("expected_seconds", 0.0) for rows in prepared.memory["components"].values() for r in rows]
+    # the whole run's bar, in expected seconds: its ETA is the plan's, corrected by every package measured so far
+    eta = tqdm(total=round(sum(expected)), desc="prune", unit="s", mininterval=5, leave=False) \
+        if expected and world.is_main else _NoBar()
     for name, work in prepared.work.items():
         for index, package in enumerate(work.packages):
             if index < progress.done.get(name, 0):
                 continue
             log.info("%s package %d/%d: %d units", name, index + 1, len(work.packages), len(package))
-            hooks = ready.pop((name, index), None) or calibrate(name, package, index)
+            refresh = prepared.config.refresh_every
+            if work.adapter.denoiser and refresh and index and index % refresh == 0 and (name, index) not in ready:
+                record_denoiser(prepared, settings)  # the partly pruned model's own trajectory from here on
             t0 = time.time()
+            hooks = ready.pop((name, index), None) or calibrate(name, package, index)
+            t1 = time.time()
             result = solver.solve(name, components[name], package, index, hooks, world, counts.get(name))
             del hooks
-            progress.add_time("solve_s", time.time() - t0)
+            progress.add_time("solve_s", time.time() - t1)
+            progress.package_s[f"{name}/{index}"] = {"calibration_s": t1 - t0, "solve_s": time.time() - t1}
+            eta.update(progress.package_s[f"{name}/{index}"]["calibration_s"] + time.time() - t1)
             record_package(progress, name, index, result, prepared.config)
             if world.is_main:
                 checkpoint.save(progress, name, components[name])
             fault_point("after-package", world.rank)
+    eta.close()
+
+
+class _NoBar:
+    def update(self, n: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def budget_counts(prepared: Prepared, progress: Progress, calibrate) -> tuple[dict, dict]:
@@ -401,6 +566,12 @@ def make_record(prepared: Prepared, source: PrunedFolder, progress: Progress, co
         merged = source.shapes(name).merged(ComponentShapes.from_units([u for u in progress.units if u.component == name]))
         if merged:
             shapes[name] = merged
+    for name, rows in prepared.memory.get("components", {}).items():
+        for index, row in enumerate(rows):
+            measured = progress.package_s.get(f"{name}/{index}")
+            if measured:
+                row.update(measured_seconds=sum(measured.values()), measured_calibration_seconds=measured["calibration_s"],
+                           measured_solve_seconds=measured["solve_s"])
     weights = timestep_weights(config.weighting, config.steps, config.alpha_min, config.alpha_max)
     calibration = CalibrationRecord(len(prepared.prompts), prompts_sha, weights if prepared.prompts else None)
     return PruningRecord(config, str(source.path), __version__, calibration, summaries, progress.layers,

@@ -193,5 +193,8 @@ def test_adapter_targets_are_data(default_model):
     adapter = adapter_for(pipe.unet)
     targets, skipped = find_targets(pipe.unet, adapter)
     assert adapter.family == "unet2d-condition" and adapter.denoiser
-    assert {s.name for s in skipped} == {"conv_in", "conv_out"}
-    assert targets[0].block == "time_embedding" and targets[-1].block.startswith("up_blocks.1")
+    time_conditioning = {n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)
+                         and (n.startswith("time_embedding.") or n.endswith(".time_emb_proj"))}
+    assert time_conditioning and {s.name for s in skipped} == {"conv_in", "conv_out"} | time_conditioning
+    assert all("time conditioning" in s.reason for s in skipped if s.name in time_conditioning)
+    assert targets[0].block == "down_blocks.0.resnets.0" and targets[-1].block.startswith("up_blocks.1")
