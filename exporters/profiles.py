@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from obsdiff.api import (
+    DEFAULT_NUM_PROMPTS,
+    DEFAULT_STEPS,
     Quantization,
     SparsitySpec,
     Unstructured,
@@ -235,8 +237,8 @@ class PruneDefaults:
     quantization: Quantization | None = None  # ``quantize = "int8"`` (with ``group_size``, ``quantize_method``)
     accepts: tuple[str, ...] = ()
     components: tuple[str, ...] = ("denoiser",)
-    num_prompts: int = 64
-    steps: int = 25
+    num_prompts: int = DEFAULT_NUM_PROMPTS
+    steps: int = DEFAULT_STEPS
 
     def check(self) -> None:
         _whole("num_prompts", self.num_prompts, 1)

@@ -7,7 +7,17 @@ is read through ``PrunedFolder`` only.
 
 from obsdiff import __version__
 from obsdiff.checks import check_number, check_whole
-from obsdiff.config import DENOISER, DENOISERS, LATENT_SCALE, Method, PruneConfig, check_image_size, denoiser_name
+from obsdiff.config import (
+    DEFAULT_NUM_PROMPTS,
+    DEFAULT_STEPS,
+    DENOISER,
+    DENOISERS,
+    LATENT_SCALE,
+    Method,
+    PruneConfig,
+    check_image_size,
+    denoiser_name,
+)
 from obsdiff.model_io import check_model_folder
 from obsdiff.plan import available_memory, check_size_fits
 from obsdiff.prune import prune
@@ -35,6 +45,8 @@ from obsdiff.sparsity import from_json as sparsity_from_json
 from obsdiff.sparsity import to_json as sparsity_to_json
 
 __all__ = [
+    "DEFAULT_NUM_PROMPTS",
+    "DEFAULT_STEPS",
     "__version__", "available_memory", "check_image_size", "check_model_folder", "check_number", "check_size_fits",
     "check_whole", "ComponentShapes", "copy_record", "DENOISER", "denoiser_name", "DENOISERS", "Dense",
     "integer_weight", "IntegerWeight", "LATENT_SCALE", "LayerRecord", "load_pipeline", "Method", "NM", "parse_kind",

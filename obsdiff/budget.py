@@ -34,10 +34,10 @@ def unit_scores(unit: Unit, hessians: dict[str, torch.Tensor], damp: float) -> t
     total = torch.zeros(len(groups), dtype=torch.float64)
     for name, layer in unit.down_layers().items():
         h = fill_dead(hessians[name])
-        w = down_matrix(layer).float()
+        w = down_matrix(layer).float().to(h.device)  # --hessian-device cpu with a GPU model: solve where H is
         energy = 2 * output_energy(w, h)  # the scores are w_S [H⁻¹_SS]⁻¹ w_Sᵀ = 2 × the ½(δW)H(δW)ᵀ error
         scores = group_obs_scores(w, damped_inverse(h, damp), groups).double()
-        total += scores / energy if energy > 0 else scores
+        total += (scores / energy if energy > 0 else scores).cpu()  # GPU scores, one CPU ranking
     return total
 
 

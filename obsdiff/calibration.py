@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterator
@@ -85,6 +86,7 @@ class PackageHooks:
         self._handles: list = []
         self._fired: set[str] = set()
         self._nonfinite: dict[str, torch.Tensor] = {}
+        self.update_s = 0.0  # time spent building rows and adding them to the Hessians (the rest is the forwards)
 
     def _hook(self, name: str) -> Callable:
         parent = name.rsplit(".", 1)[0] if "." in name else ""
@@ -112,6 +114,13 @@ class PackageHooks:
         return hook
 
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._add_rows(name, module, x)
+        finally:
+            self.update_s += time.perf_counter() - t0
+
+    def _add_rows(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         alpha, step = (self.ctx.alpha(), self.ctx.step) if self.weighted else (1.0, None)
         quota = self.quotas.get(name)
         for i, part in enumerate(input_chunks(module, x) if quota is None else [x]):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from obsdiff import __version__
 from obsdiff.atomic import Terminated, raise_on_sigterm
-from obsdiff.config import DEFAULT_ROWS_PER_COLUMN
+from obsdiff.config import DEFAULT_MIN_ROWS, DEFAULT_NUM_PROMPTS, DEFAULT_ROWS_PER_COLUMN, DEFAULT_STEPS
 from obsdiff.errors import ObsdiffError
 
 log = logging.getLogger("obsdiff")
@@ -103,7 +103,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         alpha_max=args.alpha_max, packages=args.packages, damp=args.damp, blocks=args.blocks, seed=args.seed,
         batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, compensate=not args.no_compensate,
         max_memory_gib=args.max_memory, quantization=quantization, rows_per_column=args.rows_per_column,
-        calibration=args.calibration, refresh_every=args.refresh_every,
+        min_rows=args.min_rows, calibration=args.calibration, refresh_every=args.refresh_every,
     )
     from obsdiff.distributed import init_world, shutdown
 
@@ -117,7 +117,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plan = plan_prune(args.model, config, device=args.device)
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
         return 0
-    world = init_world()
+    world = init_world(args.device)
     try:
         record = prune(args.model, args.out, config, resume=args.resume, overwrite=args.overwrite, world=world,
                        device=args.device, hessian_device=args.hessian_device)
@@ -286,8 +286,9 @@ def _add_prune_parser(sub) -> None:
                    "text_encoder_2, text_encoder_3, vae")
     p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: the model's "
                    "calibration_prompts.txt, else calibration_data/general.txt)")
-    p.add_argument("--num-prompts", type=_int_arg, default=100)
-    p.add_argument("--steps", type=_int_arg, default=25)
+    p.add_argument("--num-prompts", type=_int_arg, default=DEFAULT_NUM_PROMPTS)
+    p.add_argument("--steps", type=_int_arg, default=DEFAULT_STEPS, help="denoising steps of each calibration prompt "
+                   f"(default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=_float_arg, default=7.0)
     p.add_argument("--height", type=_int_arg, help="calibration image height (a multiple of 8; default: the model's)")
     p.add_argument("--width", type=_int_arg)
@@ -304,6 +305,9 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--rows-per-column", type=_rows_arg, default=DEFAULT_ROWS_PER_COLUMN, metavar="R|all",
                    help="each Hessian's row budget: about R × its columns rows in all, a seeded subset of each call's "
                         f"(default {DEFAULT_ROWS_PER_COLUMN}; all: every row)")
+    p.add_argument("--min-rows", type=_int_arg, default=DEFAULT_MIN_ROWS, metavar="N",
+                   help="the row budget's floor: each Hessian keeps at least N rows where its calls hold them "
+                        f"(default {DEFAULT_MIN_ROWS}; cheap for narrow layers)")
     p.add_argument("--calibration", default="replay", choices=["replay", "full"],
                    help="replay (default): record the denoiser's calls once, then feed each package only the calls "
                         "its row budget needs, stopped after its last layer; full: rerun the whole pipeline per package")

@@ -38,7 +38,13 @@ class Calibration(enum.StrEnum):
     FULL = "full"
 
 
-DEFAULT_ROWS_PER_COLUMN = 16  # from benchmarks/results/calibration_cost.md: where accuracy and layer error flatten
+# The calibration defaults, chosen on benchmarks/results/calibration_cost.md (mean of 3 seeds on the default model, within
+# 0.02 of the old 64 prompts × 25 steps × every row at 2:4 and 50%) and priced on SD 1.5 at 512 px by `prune --plan`:
+# the denoiser's calls (prompts × steps) are what a real model pays for, rows per column what its widest layers pay.
+DEFAULT_NUM_PROMPTS = 64
+DEFAULT_STEPS = 6
+DEFAULT_ROWS_PER_COLUMN = 2  # SD 1.5's 23,040-column layers: 2× their columns from 64 × 6 calls of 8×8 latents
+DEFAULT_MIN_ROWS = 32768  # the floor for narrow layers, met with more calls (their updates cost rows × c²: little)
 
 
 class Method(enum.StrEnum):
@@ -66,8 +72,8 @@ class PruneConfig:
     sparsity: SparsitySpec = field(default_factory=Unstructured)
     components: tuple[str, ...] = (DENOISER,)
     prompts_file: Path | None = None
-    num_prompts: int = 100
-    steps: int = 25
+    num_prompts: int = DEFAULT_NUM_PROMPTS
+    steps: int = DEFAULT_STEPS
     guidance: float = 7.0
     height: int | None = None
     width: int | None = None
@@ -84,6 +90,7 @@ class PruneConfig:
     max_memory_gib: float | None = None  # packages are split to fit; None: the device's available memory
     quantization: Quantization | None = None  # weights rounded in the same pass (GPTQ) or after it (RTN)
     rows_per_column: int | None = DEFAULT_ROWS_PER_COLUMN  # each Hessian's row budget; None: every row
+    min_rows: int = DEFAULT_MIN_ROWS  # the row budget's floor per Hessian: max(rows_per_column × columns, min_rows)
     calibration: Calibration = Calibration.REPLAY
     refresh_every: int = 0  # replay: re-record the trajectory on the partly pruned model every N packages (0: never)
 
@@ -136,6 +143,7 @@ class PruneConfig:
             check_number("--max-memory", self.max_memory_gib, 0.0, open_low=True)
         if self.rows_per_column is not None:
             check_whole("--rows-per-column", self.rows_per_column, 1)
+        check_whole("--min-rows", self.min_rows, 0)
         try:
             self.calibration = Calibration(self.calibration)
         except ValueError:
@@ -164,6 +172,7 @@ class PruneConfig:
         values["weighting"] = Weighting(values.get("weighting", Weighting.LOG_DECREASE))
         # records made before row budgets and replay calibrated every row of a full rerun
         values.setdefault("rows_per_column", None)
+        values.setdefault("min_rows", 0)
         values["calibration"] = Calibration(values.get("calibration", Calibration.FULL))
         values["components"] = tuple(values.get("components", (DENOISER,)))
         if values.get("prompts_file") is not None:

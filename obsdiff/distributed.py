@@ -46,15 +46,21 @@ class World:
         return index % self.size
 
 
-def init_world() -> World:
-    """Join the process group torchrun set up (WORLD_SIZE > 1); a single process needs nothing."""
+def init_world(device: str | None = None) -> World:
+    """Join the process group torchrun set up (WORLD_SIZE > 1); a single process needs nothing.
+
+    NCCL only when this rank's tensors live on a GPU (it cannot reduce CPU tensors: ``--device cpu`` on a CUDA machine
+    uses gloo), and then each rank first binds its own GPU (``LOCAL_RANK``), or NCCL would put every rank on GPU 0."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     import torch.distributed as dist
 
+    on_gpu = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    if on_gpu:
+        torch.cuda.set_device(device_for(World(), device))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if on_gpu else "gloo"
         timeout = timedelta(seconds=int(os.environ.get("OBSDIFF_DIST_TIMEOUT", "600")))
         dist.init_process_group(backend, timeout=timeout)
     world = World(dist.get_rank(), dist.get_world_size())

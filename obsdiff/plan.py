@@ -29,6 +29,7 @@ from obsdiff.hessian import UNFOLD_BYTES
 from obsdiff.solver import CHUNK_BYTES
 
 GIB = 1024**3
+CPU = torch.device("cpu")
 # What a running prune allocates beyond the model, Hessians and activations (allocator arenas, kernel scratch,
 # the pipeline's own small tensors, records): measured at ~60 MiB on the shipped model, rounded up.
 RUNTIME_SLACK = 128 << 20
@@ -158,15 +159,17 @@ def fit_to_budget(packages: list[list[LayerCost]], budget: int, activation_bytes
 
 
 def memory_plan(packages: dict[str, list[list]], costs_of: Callable[[str, list], list[LayerCost]],
-                activations: int, budget: int, budget_from: str, passes: int) -> tuple[dict, dict[str, list[list]]]:
+                activations: int, budget: int, budget_from: str, passes: int,
+                device: torch.device = CPU) -> tuple[dict, dict[str, list[list]]]:
     """Each component's packages re-split (layers kept whole, order kept) so that each fits ``budget`` bytes on top
     of the process as it is now; the plan (for ``--plan`` and ``pruning.json``) and the packages to run.
 
     ``costs_of(component, package)`` gives one cost per item of the package (a layer, or a structured unit with its
     down layers); an item that cannot fit is a one-line error naming it.
     """
-    base = current_rss()  # after one real pipeline call: the runtime's own caches and arenas are part of the base
-    summary: dict = {"budget_gib": budget / GIB, "budget_from": budget_from, "base_rss_gib": base / GIB,
+    base = device_base(device)  # after one real pipeline call: the runtime's own caches and arenas are part of it
+    summary: dict = {"device": str(device), "budget_gib": budget / GIB, "budget_from": budget_from,
+                     "base_rss_gib": base / GIB,
                      "activation_gib": activations / GIB, "calibration_passes_per_package": passes, "components": {}}
     fitted_packages: dict[str, list[list]] = {}
     worst = 0
@@ -328,6 +331,21 @@ def check_size_fits(model_dir: Path, height: int | None, width: int | None, batc
                          f"over the {budget / GIB:.1f} GiB budget ({budget_from}): choose a smaller size")
 
 
+def device_base(device: torch.device) -> int:
+    """What the device already holds before the plan's buffers: the process's resident memory on a CPU, the bytes
+    PyTorch has allocated on a GPU (host RSS is another memory)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return current_rss()
+
+
+def device_peak(device: torch.device) -> int:
+    """The run's peak on its device: VmHWM on a CPU, ``max_memory_allocated`` on a GPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss()
+
+
 def current_rss() -> int:
     """This process's resident memory now (Linux /proc; the peak so far elsewhere)."""
     try:
@@ -354,8 +372,10 @@ def peak_rss() -> int:
 
 
 def available_memory(device: torch.device) -> int:
-    """The default budget: free memory of the GPU, or RAM that is still available."""
+    """The default budget: free memory of the GPU (after the caching allocator hands back what it holds), or RAM that
+    is still available."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     try:

@@ -287,6 +287,7 @@ class PruningRecord:
     memory_plan: dict
     timings: dict[str, float]
     peak_rss_mb: float
+    device_peak_mb: float | None = None  # a GPU run's max_memory_allocated
 
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, "tool": "obsdiff", "version": self.tool_version,
@@ -295,7 +296,8 @@ class PruningRecord:
                 "components": {k: v.to_json() for k, v in self.components.items()},
                 "layers": [r.to_json() for r in self.layers], "units": [u.to_json() for u in self.units],
                 "shapes": {k: v.to_json() for k, v in self.shapes.items() if v},
-                "memory_plan": self.memory_plan, "timings": self.timings, "peak_rss_mb": self.peak_rss_mb}
+                "memory_plan": self.memory_plan, "timings": self.timings, "peak_rss_mb": self.peak_rss_mb,
+                "device_peak_mb": self.device_peak_mb}
 
     def summary_json(self) -> dict:
         """The record without its per-layer and per-unit lists (what a bundle's manifest keeps)."""
@@ -324,7 +326,8 @@ class PruningRecord:
                    CalibrationRecord(int(calibration.get("prompts", 0)), str(calibration.get("prompts_sha256", "")),
                                      calibration.get("timestep_weights")),
                    components, layers, units, {k: ComponentShapes.from_json(v) for k, v in shapes_json.items()},
-                   data.get("memory_plan", {}), dict(data.get("timings", {})), float(data.get("peak_rss_mb", 0.0)))
+                   data.get("memory_plan", {}), dict(data.get("timings", {})), float(data.get("peak_rss_mb", 0.0)),
+                   data.get("device_peak_mb"))
 
 
 @dataclass(frozen=True)

@@ -235,8 +235,8 @@ def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern 
         reach = w if pattern is None else obs_sweep(weight, factor, pattern, block_size, mask_block)[0]
         scale = quantize.scales(reach, quant)
     elif quant is not None:
-        scale = torch.ones(rows, cols // quant.group_size)
-    loss = 0.0
+        scale = torch.ones(rows, cols // quant.group_size, device=w.device)
+    loss = torch.zeros((), dtype=torch.float64, device=w.device)  # summed on the device: one sync, at the end
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
@@ -265,9 +265,9 @@ def obs_sweep(weight: torch.Tensor, factor: InverseFactor, pattern: MaskPattern 
             err1[:, i] = e
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-        loss += 0.5 * err1.double().pow(2).sum().item()
+        loss += 0.5 * err1.double().pow(2).sum()
     w[mask] = 0
-    return w, mask, loss, scale
+    return w, mask, float(loss.item()), scale
 
 
 def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: MaskPattern | None, damp: float = 0.01,
@@ -342,6 +342,11 @@ def group_obs_scores(weight: torch.Tensor, hinv: torch.Tensor, groups: list[torc
 
     For single columns this is Σ_rows W[:, q]² / [H⁻¹]_qq.
     """
+    if len({len(s) for s in groups}) == 1:  # equal groups (heads, neurons, channel groups): one batched solve
+        index = torch.stack([torch.as_tensor(s, device=hinv.device) for s in groups])  # [G, s]
+        blocks = hinv[index[:, :, None], index[:, None, :]]  # [G, s, s]
+        ws = weight[:, index].permute(1, 2, 0)  # [G, s, rows]
+        return (torch.linalg.solve(blocks, ws) * ws).sum(dim=(1, 2))
     scores = []
     for s in groups:
         ws = weight[:, s]
@@ -360,8 +365,8 @@ def remove_column_groups(weight: torch.Tensor, hessian: torch.Tensor | None, gro
     ``by_l1_norm`` ranks by the groups' L1 norm once (the baseline); ``compensate=False`` only zeroes. ``forced`` removes
     exactly those groups (a ranking made elsewhere, e.g. fused over two projections).
     """
-    w = weight.float().clone()
-    idx = [torch.as_tensor(g, dtype=torch.long) for g in groups]
+    w = weight.float().clone().to(hessian.device if hessian is not None else weight.device)
+    idx = [torch.as_tensor(g, dtype=torch.long, device=w.device) for g in groups]
     hinv = None
     if hessian is not None and (not by_l1_norm or compensate):
         hinv = damped_inverse(fill_dead(hessian), damp)
@@ -384,5 +389,6 @@ def remove_column_groups(weight: torch.Tensor, hessian: torch.Tensor | None, gro
         w[:, s] = 0
         removed += pick
         alive = [g for g in alive if g not in pick]
-    err, rel = reconstruction_error(weight.float(), w, hessian.float()) if hessian is not None else (math.nan, math.nan)
+    err, rel = reconstruction_error(weight.float().to(w.device), w, hessian.float()) if hessian is not None \
+        else (math.nan, math.nan)
     return GroupResult(w, removed, err, rel)

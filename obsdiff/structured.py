@@ -272,6 +272,8 @@ def _head_scores(layer: nn.Linear, hessian: torch.Tensor | None, groups: list[li
                  damp: float) -> torch.Tensor:
     """Cost of removing each head from one output projection: OBS error, or L1 norm for the baseline."""
     w = layer.weight.detach().float()
+    if hessian is not None:
+        w = w.to(hessian.device)  # --hessian-device cpu with a GPU model: score where H is
     if by_l1_norm:
         return torch.stack([w[:, g].abs().sum() for g in groups])
     return group_obs_scores(w, damped_inverse(hessian.float(), damp), [torch.tensor(g) for g in groups])

@@ -34,10 +34,13 @@ def _timed(fn, repeats: int = 2) -> float:
 
 @functools.cache
 def update_rate(columns: int) -> float:
-    """FLOP/s of ``H.addmm_(Xᵀ, X)`` at this width (probed at ``min(columns, 2 · PROBE_COLUMNS)``)."""
+    """Equivalent FLOP/s (2·rows·c² per update) of the Hessian update ``add_lower_gram`` at this width (probed at
+    ``min(columns, 2 · PROBE_COLUMNS)``)."""
+    from obsdiff.hessian import add_lower_gram
+
     cols = min(columns, 2 * PROBE_COLUMNS)
     h, x = torch.zeros(cols, cols), torch.randn(PROBE_ROWS, cols)
-    return 2 * PROBE_ROWS * cols * cols / _timed(lambda: h.addmm_(x.T, x))
+    return 2 * PROBE_ROWS * cols * cols / _timed(lambda: add_lower_gram(h, x, 1.0))
 
 
 @functools.cache
