@@ -494,7 +494,7 @@ def check_source(source: PrunedFolder, config: PruneConfig) -> None:
 def run_packages(prepared: Prepared, settings: CalibrationSettings, world: World, progress: Progress,
                  checkpoint: Checkpoint) -> None:
     """The loop: for each package not done yet, calibrate, solve, record, checkpoint."""
-    solver, components = prepared.solver, prepared.components
+    solver = prepared.solver
 
     def calibrate(name: str, package: list, index: int, what: str = "calibrate") -> PackageHooks | None:
         return calibrate_package(prepared, settings, world, progress, name, solver.hooked_layers(package), index, what)
@@ -504,6 +504,15 @@ def run_packages(prepared: Prepared, settings: CalibrationSettings, world: World
     # the whole run's bar, in expected seconds: its ETA is the plan's, corrected by every package measured so far
     eta = tqdm(total=round(sum(expected)), desc="prune", unit="s", mininterval=5, leave=False) \
         if expected and world.is_main else _NoBar()
+    try:
+        _package_loop(prepared, settings, world, progress, checkpoint, calibrate, counts, ready, eta)
+    finally:
+        eta.close()
+
+
+def _package_loop(prepared: Prepared, settings: CalibrationSettings, world: World, progress: Progress,
+                  checkpoint: Checkpoint, calibrate, counts: dict, ready: dict, eta) -> None:
+    solver, components = prepared.solver, prepared.components
     for name, work in prepared.work.items():
         for index, package in enumerate(work.packages):
             if index < progress.done.get(name, 0):
@@ -524,7 +533,6 @@ def run_packages(prepared: Prepared, settings: CalibrationSettings, world: World
             if world.is_main:
                 checkpoint.save(progress, name, components[name])
             fault_point("after-package", world.rank)
-    eta.close()
 
 
 class _NoBar:

@@ -131,10 +131,15 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subproc
     return proc
 
 
+def shown_lines(stderr: str) -> list[str]:
+    """The lines a terminal shows of ``stderr``: a progress bar cleared with carriage returns leaves nothing."""
+    return [shown for ln in stderr.split("\n") if (shown := ln.split("\r")[-1].strip())]
+
+
 def error_line(proc) -> str:
     """The one error line; fails if there is a traceback."""
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("obsdiff: error:")]
+    lines = [ln for ln in shown_lines(proc.stderr) if ln.startswith("obsdiff: error:")]
     assert len(lines) == 1, proc.stderr
     return lines[0]
 

@@ -136,7 +136,7 @@ def test_accumulator_is_weighted_mean_of_2xxT():
     acc.add(a, 1.2, 0)
     acc.add(b, 0.8, 1)
     expected = 2 * (1.2 * a.T @ a + 0.8 * b.T @ b) / (1.2 * 10 + 0.8 * 30)
-    assert torch.allclose(acc.hessian, expected, atol=1e-5)
+    assert torch.allclose(acc.finalize(), expected, atol=1e-5)
     assert acc.steps_seen == {0: 1, 1: 1}
 
 
@@ -148,7 +148,7 @@ def test_conv_groups_run_along_input_channels_at_every_tap():
     x = torch.randn(4, 8, 6, 6)
     acc = HessianAccumulator(8 * 9)
     acc.add(layer_rows(conv, x), 1.0)
-    h = permute_hessian(acc.hessian, column_permutation(conv))
+    h = permute_hessian(acc.finalize(), column_permutation(conv))
     dense = conv.weight.detach().clone()
     res = obs_prune(weight_matrix(conv), h, NM(2, 4))
     set_weight_matrix(conv, res.weight)

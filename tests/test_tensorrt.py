@@ -88,7 +88,7 @@ def test_conv_2of4_runs_along_input_channels_not_flattened_taps(tmp_path):
     conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
     acc = HessianAccumulator(8 * 9)
     acc.add(layer_rows(conv, torch.randn(4, 8, 6, 6)), 1.0)
-    res = obs_prune(weight_matrix(conv), permute_hessian(acc.hessian, column_permutation(conv)), NM(2, 4))
+    res = obs_prune(weight_matrix(conv), permute_hessian(acc.finalize(), column_permutation(conv)), NM(2, 4))
     set_weight_matrix(conv, res.weight)
     good = _conv_onnx(tmp_path, conv.weight.detach())
     assert all(c.is_2of4 for c in check_2of4(good))
