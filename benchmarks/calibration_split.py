@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,11 +55,14 @@ def _prune(python: str, cwd: Path, model: Path, out: Path, args: list[str]) -> t
 
 
 def ours(model: Path, args: list[str], tmp: Path) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
     record, wall = _prune(sys.executable, REPO, model, tmp / "new", args)
     t = record["timings"]
     forwards = t["calibration_s"] - t.get("update_s", 0.0) + t.get("recording_s", 0.0)
     rows = record["memory_plan"]["components"]["unet"]
+    columns = [math.prod(r["shape"][1:]) for r in record["layers"]]
     return {"wall_s": wall, "forwards_s": forwards, "updates_s": t.get("update_s", 0.0), "solves_s": t["solve_s"],
+            "update_flops": t.get("update_flops", 0.0), "solve_flops": float(sum(c**3 for c in columns)),
             "expected_s": sum(r.get("expected_seconds", 0) for r in rows) + record["memory_plan"].get("recording_seconds", 0),
             "measured_s": sum(r.get("measured_seconds", 0) for r in rows) + t.get("recording_s", 0.0),
             "layers": len(record["layers"]), "peak_rss_gib": record["peak_rss_mb"] / 1024}
@@ -98,10 +102,18 @@ def markdown(result: dict) -> list[str]:
     for label, r in result["runs"].items():
         lines.append(f"| {label} | {r['wall_s']:.0f} | {r['forwards_s']:.0f} | {r['updates_s']:.0f} | {r['solves_s']:.0f} "
                      f"| {r['layers']} | {r['peak_rss_gib']:.2f} |")
-    new = result["runs"].get("this code")
-    if new and new.get("expected_s"):
-        lines += ["", f"This code's plan expected {new['expected_s']:.0f} s for the package (and the recording); it "
-                  f"measured {new['measured_s']:.0f} s ({new['measured_s'] / new['expected_s']:.2f}×)."]
+    gemm = result["gemm_gflops"] * 1e9
+    for label, r in result["runs"].items():
+        if r.get("update_flops"):
+            lines += ["", f"{label}: updates ran at {r['update_flops'] / max(r['updates_s'], 1e-9) / 1e9:.0f} GFLOP/s "
+                      f"equivalent ({r['update_flops'] / max(r['updates_s'], 1e-9) / gemm:.0%} of the GEMM), solves "
+                      f"{r['solve_flops'] / max(r['solves_s'], 1e-9) / 1e9:.0f} GFLOP/s of c³ "
+                      f"({r['solve_flops'] / max(r['solves_s'], 1e-9) / gemm:.0%})."]
+    lines += ["", "## Each package measured against its plan (this code, same settings)", "",
+              "| blocks | expected s | measured s | measured / expected |", "|---|---|---|---|"]
+    for e in result["estimates"]:
+        lines.append(f"| `{e['blocks']}` | {e['expected_s']:.0f} | {e['measured_s']:.0f} | "
+                     f"{e['measured_s'] / e['expected_s']:.2f} |")
     return lines
 
 
@@ -113,18 +125,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--old-repo", type=Path)
+    parser.add_argument("--also", default="down_blocks.1.*,mid_block.*",
+                        help="more single packages timed against their plan (this code only), comma-separated")
     parser.add_argument("--name", default="calibration_split")
     args = parser.parse_args(argv)
-    common = ["--pattern", args.pattern, "--num-prompts", str(args.prompts), "--steps", str(args.steps),
-              "--blocks", args.blocks, "--packages", "1"]
-    runs = {}
+
+    def common(blocks: str) -> list[str]:
+        return ["--pattern", args.pattern, "--num-prompts", str(args.prompts), "--steps", str(args.steps),
+                "--blocks", blocks, "--packages", "1", "--height", "512", "--width", "512"]
+
+    runs, estimates = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         if args.old_repo:
-            runs["older commit (every row, full rerun)"] = older(args.old_repo, args.model, common, args.prompts,
-                                                                 args.steps, Path(tmp))
-        runs["this code"] = ours(args.model, common, Path(tmp))
+            runs["older commit (every row, full rerun)"] = older(args.old_repo, args.model, common(args.blocks),
+                                                                 args.prompts, args.steps, Path(tmp))
+        for blocks in [args.blocks, *filter(None, args.also.split(","))]:
+            run = ours(args.model, common(blocks), Path(tmp) / blocks.replace("*", "all"))
+            estimates.append({"blocks": blocks, "expected_s": run["expected_s"], "measured_s": run["measured_s"]})
+            if blocks == args.blocks:
+                runs["this code (defaults: replay, 2 rows per column, floor 32,768)"] = run
     result = {"command": "python -m benchmarks.calibration_split " + " ".join(sys.argv[1:] if argv is None else argv),
-              "gemm_gflops": gemm_rate() / 1e9, "runs": runs}
+              "gemm_gflops": gemm_rate() / 1e9, "runs": runs, "estimates": estimates}
     return publish(result, RESULTS, args.name, markdown)
 
 

@@ -226,7 +226,9 @@ def write_readme(results: dict, out: Path) -> None:
     rows = results["quality"]
     lines = ["# Benchmark results", "", f"Command: `{results['command']}` ({results['minutes']:.1f} min on this machine). "
              f"Default model `models/digits-sd`; {results['samples']} samples per row (judge: `models/digits-judge`), "
-             f"{results['num_prompts']} calibration prompts × 25 steps; same seeds everywhere.", "",
+             f"{results['num_prompts']} calibration prompts × 25 steps, every row, the pipeline rerun per package "
+             "(`PUBLISHED_CALIBRATION`; the faster defaults are compared in calibration_cost.md); same seeds "
+             "everywhere.", "",
              "## Quality and pruning cost", "",
              "| run | accuracy | Fréchet dist. | final-latent MSE vs dense | mean layer rel. error | prune s | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]

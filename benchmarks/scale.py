@@ -123,6 +123,13 @@ def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> d
         "export-jetson": [*obsdiff, "export", str(pruned), "--target", "jetson", "--out", str(work / "jetson"),
                           "--overwrite", *size],
         "validate-jetson": [*obsdiff, "validate", str(work / "jetson")],
+        # the whole UNet at the calibration defaults (what `ship --target jetson` prunes with), at the model's size
+        "plan-defaults": [*obsdiff, "prune", str(model), "--out", str(work / "full"), "--pattern", "2:4", "--plan",
+                          "--json"],
+        "prune-defaults": [*obsdiff, "prune", str(model), "--out", str(work / "full"), "--pattern", "2:4"],
+        "export-jetson-full": [*obsdiff, "export", str(work / "full"), "--target", "jetson", "--out",
+                               str(work / "jetson-full"), "--overwrite", *size],
+        "validate-jetson-full": [*obsdiff, "validate", str(work / "jetson-full")],
         "export-ios": [*obsdiff, "export", str(pruned), "--target", "ios", "--out", str(work / "ios"), "--overwrite",
                        "--height", str(height), "--width", str(height)],
     }

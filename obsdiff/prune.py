@@ -371,6 +371,9 @@ def calibrate_package(prepared: Prepared, settings: CalibrationSettings, world: 
     all_reduce_hessians(world, hooks.accumulators)
     progress.add_time("calibration_s", time.time() - t0)
     progress.add_time("update_s", hooks.update_s)  # inside calibration_s: forwards = calibration_s − update_s
+    # the updates' work as square products (2·kept rows·c², all ranks), so a benchmark can state their FLOP rate
+    progress.add_time("update_flops", sum(2.0 * a.kept * a.hessian.shape[0] ** 2 for a in hooks.accumulators.values()
+                                          if not a.diagonal_only))
     return hooks
 
 

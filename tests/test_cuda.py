@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import FAST
 
+from obsdiff.config import Method
 from obsdiff.prune import PruneConfig, prune
 from obsdiff.pruned_folder import PrunedFolder
 from obsdiff.quantize import Quantization
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 
 CASES = {
     "2:4": dict(sparsity=NM(2, 4)),
+    "wanda 2:4": dict(sparsity=NM(2, 4), method=Method.WANDA),
     "structured --flops 0.7": dict(sparsity=Structured(budget=Budget(Measure.FLOPS, 0.7))),
     "int8": dict(sparsity=Dense(), quantization=Quantization(8)),
     "int4 g32": dict(sparsity=Dense(), quantization=Quantization(4, 32)),
@@ -40,11 +42,17 @@ def test_a_gpu_prune_matches_the_cpu_prune(default_model, tmp_path, case, hessia
     on_cpu = prune(default_model, tmp_path / "cpu", PruneConfig(**config), device="cpu")
     on_gpu = prune(default_model, tmp_path / "gpu", PruneConfig(**config), device="cuda", hessian_device=hessian_device)
     assert on_gpu.device_peak_mb and on_gpu.memory_plan["device"].startswith("cuda")
-    assert _mean_error(on_gpu) == pytest.approx(_mean_error(on_cpu), rel=0.05)
     folder = PrunedFolder.open(tmp_path / "gpu")
     pipe = folder.load_pipeline()
     modules = dict(pipe.unet.named_modules())
-    if case == "2:4":
+    if case.startswith("wanda"):  # no reconstruction error to compare: the masks themselves (ties may flip)
+        cpu_modules = dict(PrunedFolder.open(tmp_path / "cpu").load_pipeline().unet.named_modules())
+        same = [(modules[r.layer].weight == 0).eq(cpu_modules[r.layer].weight == 0).float().mean().item()
+                for r in folder.layers("unet")]
+        assert min(same) > 0.99
+    else:
+        assert _mean_error(on_gpu) == pytest.approx(_mean_error(on_cpu), rel=0.05)
+    if "2:4" in case:
         for r in folder.layers("unet"):
             assert NM(2, 4).holds(modules[r.layer].weight.detach().numpy(), axis=1), r.layer
     if "int" in case:
