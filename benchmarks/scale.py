@@ -127,6 +127,9 @@ def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> d
         "plan-defaults": [*obsdiff, "prune", str(model), "--out", str(work / "full"), "--pattern", "2:4", "--plan",
                           "--json"],
         "prune-defaults": [*obsdiff, "prune", str(model), "--out", str(work / "full"), "--pattern", "2:4"],
+        # after an interruption (a 3-hour run may not fit one sitting): the sum of both stages' walls is the prune's
+        "prune-defaults-resume": [*obsdiff, "prune", str(model), "--out", str(work / "full"), "--pattern", "2:4",
+                                  "--resume"],
         "export-jetson-full": [*obsdiff, "export", str(work / "full"), "--target", "jetson", "--out",
                                str(work / "jetson-full"), "--overwrite", *size],
         "validate-jetson-full": [*obsdiff, "validate", str(work / "jetson-full")],

@@ -239,6 +239,49 @@ def record_trajectory(pipe, module: nn.Module, settings: CalibrationSettings, ct
     return calls
 
 
+def trajectory_to_tensors(calls: list[RecordedCall]) -> tuple[dict[str, torch.Tensor], list]:
+    """The recorded calls as flat tensors plus a JSON description (a checkpoint writes them with safetensors, so a
+    resumed prune replays the same trajectory without recording it again). A tensor shared by several calls (a
+    batch's text states) is stored once."""
+    tensors: dict[str, torch.Tensor] = {}
+    keys: dict[int, str] = {}
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in keys:
+                keys[id(value)] = key = str(len(keys))
+                tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+            return {"tensor": keys[id(value)]}
+        if isinstance(value, dict):
+            return {"dict": {str(k): encode(v) for k, v in value.items()}}
+        if isinstance(value, (tuple, list)):
+            return {type(value).__name__: [encode(v) for v in value]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return {"value": value}
+        raise TypeError(f"a denoiser input of type {type(value).__name__} cannot be saved")
+
+    spec = [{"batch": c.batch, "step": c.step, "args": encode(list(c.args)), "kwargs": encode(c.kwargs)}
+            for c in calls]
+    return tensors, spec
+
+
+def trajectory_from_tensors(tensors: dict[str, torch.Tensor], spec: list) -> list[RecordedCall]:
+    """The inverse of ``trajectory_to_tensors``: shared tensors come back shared."""
+
+    def decode(node: dict) -> Any:
+        (kind, value), = node.items()
+        if kind == "tensor":
+            return tensors[value]
+        if kind == "dict":
+            return {k: decode(v) for k, v in value.items()}
+        if kind in ("tuple", "list"):
+            items = [decode(v) for v in value]
+            return tuple(items) if kind == "tuple" else items
+        return value
+
+    return [RecordedCall(c["batch"], c["step"], tuple(decode(c["args"])), decode(c["kwargs"])) for c in spec]
+
+
 def select_calls(keys: list[tuple[int, int]], count: int, seed: int) -> set[tuple[int, int]]:
     """``count`` of the (batch, step) keys of a whole calibration, a seeded uniform draw (spread over prompts and
     steps), the same in every process."""

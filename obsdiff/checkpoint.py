@@ -2,8 +2,9 @@
 
 ``.<out>.obsdiff-partial/`` holds ``progress.json`` (the settings' fingerprint, packages done per component, the
 records so far, timings and a budget's allocation), each component's weights as its last finished package left
-them (their metadata says which package that was), and the quantization scales so far. Every file is written
-whole (temp, fsync, rename); a torn or stale component is named and starts over.
+them (their metadata says which package that was), the quantization scales so far, and each process's recorded
+trajectory (replay calibration: a resumed prune replays the very calls it would have, without recording them again).
+Every file is written whole (temp, fsync, rename); a torn or stale component is named and starts over.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from obsdiff.atomic import discard_staging, fault_point, fsync_file, staging_path, write_bytes_atomic
+from obsdiff.calibration import RecordedCall, trajectory_from_tensors, trajectory_to_tensors
 from obsdiff.errors import UsageError
 from obsdiff.pruned_folder import ComponentShapes, LayerRecord, QuantizedComponent, UnitRecord, read_scales, write_scales
 
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".obsdiff-partial"
 PACKAGES_DONE = "obsdiff.packages_done"  # safetensors metadata: which progress state the weights belong to
+FINGERPRINT = "obsdiff.fingerprint"  # trajectory metadata: the settings it was recorded with
+RECORDED_AT = "obsdiff.recorded_at"  # trajectory metadata: the package it was recorded before (0: the model as given)
+CALLS = "obsdiff.calls"  # trajectory metadata: the calls' structure (trajectory_to_tensors)
 
 
 @dataclass
@@ -101,6 +106,44 @@ class Checkpoint:
             write_scales(self._scales_file(name), progress.quantized[name])
         fault_point("checkpoint-between-files")
         write_bytes_atomic(self.folder / "progress.json", json.dumps(progress.to_json()).encode())
+
+    def save_trajectory(self, calls: list[RecordedCall], rank: int, fingerprint: str, recorded_at: int) -> None:
+        """This process's recorded calls, written whole; a trajectory that cannot be saved only costs a re-recording."""
+        from safetensors.torch import save_file
+
+        try:
+            tensors, spec = trajectory_to_tensors(calls)
+        except TypeError as exc:
+            log.warning("the recorded trajectory is not checkpointed (%s): a resume records it again", exc)
+            return
+        path = self._trajectory_file(rank)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={FINGERPRINT: fingerprint, RECORDED_AT: str(recorded_at),
+                                               CALLS: json.dumps(spec)})
+        fsync_file(tmp)
+        tmp.replace(path)
+
+    def load_trajectory(self, rank: int, fingerprint: str, device: str) -> tuple[list[RecordedCall], int] | None:
+        """The saved calls and the package they were recorded before, or None (none saved, other settings, torn)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = self._trajectory_file(rank)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            if meta.get(FINGERPRINT) != fingerprint:
+                return None
+            calls = trajectory_from_tensors(load_file(str(path), device=device), json.loads(meta[CALLS]))
+            return calls, int(meta[RECORDED_AT])
+        except Exception as exc:  # torn or unreadable: record again
+            log.warning("--resume: %s is unusable (%s); recording again", path, str(exc).splitlines()[0][:120])
+            return None
+
+    def _trajectory_file(self, rank: int) -> Path:
+        return self.folder / f"trajectory.rank{rank}.safetensors"
 
     def discard(self) -> None:
         discard_staging(self.out_dir, PARTIAL_SUFFIX)

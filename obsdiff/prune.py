@@ -128,6 +128,7 @@ class Prepared:
     device: torch.device = torch.device("cpu")
     input_shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)  # at the calibration batch
     trajectory: list[RecordedCall] | None = None  # the denoiser's recorded calls (replay calibration)
+    trajectory_at: int = 0  # the package the trajectory was recorded before (0: the model as given)
     recording_s: float = 0.0
 
     @property
@@ -460,11 +461,18 @@ def _prune_locked(source: PrunedFolder, out_dir: Path, config: PruneConfig, resu
     settings = CalibrationSettings(my_prompts, config.steps, config.guidance, config.height, config.width,
                                    config.seed, config.batch_size, prompt_ids=my_ids, hessian_device=hessian_device,
                                    hessian_dtype=getattr(torch, config.hessian_dtype))
-    record_denoiser(prepared, settings)  # on the model as it is before any package: a resumed run records the same
+    fingerprint = config.fingerprint(prompts_sha + json.dumps(layout))
     checkpoint = Checkpoint(out_dir)
-    progress = checkpoint.start(config.fingerprint(prompts_sha + json.dumps(layout)), prepared.components, resume,
-                                world.is_main)
+    saved = checkpoint.load_trajectory(world.rank, fingerprint, str(prepared.device)) if resume else None
+    if saved:
+        prepared.trajectory, prepared.trajectory_at = saved
+        log.info("--resume: %d recorded calls read from %s", len(prepared.trajectory), checkpoint.folder)
+    else:
+        record_denoiser(prepared, settings)  # on the model as it is before any package (a resume reads it back)
+    progress = checkpoint.start(fingerprint, prepared.components, resume, world.is_main)
     barrier(world)
+    if prepared.trajectory is not None and not saved:
+        checkpoint.save_trajectory(prepared.trajectory, world.rank, fingerprint, prepared.trajectory_at)
     try:
         run_packages(prepared, settings, world, progress, checkpoint)
     except (KeyboardInterrupt, SystemExit) as exc:
@@ -522,8 +530,12 @@ def _package_loop(prepared: Prepared, settings: CalibrationSettings, world: Worl
                 continue
             log.info("%s package %d/%d: %d units", name, index + 1, len(work.packages), len(package))
             refresh = prepared.config.refresh_every
-            if work.adapter.denoiser and refresh and index and index % refresh == 0 and (name, index) not in ready:
+            if (work.adapter.denoiser and refresh and index and index % refresh == 0 and (name, index) not in ready
+                    and prepared.trajectory_at != index):  # a resume may have read this very recording back
                 record_denoiser(prepared, settings)  # the partly pruned model's own trajectory from here on
+                prepared.trajectory_at = index
+                if prepared.trajectory is not None:
+                    checkpoint.save_trajectory(prepared.trajectory, world.rank, progress.fingerprint, index)
             t0 = time.time()
             hooks = ready.pop((name, index), None) or calibrate(name, package, index)
             t1 = time.time()

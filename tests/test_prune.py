@@ -132,7 +132,13 @@ def test_layers_that_do_not_fit_the_pattern_are_skipped_and_listed(tiny, tmp_pat
     assert "unet.conv_in" in skipped
 
 
-def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path, monkeypatch):
+def _same_unet(a_dir, b_dir) -> bool:
+    a = load_file(a_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(b_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path, monkeypatch, caplog):
     src = tiny("sd")
     cfg = lambda: PruneConfig(sparsity=Unstructured(0.5), num_prompts=4, steps=3, packages=3)  # noqa: E731
     full = tmp_path / "full"
@@ -142,16 +148,31 @@ def test_resume_continues_at_the_first_unfinished_package(tiny, tmp_path, monkey
         prune(src, out, cfg())
     partial = tmp_path / ".resumed.obsdiff-partial"
     assert json.loads((partial / "progress.json").read_text())["done"] == {"unet": 1} and not out.exists()
+    assert (partial / "trajectory.rank0.safetensors").is_file()  # the recording is kept: a resume does not redo it
     with pytest.raises(UsageError, match="other settings"):
         prune(src, out, PruneConfig(sparsity=Unstructured(0.4), num_prompts=4, steps=3, packages=3),
               resume=True)
     # an unfinished package's work is redone from the saved state: results equal the uninterrupted run
-    record = prune(src, out, cfg(), resume=True)
+    with caplog.at_level("INFO", logger="obsdiff.prune"):
+        record = prune(src, out, cfg(), resume=True)
+    assert "recorded calls read from" in caplog.text and "calls recorded in" not in caplog.text
     assert not partial.exists()
-    a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_unet(full, out)
     assert len(record.layers) == len(PrunedFolder.open(full).record.layers)
+
+
+def test_resume_after_a_refreshed_recording_replays_that_recording(tiny, tmp_path, monkeypatch):
+    """With ``refresh_every`` 2, package 3 replays the trajectory recorded before package 2 on the partly pruned model:
+    a prune interrupted after package 3 resumes with that recording, not the dense one."""
+    src = tiny("sd")
+    cfg = lambda: PruneConfig(sparsity=Unstructured(0.5), num_prompts=4, steps=3, packages=4,  # noqa: E731
+                              refresh_every=2)
+    prune(src, tmp_path / "full", cfg())
+    out = tmp_path / "resumed"
+    with interrupted_at(monkeypatch, "after-package", nth=3), pytest.raises(KeyboardInterrupt):
+        prune(src, out, cfg())
+    prune(src, out, cfg(), resume=True)
+    assert _same_unet(tmp_path / "full", out)
 
 
 @pytest.mark.parametrize("args,message", [
