@@ -90,7 +90,9 @@ def markdown(result: dict) -> list[str]:
              f"`python -m benchmarks.calibration_cost` — {result['samples']} judged samples per point, 2 threads. "
              "Accuracy is the held-out judge's conditional accuracy; layer error the mean relative ‖(W−Ŵ)X‖²/‖WX‖² "
              "over pruned layers (or removed groups), measured on the calibration's own rows: with few rows per column it is "
-             "in-sample, and falls as held-out accuracy falls (overfitting). Seconds: the whole prune's wall. A 200-sample "
+             "in-sample, and falls as held-out accuracy falls (overfitting). Seconds: the whole prune's wall, one run on a "
+             "2-core machine that other work shared at times: indicative only (on this small model fixed costs "
+             "dominate; real-size time is the plan's, `prune --plan`). A 200-sample "
              "accuracy has a standard error of about 0.025, and one seed to the next moves 2:4 by up to 0.07: read the "
              "3-seed means below.", "",
              "| pattern | prompts | steps | rows/column | min rows | feed | refresh | seed | accuracy | layer error | prune s |",

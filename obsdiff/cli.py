@@ -133,7 +133,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                      s.ffn_neurons_removed, s.ffn_neurons_total, s.channel_groups_removed, s.channel_groups_total,
                      s.params_before, s.params_after, s.flops_before, s.flops_after,
                      100 * s.flops_after / max(s.flops_before, 1))
-        else:
+        if comp.mask is not None:  # a stacked prune has both: the shrink, then its layers quantized
             m = comp.mask
             log.info("%s: %d layers pruned, sparsity %.3f over %d weights, %d skipped", name, m.pruned_layers,
                      m.sparsity_of_pruned_layers, m.pruned_weights, len(comp.skipped))
@@ -148,6 +148,13 @@ def _duration(seconds: float) -> str:
 
 def format_plan(plan: dict) -> str:
     """``prune --plan``: the budget, one line per package (memory and time), rows per column per width, the totals."""
+    if "stages" in plan:  # a stacked prune: both stages, then the totals over both
+        return "\n".join(["stage 1 of 2, shrink:", format_plan(plan["stages"]["shrink"]),
+                          "stage 2 of 2, quantize (planned on the unshrunk model: an upper bound):",
+                          format_plan(plan["stages"]["quantize"]),
+                          f"both stages: expected peak RSS {plan['expected_peak_gib']:.2f} GiB"
+                          + (f", expected wall time {_duration(plan['expected_seconds'])}"
+                             if "expected_seconds" in plan else "")])
     lines = [f"memory budget {plan['budget_gib']:.2f} GiB ({plan['budget_from']}) for Hessians, solve workspace and "
              f"activations ({plan['activation_gib']:.2f} GiB); pipeline loaded and run once: {plan['base_rss_gib']:.2f} GiB RSS; "
              f"{plan['calibration_passes_per_package']} denoising steps of calibration per package at most; "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from obsdiff.checks import check_number, check_whole
@@ -109,12 +109,13 @@ class PruneConfig:
         if self.quantization is not None:
             if not isinstance(self.quantization, Quantization):
                 raise UsageError(f"quantization must be a parsed value, got {self.quantization!r}")
-            if isinstance(spec, Structured):
-                raise UsageError("--quantize with --pattern structured is not supported yet: quantize the shrunk "
-                                 "model in a second prune (--pattern dense --quantize int8)")
-            if self.quantization.method is QuantMethod.GPTQ and self.method is not Method.OBS_DIFF:
+            if (self.quantization.method is QuantMethod.GPTQ and self.method is not Method.OBS_DIFF
+                    and not isinstance(spec, Structured)):  # stacked: the quantize stage is OBS whatever shrank
                 raise UsageError(f"GPTQ rounds inside the OBS sweep and needs the full Hessian: use --method obs-diff, "
                                  f"or --quantize-method rtn with --method {self.method}")
+        if self.stacked and spec.budget is not None and not self.stages()[0].components:
+            raise UsageError(f"--{spec.budget.measure} shrinks the denoiser: add it to --components (or quantize "
+                             "the other components alone)")
         if isinstance(spec, Structured):
             if self.method not in (Method.OBS_DIFF, Method.L1):
                 raise UsageError("--pattern structured takes --method obs-diff or l1")
@@ -155,6 +156,22 @@ class PruneConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method.needs_calibration
+
+    @property
+    def stacked(self) -> bool:
+        """A structured shrink and a weight quantization in one prune: two stages, the second on the shrunk model."""
+        return isinstance(self.sparsity, Structured) and self.quantization is not None
+
+    def stages(self) -> tuple[PruneConfig, PruneConfig]:
+        """A stacked prune's stages: the shrink alone, then the quantization of every layer of the shrunk model
+        (GPTQ on Hessians calibrated anew, since shrinking changed the layers' inputs; RTN needs none)."""
+        assert self.quantization is not None and isinstance(self.sparsity, Structured)
+        gptq = self.quantization.method is QuantMethod.GPTQ
+        shrunk = self.components
+        if self.sparsity.budget is not None:  # a FLOP or parameter budget shrinks the denoiser; the rest is quantized
+            shrunk = tuple(c for c in self.components if c == DENOISER or c in DENOISERS)
+        return (replace(self, quantization=None, components=shrunk),
+                replace(self, sparsity=Dense(), method=Method.OBS_DIFF if gptq else Method.MAGNITUDE, compensate=True))
 
     def to_json(self) -> dict:
         """The settings as ``pruning.json`` records them (the pattern in its canonical form)."""

@@ -405,6 +405,9 @@ def plan_prune(model_dir: Path, config: PruneConfig, device: str | None = None) 
     check_blocks_spec(config.blocks)
     source = PrunedFolder.open(model_dir)
     check_calibration_size(source, config, World(), device)
+    if config.stacked:  # the quantize stage planned on the unshrunk model: an upper bound on its memory and time
+        shrink, quantize = config.stages()
+        return stacked_plan(plan_prune(model_dir, shrink, device), plan_prune(model_dir, quantize, device))
     prompts = read_prompts(config, source.path) if config.needs_calibration else []
     return prepare(source, config, prompts, World(), device).memory
 
@@ -442,11 +445,58 @@ def prune(model_dir: Path, out_dir: Path, config: PruneConfig, *, resume: bool =
     _check_output(out_dir, source, config, overwrite)
     world = world or init_world()
     with OutputLock(out_dir) if world.is_main else contextlib.nullcontext():
+        if config.stacked:
+            return _prune_stacked(source, out_dir, config, resume, world, device, hessian_device, started)
         return _prune_locked(source, out_dir, config, resume, world, device, hessian_device, started)
 
 
+SHRUNK_SUFFIX = ".obsdiff-shrunk"  # a stacked prune's first stage, beside the output until the second is published
+
+
+def _prune_stacked(source: PrunedFolder, out_dir: Path, config: PruneConfig, resume: bool, world: World,
+                   device: str | None, hessian_device: str | None, started: float) -> PruningRecord:
+    """Shrink, then quantize the shrunk model, as two stages of one prune: the first stage's folder is kept (hidden,
+    beside the output) until the second is published, so ``--resume`` continues in whichever stage stopped."""
+    shrink, quantize = config.stages()
+    shrunk_dir = out_dir.with_name(f".{out_dir.name}{SHRUNK_SUFFIX}")
+    done = _finished_stage(shrunk_dir, shrink, source) if resume else None
+    if done is None:
+        log.info("stage 1 of 2: shrink (%s)", shrink.sparsity)
+        if world.is_main:
+            discard_staging(out_dir, SHRUNK_SUFFIX)  # a stale first stage (other settings) starts over
+        barrier(world)
+        done = _prune_locked(source, shrunk_dir, shrink, resume, world, device, hessian_device, time.time())
+    else:
+        log.info("--resume: stage 1 (shrink) already done in %s", shrunk_dir)
+    log.info("stage 2 of 2: quantize the shrunk model (%s)", quantize.quantization)
+    try:
+        record = _prune_locked(PrunedFolder.open(shrunk_dir), out_dir, quantize, resume, world, device,
+                               hessian_device, started, carried=(source, config, done))
+    except ObsdiffError:  # bad input or data: nothing to resume
+        if world.is_main:
+            discard_staging(out_dir, SHRUNK_SUFFIX)
+        raise
+    if world.is_main:
+        discard_staging(out_dir, SHRUNK_SUFFIX)
+    return record
+
+
+def _finished_stage(folder: Path, config: PruneConfig, source: PrunedFolder) -> PruningRecord | None:
+    """The first stage's record, when its folder holds a finished prune of ``source`` at these settings."""
+    try:
+        record = PrunedFolder.open(folder).record
+    except Exception:  # absent or unreadable: the stage runs (again)
+        return None
+    if record is None or record.source != str(source.path) or record.settings.to_json() != config.to_json():
+        return None
+    return record
+
+
 def _prune_locked(source: PrunedFolder, out_dir: Path, config: PruneConfig, resume: bool, world: World,
-                  device: str | None, hessian_device: str | None, started: float) -> PruningRecord:
+                  device: str | None, hessian_device: str | None, started: float,
+                  carried: tuple[PrunedFolder, PruneConfig, PruningRecord] | None = None) -> PruningRecord:
+    """One prune of ``source`` into ``out_dir``; ``carried``: a stacked prune's original source, its settings and its
+    first stage's record, which the published record merges with this stage's."""
     prompts = read_prompts(config, source.path) if config.needs_calibration else []
     _check_world(config, world, prompts)
     check_source(source, config)
@@ -486,6 +536,8 @@ def _prune_locked(source: PrunedFolder, out_dir: Path, config: PruneConfig, resu
         log.error("prune stopped; finished packages are kept in %s: rerun with --resume", checkpoint.folder)
         raise
     record = make_record(prepared, source, progress, costs_before, prompts_sha, time.time() - started)
+    if carried is not None:
+        record = stacked_record(record, *carried)
     if world.is_main:
         publish(source, out_dir, prepared, record, progress.quantized)
         checkpoint.discard()
@@ -622,6 +674,35 @@ def make_record(prepared: Prepared, source: PrunedFolder, progress: Progress, co
                          progress.units, shapes, prepared.memory, timings,
                          peak_rss() / 2**20, device_peak_mb=device_peak(prepared.device) / 2**20
                          if prepared.device.type == "cuda" else None)
+
+
+def stacked_record(second: PruningRecord, source: PrunedFolder, config: PruneConfig,
+                   first: PruningRecord) -> PruningRecord:
+    """One record for a stacked prune: the original source and settings, the first stage's units and shrink summary,
+    the second stage's layers and quantization; times summed per stage."""
+    components = {}
+    for name, summary in second.components.items():
+        shrunk = first.components.get(name)
+        components[name] = replace(summary, shrink=shrunk.shrink if shrunk else None,
+                                   skipped=[*(shrunk.skipped if shrunk else []), *summary.skipped])
+    timings = {f"shrink_{k}": v for k, v in first.timings.items()}
+    timings.update({f"quantize_{k}": v for k, v in second.timings.items()})
+    timings["total_s"] = first.timings.get("total_s", 0.0) + second.timings.get("total_s", 0.0)
+    return replace(second, settings=config, source=str(source.path), components=components, units=first.units,
+                   timings=timings,
+                   memory_plan=stacked_plan(first.memory_plan, second.memory_plan),
+                   peak_rss_mb=max(first.peak_rss_mb, second.peak_rss_mb))
+
+
+def stacked_plan(shrink: dict, quantize: dict) -> dict:
+    """Both stages' plans, and the peak and time over both."""
+    plan = {"stages": {"shrink": shrink, "quantize": quantize},
+            "expected_peak_gib": max(shrink.get("expected_peak_gib", 0.0), quantize.get("expected_peak_gib", 0.0))}
+    if "expected_seconds" in shrink or "expected_seconds" in quantize:
+        plan["expected_seconds"] = shrink.get("expected_seconds", 0.0) + quantize.get("expected_seconds", 0.0)
+    if "expected_peak_bytes" in quantize:
+        plan["expected_peak_bytes"] = max(shrink.get("expected_peak_bytes", 0), quantize["expected_peak_bytes"])
+    return plan
 
 
 def publish(source: PrunedFolder, out_dir: Path, prepared: Prepared, record: PruningRecord,

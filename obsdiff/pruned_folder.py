@@ -260,7 +260,7 @@ class ComponentSummary:
         mask = shrink = None
         if "units" in data:
             shrink = ShrinkSummary(**{f.name: data[f.name] for f in fields(ShrinkSummary)})
-        else:
+        if "pruned_layers" in data or shrink is None:  # a stacked prune (shrink, then quantize) holds both
             mask = MaskSummary(**{f.name: data.get(f.name) for f in fields(MaskSummary)})
         return cls(data.get("adapter", ""), data.get("packages", []), skipped, mask, shrink)
 

@@ -20,7 +20,7 @@ from obsdiff.prune import PruneConfig, prune
 from obsdiff.pruned_folder import SCALES_FILE, PrunedFolder, load_pipeline
 from obsdiff.quantize import Quantization, per_column
 from obsdiff.resources import targets_dir
-from obsdiff.sparsity import NM, Dense
+from obsdiff.sparsity import NM, Budget, Dense, Measure, Structured
 
 QUICK = dict(num_prompts=4, steps=3, packages=2)
 IOS_PROFILE = targets_dir() / "ios.toml"
@@ -45,6 +45,15 @@ def _torch_codes(model_dir, quant: Quantization) -> dict[str, tuple[torch.Tensor
     return out
 
 
+@pytest.fixture(scope="module")
+def stacked_model(default_model, tmp_path_factory):
+    """One prune: the default UNet shrunk to 70% of its FLOPs, then GPTQ int8 on the shrunk layers."""
+    out = tmp_path_factory.mktemp("stacked") / "model"
+    prune(default_model, out, PruneConfig(sparsity=Structured(budget=Budget(Measure.FLOPS, 0.7)),
+                                          quantization=Quantization(8), **QUICK))
+    return out
+
+
 def test_cpu_int8_bundle_carries_our_codes_and_runs_int8_kernels(int8_model, tmp_path):
     bundle = tmp_path / "bundle"
     # two prompts, every step: the activation ranges span the schedule
@@ -54,13 +63,32 @@ def test_cpu_int8_bundle_carries_our_codes_and_runs_int8_kernels(int8_model, tmp
     assert unet["int8"]["codes"]["equal"] == unet["int8"]["codes"]["layers"] > 100
     assert unet["int8"]["kernels"]["QLinearConv"] > 10 and unet["int8"]["kernels"]["QLinearMatMul"] > 10
     assert results["end_to_end"]["psnr_db"] >= 35.0  # exported int8 vs the fake-quantized PyTorch pipeline
+    _assert_initializers_are_our_codes(bundle, int8_model)
 
-    # Independently of the exporter's own check: every int8 initializer × its scale is a PyTorch weight, exactly.
+
+def test_a_stacked_folder_exports_shrunk_int8_with_both_factors(stacked_model, default_model, tmp_path):
+    """Structured + int8 from one prune: the graph carries our codes at the shrunk shapes, and the report splits the
+    speed against the dense export into its structured and int8 factors, timed together."""
+    bundle = tmp_path / "bundle"
+    manifest = export(stacked_model, "cpu-int8", bundle, export_options(gate_prompts=1, gate_steps=5),
+                      dense_model=default_model)
+    results = manifest["validation"]
+    unet = results["components"]["unet"]
+    assert unet["int8"]["codes"]["equal"] == unet["int8"]["codes"]["layers"] > 100
+    _assert_initializers_are_our_codes(bundle, stacked_model)
+    dense = results["against_dense"]
+    assert dense["structured_speedup"] > 0 and dense["int8_speedup"] > 0
+    assert dense["latency_ratio"] * dense["structured_speedup"] * dense["int8_speedup"] == pytest.approx(1.0)
+    assert dense["flops_ratio"] <= 0.7 and "Stacked:" in (bundle / "report.md").read_text()
+
+
+def _assert_initializers_are_our_codes(bundle, model_dir) -> None:
+    """Independently of the exporter's own check: every int8 initializer × its scale is a PyTorch weight, exactly."""
     graph = onnx.load(str(bundle / "unet" / "model.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
     quantized = {n: a for n, a in inits.items() if n.endswith("_quantized")}
     assert quantized and all(a.dtype == np.int8 for a in quantized.values())
-    codes = _torch_codes(int8_model, Quantization(8))
+    codes = _torch_codes(model_dir, Quantization(8))
     axis = {n.input[0]: next((a.i for a in n.attribute if a.name == "axis"), 1)
             for n in graph.graph.node if n.op_type == "DequantizeLinear"}
     weights = {}

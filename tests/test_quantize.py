@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import calibrated_layer, cli, error_line
+from conftest import calibrated_layer, cli, error_line, interrupted_at
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -12,7 +12,7 @@ from obsdiff.prune import PruneConfig, prune
 from obsdiff.pruned_folder import PrunedFolder, load_pipeline
 from obsdiff.quantize import Quantization, QuantMethod, codes, per_column, rtn
 from obsdiff.solver import obs_prune, reconstruction_error
-from obsdiff.sparsity import NM, Dense, Unstructured
+from obsdiff.sparsity import NM, Budget, Dense, Measure, Structured, Unstructured
 
 QUANTS = [Quantization(8), Quantization(4, 16)]
 
@@ -91,7 +91,6 @@ def test_quantization_bad_input(default_model, tmp_path):
         (("--group-size", "32"), "apply with --quantize"),
         (("--quantize", "int8", "--method", "wanda"), "needs the full Hessian"),
         (("--quantize", "int8", "--quantize-method", "best"), "--quantize-method must be gptq or rtn"),
-        (("--pattern", "structured", "--quantize", "int8"), "not supported yet"),
     ]
     for i, (args, message) in enumerate(cases):
         proc = cli("prune", default_model, "--out", tmp_path / f"o{i}", "--num-prompts", "2", "--steps", "2", *args)
@@ -113,3 +112,53 @@ def test_a_shrunk_model_quantized_in_a_second_prune_keeps_its_shapes(default_mod
     assert sum(p.numel() for p in second.parameters()) == sum(p.numel() for p in first.parameters())
     shapes = PrunedFolder.open(tmp_path / "q").shapes("unet")
     assert shapes == PrunedFolder.open(tmp_path / "s").shapes("unet") and shapes.attention_heads and shapes.ffn
+
+
+STACKED = dict(sparsity=Structured(budget=Budget(Measure.FLOPS, 0.7)), quantization=Quantization(8), num_prompts=4,
+               steps=3, packages=2)
+
+
+@pytest.fixture(scope="module")
+def stacked(default_model, tmp_path_factory):
+    """One prune: the default UNet shrunk to 70% of its FLOPs, then its layers GPTQ-int8 on the shrunk model."""
+    out = tmp_path_factory.mktemp("stacked") / "model"
+    prune(default_model, out, PruneConfig(**STACKED))
+    return out
+
+
+def test_one_stacked_prune_shrinks_and_quantizes(stacked, default_model, tmp_path):
+    folder = PrunedFolder.open(stacked)
+    record = folder.record
+    summary = record.components["unet"]
+    assert record.settings.stacked and record.source == str(default_model) and record.units and record.layers
+    assert summary.shrink is not None and summary.mask.quantization == str(Quantization(8))
+    unet = load_pipeline(stacked).unet
+    assert sum(p.numel() for p in unet.parameters()) == summary.shrink.params_after < summary.shrink.params_before
+    assert summary.shrink.flops_after / summary.shrink.flops_before <= 0.7
+    modules = dict(unet.named_modules())
+    scales = folder.quantization["unet"].scales
+    assert len(scales) == len(record.layers) == summary.mask.pruned_layers
+    for layer, scale in scales.items():  # every kept weight of the shrunk layers on its int8 grid
+        matrix = weight_matrix(modules[layer])
+        code = matrix / per_column(scale, Quantization(8))
+        assert torch.allclose(code, code.round(), atol=1e-3) and code.abs().max() <= 127 + 1e-3, layer
+    assert not [p.name for p in stacked.parent.iterdir() if p.name.startswith(".")]  # the first stage is gone
+    # a quantized folder is not quantized again
+    proc = cli("prune", stacked, "--out", tmp_path / "again", "--pattern", "dense", "--quantize", "int8")
+    assert proc.returncode != 0 and "already hold integer codes" in error_line(proc)
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("nth", [1, 3], ids=["in the shrink stage", "in the quantize stage"])
+def test_a_resumed_stacked_prune_equals_the_uninterrupted_one(stacked, default_model, tmp_path, monkeypatch, nth):
+    out = tmp_path / "model"
+    with interrupted_at(monkeypatch, "after-package", nth=nth), pytest.raises(KeyboardInterrupt):
+        prune(default_model, out, PruneConfig(**STACKED))
+    assert not out.exists()
+    prune(default_model, out, PruneConfig(**STACKED), resume=True)
+    a = load_file(stacked / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (load_file(m / "unet" / "obsdiff_quantization.safetensors") for m in (stacked, out))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no stage or checkpoint left
