@@ -102,6 +102,10 @@ def markdown(result: dict) -> list[str]:
     for label, r in result["runs"].items():
         lines.append(f"| {label} | {r['wall_s']:.0f} | {r['forwards_s']:.0f} | {r['updates_s']:.0f} | {r['solves_s']:.0f} "
                      f"| {r['layers']} | {r['peak_rss_gib']:.2f} |")
+    for label, r in result["runs"].items():
+        if r.get("from"):
+            lines += ["", f"{label}: read from an earlier run of this command with `--old-repo` (a checkout of "
+                      f"{r.get('commit', 'the older commit')} with its own .venv), the same day on this machine."]
     gemm = result["gemm_gflops"] * 1e9
     for label, r in result["runs"].items():
         if r.get("update_flops"):
@@ -127,6 +131,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--old-repo", type=Path)
     parser.add_argument("--also", default="down_blocks.1.*,mid_block.*",
                         help="more single packages timed against their plan (this code only), comma-separated")
+    parser.add_argument("--old-from", type=Path, help="instead of --old-repo: the older commit's row from an earlier "
+                        "run's JSON (same model and settings; the older code does not change)")
     parser.add_argument("--name", default="calibration_split")
     args = parser.parse_args(argv)
 
@@ -136,9 +142,11 @@ def main(argv=None) -> dict:
 
     runs, estimates = {}, []
     with tempfile.TemporaryDirectory() as tmp:
+        label = "older commit (every row, full rerun)"
         if args.old_repo:
-            runs["older commit (every row, full rerun)"] = older(args.old_repo, args.model, common(args.blocks),
-                                                                 args.prompts, args.steps, Path(tmp))
+            runs[label] = older(args.old_repo, args.model, common(args.blocks), args.prompts, args.steps, Path(tmp))
+        elif args.old_from:
+            runs[label] = {**json.loads(args.old_from.read_text())["runs"][label], "from": str(args.old_from)}
         for blocks in [args.blocks, *filter(None, args.also.split(","))]:
             run = ours(args.model, common(blocks), Path(tmp) / blocks.replace("*", "all"))
             estimates.append({"blocks": blocks, "expected_s": run["expected_s"], "measured_s": run["measured_s"]})

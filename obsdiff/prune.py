@@ -185,7 +185,8 @@ def add_time_estimates(prepared: Prepared) -> None:
     per_image, images, shares = 0.0, 0, {}
     if denoiser is not None and config.needs_calibration:
         call = prepared.call(denoiser)
-        per_image, images = image_seconds(call), config.batch_size * call.batch
+        per_image = image_seconds(call)
+        images = batch_fill(config, len(prepared.prompts)) * config.batch_size * call.batch
         total_flops, by_module = flops_by_module(call, call.prefix)
         blocks = [b for b, _ in prepared.work[denoiser].adapter.block_modules(prepared.components[denoiser])]
         shares = flop_shares(blocks, by_module, total_flops)
@@ -216,7 +217,7 @@ def rows_by_width(prepared: Prepared) -> dict[str, float]:
         calls, quotas = package_feed(prepared, name, layers)
         for layer, module in layers.items():
             cols = module.weight[0].numel()
-            per_call = rows_per_call(module, shapes.get(layer))
+            per_call = call_rows(prepared, module, shapes.get(layer))
             if per_call is None:
                 continue
             ratio = calls * min(per_call, quotas.get(layer) or per_call) / cols
@@ -242,7 +243,7 @@ def package_time(prepared: Prepared, name: str, package: list, seconds_per_call:
     for layer, m in layers.items():
         cols = m.weight[0].numel()
         key = shared_input_key(module, layer)
-        per_call = rows_per_call(m, shapes.get(layer)) or cols
+        per_call = call_rows(prepared, m, shapes.get(layer)) or cols
         rows = calls * min(per_call, quotas.get(layer) or per_call)
         if key not in seen:
             seen.add(key)
@@ -310,6 +311,19 @@ def _calibration_activations(prepared: Prepared, denoiser: str) -> tuple[int, di
     return activation_bytes(prepared.components[denoiser], args, kwargs)
 
 
+def batch_fill(config: PruneConfig, prompts: int) -> float:
+    """The mean share of a calibration batch its prompts fill (the last batch may be short: 4 prompts in batches of
+    16 fill a quarter): the input shapes are taken at the full batch, the calls are this much of it."""
+    batches = max(1, -(-prompts // config.batch_size))
+    return prompts / (batches * config.batch_size) if prompts else 1.0
+
+
+def call_rows(prepared: Prepared, module: nn.Module, input_shape: tuple[int, ...] | None) -> int | None:
+    """The Hessian rows a layer gets from one calibration call, on average over the calibration's batches."""
+    rows = rows_per_call(module, input_shape)
+    return None if rows is None else max(1, round(rows * batch_fill(prepared.config, len(prepared.prompts))))
+
+
 def total_calls(config: PruneConfig, prompts: int, denoiser: bool) -> int:
     """Calls of a component in one calibration: every prompt batch at every step for the denoiser, one per batch for
     the text encoders and the VAE."""
@@ -337,7 +351,7 @@ def package_feed(prepared: Prepared, component: str, layers: dict[str, nn.Module
     replaying = adapter.denoiser and config.calibration is Calibration.REPLAY
     calls = total
     if replaying:
-        per_call = {name: rows_per_call(module, shapes.get(name)) for name, module in layers.items()}
+        per_call = {name: call_rows(prepared, module, shapes.get(name)) for name, module in layers.items()}
         calls = min(total, max(total if per_call[n] is None else math.ceil(wanted[n] / per_call[n]) for n in layers))
     return calls, {name: math.ceil(wanted[name] / calls) for name in layers}
 
@@ -446,7 +460,7 @@ def prune(model_dir: Path, out_dir: Path, config: PruneConfig, *, resume: bool =
     world = world or init_world()
     with OutputLock(out_dir) if world.is_main else contextlib.nullcontext():
         if config.stacked:
-            return _prune_stacked(source, out_dir, config, resume, world, device, hessian_device, started)
+            return _prune_stacked(source, out_dir, config, resume, world, device, hessian_device)
         return _prune_locked(source, out_dir, config, resume, world, device, hessian_device, started)
 
 
@@ -454,10 +468,12 @@ SHRUNK_SUFFIX = ".obsdiff-shrunk"  # a stacked prune's first stage, beside the o
 
 
 def _prune_stacked(source: PrunedFolder, out_dir: Path, config: PruneConfig, resume: bool, world: World,
-                   device: str | None, hessian_device: str | None, started: float) -> PruningRecord:
+                   device: str | None, hessian_device: str | None) -> PruningRecord:
     """Shrink, then quantize the shrunk model, as two stages of one prune: the first stage's folder is kept (hidden,
     beside the output) until the second is published, so ``--resume`` continues in whichever stage stopped."""
     shrink, quantize = config.stages()
+    _check_world(quantize, world, [])  # before the first stage, not after it
+    resolved = replace(config, components=resolve_components(config.components, source.model_index))
     shrunk_dir = out_dir.with_name(f".{out_dir.name}{SHRUNK_SUFFIX}")
     done = _finished_stage(shrunk_dir, shrink, source) if resume else None
     if done is None:
@@ -471,7 +487,7 @@ def _prune_stacked(source: PrunedFolder, out_dir: Path, config: PruneConfig, res
     log.info("stage 2 of 2: quantize the shrunk model (%s)", quantize.quantization)
     try:
         record = _prune_locked(PrunedFolder.open(shrunk_dir), out_dir, quantize, resume, world, device,
-                               hessian_device, started, carried=(source, config, done))
+                               hessian_device, time.time(), carried=(source, resolved, done))
     except ObsdiffError:  # bad input or data: nothing to resume
         if world.is_main:
             discard_staging(out_dir, SHRUNK_SUFFIX)
@@ -487,7 +503,8 @@ def _finished_stage(folder: Path, config: PruneConfig, source: PrunedFolder) -> 
         record = PrunedFolder.open(folder).record
     except Exception:  # absent or unreadable: the stage runs (again)
         return None
-    if record is None or record.source != str(source.path) or record.settings.to_json() != config.to_json():
+    resolved = replace(config, components=resolve_components(config.components, source.model_index))
+    if record is None or record.source != str(source.path) or record.settings.to_json() != resolved.to_json():
         return None
     return record
 

@@ -13,7 +13,7 @@ from torch import nn
 from obsdiff.calibration import CalibrationSettings, PackageHooks, record_trajectory, replay, run_pipeline
 from obsdiff.digits.data import prompt_for
 from obsdiff.hessian import HessianAccumulator, StepContext, layer_rows, sampled_rows, timestep_weights
-from obsdiff.prune import PruneConfig, prune
+from obsdiff.prune import PruneConfig, plan_prune, prune
 from obsdiff.pruned_folder import load_pipeline
 from obsdiff.sparsity import NM
 
@@ -98,6 +98,15 @@ def test_the_plan_gives_time_and_memory_per_package_as_json(default_model, tmp_p
     text = cli("prune", default_model, "--out", tmp_path / "o", "--plan", "--pattern", "2:4").stdout
     assert "expected wall time" in text and "rows per column, fewest per layer width" in text
     assert not (tmp_path / "o").exists()
+
+
+def test_a_short_batch_is_planned_at_the_images_it_really_holds(default_model):
+    """4 prompts in batches of 16 are 4 prompts per call, not 16: the recording's images and each layer's rows per
+    column are what they would be in batches of 4 (the input shapes are probed at the full batch)."""
+    plans = {b: plan_prune(default_model, PruneConfig(sparsity=NM(2, 4), num_prompts=4, steps=3, batch_size=b))
+             for b in (4, 16)}
+    assert plans[16]["recording_seconds"] == pytest.approx(4 * 3 * 2 * plans[16]["seconds_per_image"])
+    assert plans[16]["rows_per_column_by_width"] == pytest.approx(plans[4]["rows_per_column_by_width"], rel=0.02)
 
 
 def test_the_record_keeps_each_package_measured_beside_its_estimate(default_model, tmp_path):

@@ -150,12 +150,15 @@ def test_one_stacked_prune_shrinks_and_quantizes(stacked, default_model, tmp_pat
 
 
 @pytest.mark.parametrize("nth", [1, 3], ids=["in the shrink stage", "in the quantize stage"])
-def test_a_resumed_stacked_prune_equals_the_uninterrupted_one(stacked, default_model, tmp_path, monkeypatch, nth):
+def test_a_resumed_stacked_prune_equals_the_uninterrupted_one(stacked, default_model, tmp_path, monkeypatch, caplog,
+                                                              nth):
     out = tmp_path / "model"
     with interrupted_at(monkeypatch, "after-package", nth=nth), pytest.raises(KeyboardInterrupt):
         prune(default_model, out, PruneConfig(**STACKED))
     assert not out.exists()
-    prune(default_model, out, PruneConfig(**STACKED), resume=True)
+    with caplog.at_level("INFO", logger="obsdiff.prune"):
+        prune(default_model, out, PruneConfig(**STACKED), resume=True)
+    assert ("stage 1 (shrink) already done" in caplog.text) == (nth == 3)  # a finished stage is not run again
     a = load_file(stacked / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
