@@ -393,7 +393,7 @@ class OnnxBundleBuilder(BundleBuilder):
                 folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(dir=staging.parent,
                                                                                 prefix=".obsdiff-dense-")))
                 dense_graph = self._export_dense_denoiser(models.dense, folder, side)
-                float_graph = self._keep_float_denoiser(side, paths, placements, models.folder, folder)
+                float_graph = keep_float_denoiser(side, paths, placements, models.folder, folder)
             models.release()  # from here on only the exported files are in memory
             extra = {"dense " + dense_graph[0]: dense_graph[1]} if dense_graph else {}
             if float_graph is not None:
@@ -414,19 +414,6 @@ class OnnxBundleBuilder(BundleBuilder):
         spec = next(s for s in side.specs if s.role == DENOISER)
         log.info("exporting the dense %s for the latency comparison", spec.name)
         return spec.name, export_onnx(dense_pipe, folder, (spec,), side.dims, exporter=self.profile.exporter)[spec.name]
-
-    def _keep_float_denoiser(self, side: TorchSide, paths: dict[str, Path], placements: dict, pruned: PrunedFolder,
-                             folder: Path) -> Path | None:
-        """A shrunk and quantized denoiser's graph before its int8 rewrite (not shipped): timed beside the dense and the
-        int8 graphs, it splits the speed-up into its structured and its int8 factors."""
-        spec = next(s for s in side.specs if s.role == DENOISER)
-        if spec.name not in placements or not pruned.shapes(spec.source):
-            return None
-        target = folder / "float" / spec.name
-        target.mkdir(parents=True)
-        for f in paths[spec.name].parent.glob("model.onnx*"):
-            shutil.copy2(f, target / f.name)
-        return target / "model.onnx"
 
     def _place_int8(self, side: TorchSide, names: dict[str, dict[str, Placement]]) -> dict[str, dict[str, Placement]]:
         """Each graph's quantized layers, from the name map; every quantized layer must be in some graph (a VAE's
@@ -574,6 +561,20 @@ class OnnxBundleBuilder(BundleBuilder):
         """Components vs PyTorch, integer weights, the dense comparison and the end-to-end comparison."""
         data = result.to_json()
         return [*_components_section(data), *_int8_section(data), *_dense_section(data), *_end_to_end_section(data)]
+
+
+def keep_float_denoiser(side: TorchSide, paths: dict[str, Path], placements: dict, pruned: PrunedFolder,
+                        folder: Path) -> Path | None:
+    """A shrunk and quantized denoiser's graph before its int8 rewrite (not shipped): timed beside the dense and the
+    int8 graphs, it splits the speed-up into its structured and its int8 factors."""
+    spec = next(s for s in side.specs if s.role == DENOISER)
+    if spec.name not in placements or not pruned.shapes(spec.source):
+        return None
+    target = folder / "float" / spec.name
+    target.mkdir(parents=True)
+    for f in paths[spec.name].parent.glob("model.onnx*"):
+        shutil.copy2(f, target / f.name)
+    return target / "model.onnx"
 
 
 def against_dense(plan: ExportPlan, dense_graph: tuple[str, Path], staging: Path, folder: PrunedFolder,

@@ -57,6 +57,28 @@ def pruned_24(default_model, tmp_path_factory) -> Path:
     return out
 
 
+STACKED = dict(num_prompts=4, steps=3, packages=2)  # with Structured(--flops 0.7) + Quantization(8): see stacked_config
+
+
+def stacked_config():
+    """One stacked prune's settings: the denoiser shrunk to 70% of its FLOPs, then GPTQ int8 on the shrunk layers."""
+    from obsdiff.prune import PruneConfig
+    from obsdiff.quantize import Quantization
+    from obsdiff.sparsity import Budget, Measure, Structured
+
+    return PruneConfig(sparsity=Structured(budget=Budget(Measure.FLOPS, 0.7)), quantization=Quantization(8), **STACKED)
+
+
+@pytest.fixture(scope="session")
+def stacked_model(default_model, tmp_path_factory) -> Path:
+    """The default model through one stacked prune (shared by the quantization and the int8 export tests)."""
+    from obsdiff.prune import prune
+
+    out = tmp_path_factory.mktemp("stacked") / "model"
+    prune(default_model, out, stacked_config())
+    return out
+
+
 @pytest.fixture(scope="session")
 def pruned_tiny(tiny, tmp_path_factory) -> Path:
     """The tiny SD pipeline pruned 50% unstructured (shared by the gate and reliability tests)."""

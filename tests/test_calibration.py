@@ -86,8 +86,7 @@ def test_a_replayed_package_sees_what_a_full_rerun_sees_and_stops_after_its_last
 
 
 def test_the_plan_gives_time_and_memory_per_package_as_json(default_model, tmp_path):
-    proc = cli("prune", default_model, "--out", tmp_path / "o", "--plan", "--json", "--pattern", "2:4",
-               "--num-prompts", "8")
+    proc = cli("prune", default_model, "--out", tmp_path / "o", "--plan", "--json", "--pattern", "2:4")
     plan = json.loads(proc.stdout)
     rows = plan["components"]["unet"]
     assert rows and all(r["expected_seconds"] > 0 and r["expected_peak_bytes"] > 0 for r in rows)

@@ -20,7 +20,7 @@ from obsdiff.prune import PruneConfig, prune
 from obsdiff.pruned_folder import SCALES_FILE, PrunedFolder, load_pipeline
 from obsdiff.quantize import Quantization, per_column
 from obsdiff.resources import targets_dir
-from obsdiff.sparsity import NM, Budget, Dense, Measure, Structured
+from obsdiff.sparsity import NM, Dense
 
 QUICK = dict(num_prompts=4, steps=3, packages=2)
 IOS_PROFILE = targets_dir() / "ios.toml"
@@ -42,15 +42,6 @@ def _torch_codes(model_dir, quant: Quantization) -> dict[str, tuple[torch.Tensor
     for key, scale in load_file(model_dir / "unet" / SCALES_FILE).items():
         matrix = weight_matrix(modules[key.removesuffix(".weight_scale")])
         out[key.removesuffix(".weight_scale")] = (matrix, matrix / per_column(scale, quant))
-    return out
-
-
-@pytest.fixture(scope="module")
-def stacked_model(default_model, tmp_path_factory):
-    """One prune: the default UNet shrunk to 70% of its FLOPs, then GPTQ int8 on the shrunk layers."""
-    out = tmp_path_factory.mktemp("stacked") / "model"
-    prune(default_model, out, PruneConfig(sparsity=Structured(budget=Budget(Measure.FLOPS, 0.7)),
-                                          quantization=Quantization(8), **QUICK))
     return out
 
 

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import calibrated_layer, cli, error_line, interrupted_at
+from conftest import calibrated_layer, cli, error_line, interrupted_at, stacked_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -12,7 +12,7 @@ from obsdiff.prune import PruneConfig, prune
 from obsdiff.pruned_folder import PrunedFolder, load_pipeline
 from obsdiff.quantize import Quantization, QuantMethod, codes, per_column, rtn
 from obsdiff.solver import obs_prune, reconstruction_error
-from obsdiff.sparsity import NM, Budget, Dense, Measure, Structured, Unstructured
+from obsdiff.sparsity import NM, Dense, Unstructured
 
 QUANTS = [Quantization(8), Quantization(4, 16)]
 
@@ -114,19 +114,8 @@ def test_a_shrunk_model_quantized_in_a_second_prune_keeps_its_shapes(default_mod
     assert shapes == PrunedFolder.open(tmp_path / "s").shapes("unet") and shapes.attention_heads and shapes.ffn
 
 
-STACKED = dict(sparsity=Structured(budget=Budget(Measure.FLOPS, 0.7)), quantization=Quantization(8), num_prompts=4,
-               steps=3, packages=2)
-
-
-@pytest.fixture(scope="module")
-def stacked(default_model, tmp_path_factory):
-    """One prune: the default UNet shrunk to 70% of its FLOPs, then its layers GPTQ-int8 on the shrunk model."""
-    out = tmp_path_factory.mktemp("stacked") / "model"
-    prune(default_model, out, PruneConfig(**STACKED))
-    return out
-
-
-def test_one_stacked_prune_shrinks_and_quantizes(stacked, default_model, tmp_path):
+def test_one_stacked_prune_shrinks_and_quantizes(stacked_model, default_model, tmp_path):
+    stacked = stacked_model
     folder = PrunedFolder.open(stacked)
     record = folder.record
     summary = record.components["unet"]
@@ -149,16 +138,18 @@ def test_one_stacked_prune_shrinks_and_quantizes(stacked, default_model, tmp_pat
     assert not (tmp_path / "again").exists()
 
 
-@pytest.mark.parametrize("nth", [1, 3], ids=["in the shrink stage", "in the quantize stage"])
-def test_a_resumed_stacked_prune_equals_the_uninterrupted_one(stacked, default_model, tmp_path, monkeypatch, caplog,
-                                                              nth):
-    out = tmp_path / "model"
-    with interrupted_at(monkeypatch, "after-package", nth=nth), pytest.raises(KeyboardInterrupt):
-        prune(default_model, out, PruneConfig(**STACKED))
+def test_a_prune_stopped_in_its_quantize_stage_resumes_there_to_the_same_model(stacked_model, default_model, tmp_path,
+                                                                              monkeypatch, caplog):
+    """Interrupted after the first quantize package (the shrink stage's two packages done): the resume does not shrink
+    again, and ends with the uninterrupted prune's weights and scales. (A stop inside the shrink stage is an ordinary
+    resume of that stage.)"""
+    stacked, out = stacked_model, tmp_path / "model"
+    with interrupted_at(monkeypatch, "after-package", nth=3), pytest.raises(KeyboardInterrupt):
+        prune(default_model, out, stacked_config())
     assert not out.exists()
     with caplog.at_level("INFO", logger="obsdiff.prune"):
-        prune(default_model, out, PruneConfig(**STACKED), resume=True)
-    assert ("stage 1 (shrink) already done" in caplog.text) == (nth == 3)  # a finished stage is not run again
+        prune(default_model, out, stacked_config(), resume=True)
+    assert "stage 1 (shrink) already done" in caplog.text
     a = load_file(stacked / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
