@@ -23,6 +23,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -307,17 +309,42 @@ def stored_weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def check_weights(path: Path, weights: dict[str, torch.Tensor], names: dict[str, str],
+class StoredWeights:
+    """A saved program's weights, each materialized (sparse ones decompressed by coremltools) only when asked for and
+    not kept: reading a UNet back holds one layer in float32 at a time, not the whole model."""
+
+    def __init__(self, path: Path) -> None:
+        _, prog = load_program(path)
+        self.ops = {op.outputs[0].name: op for op in prog.functions["main"].operations
+                    if op.op_type.startswith("constexpr_") or op.op_type == "const"}
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The stored tensor made from the const recorded as ``name`` (the shortest name derived from it that holds
+        a weight; an intermediate of joint compression, e.g. LUT → mask, is skipped)."""
+        for key in sorted((k for k in self.ops if k == name or k.startswith(name + "_")), key=len):
+            op = self.ops[key]
+            if op.op_type.startswith("constexpr_"):
+                value = op.materialized_val_inference()
+                if isinstance(value, tuple):
+                    continue
+                return np.asarray(value, dtype=np.float32)
+            if op.outputs[0].val is not None and np.ndim(op.outputs[0].val) >= 2:
+                return np.asarray(op.outputs[0].val, dtype=np.float32)
+        return None
+
+
+def check_weights(path: Path, weights: Mapping[str, torch.Tensor], names: dict[str, str],
                   exact_values: bool = True) -> SparsityReport:
     """(a) every pruned weight read back through the name map: zero positions identical, values within fp16
     rounding. With palettization or int8 on top, values are quantized by design: only the zero positions must
     match."""
-    stored = stored_weights(path)
-    layers, bad, torch_zeros, export_zeros, matched = {}, [], 0, 0, 0
-    for name, w in weights.items():
-        found = _stored(stored, names[name]) if name in names else None
+    stored = StoredWeights(path)
+    layers, bad, torch_zeros, export_zeros, matched, total = {}, [], 0, 0, 0, 0
+    for name, w in weights.items():  # one layer at a time: ``weights`` may read each from disk
+        found = stored.get(names[name]) if name in names else None
         ref = w.detach().float().numpy()
         torch_zeros += int((ref == 0).sum())
+        total += ref.size
         if found is None or found.shape != ref.shape:
             layers[name] = {"torch": float((ref == 0).mean()), "export": None}
             bad.append(name)
@@ -330,7 +357,7 @@ def check_weights(path: Path, weights: dict[str, torch.Tensor], names: dict[str,
                         "zeros_equal": zeros_equal, "values_close": close}
         if not zeros_equal or (exact_values and not close):
             bad.append(name)
-    total = sum(w.numel() for w in weights.values()) or 1
+    total = total or 1
     return SparsityReport(len(weights), matched, torch_zeros / total, export_zeros / total, not bad, tuple(bad), layers)
 
 
@@ -396,12 +423,17 @@ class CoreMLBundleBuilder(BundleBuilder):
         result = BuildResult(details={"deployment_target": plan.deployment_target, "compress": plan.compress,
                                       "layout": str(plan.layout), "attention_implementation": str(plan.attention)})
         with tempfile.TemporaryDirectory() as tmp:
-            for spec in specs:
-                result.components[spec.name] = self._package(models, spec, dims, packages, Path(tmp), staging, result)
-        _copy_tokenizer_files(pipe, staging, resources)
-        if apple:
-            self._device_files(pipe, specs, staging)
-            result.details["contract_files"] = contract_files(specs)
+            # Phase 1, PyTorch loaded: convert each component and keep what the checks need (its pruned weights on
+            # disk). Phase 2, PyTorch let go: sparse storage and the checks, one layer in memory at a time.
+            converted = [self._convert(models, spec, dims, packages, Path(tmp)) for spec in specs]
+            _copy_tokenizer_files(pipe, staging, resources)
+            if apple:
+                self._device_files(pipe, specs, staging)
+                result.details["contract_files"] = contract_files(specs)
+            del pipe
+            models.release()
+            for c in converted:
+                result.components[c.spec.name] = self._finish(c, dims, staging, result)
         result.notes.append(
             "Size gate on the weight blob: Core ML stores one mask bit per pruned weight (1/16 of its fp16 size), so "
             "the gate allows that on top of (1 − s) × dense + 5%, where s is the share of the dense weight blob that "
@@ -409,9 +441,9 @@ class CoreMLBundleBuilder(BundleBuilder):
             "and does not shrink with sparsity; package totals are shown beside it.")
         return result
 
-    def _package(self, models: TorchPipelines, spec: ComponentSpec, dims: dict[str, int], packages: Path, tmp: Path,
-                 staging: Path, result: BuildResult) -> ComponentResult:
-        """One package: converted, its name map recorded, stored sparse (with our codes), then checked."""
+    def _convert(self, models: TorchPipelines, spec: ComponentSpec, dims: dict[str, int], packages: Path,
+                 tmp: Path) -> ConvertedPackage:
+        """Phase 1: the component converted and saved dense, its name map, codes and pruned weights (saved to disk)."""
         plan, pipe = self.plan, models.pipe
         t0 = time.time()
         weights = pruned_weights(pipe, models.folder, spec.source)
@@ -429,45 +461,31 @@ class CoreMLBundleBuilder(BundleBuilder):
         del model  # it keeps its MIL program, every constant included; the pruner reloads them from disk
         names = weight_names(dense_path, weights) if weights else {}
         weights = {k: v for k, v in weights.items() if k in names}  # a VAE's layers split between two packages
-        codes = self._integer_weights(pipe, spec, models.folder, weights)
-        final = packages / f"{spec.name if apple else package_name(pipe, spec)}.mlpackage"
-        self._store(dense_path, final, weights, names, codes)
-        rel = str(final.relative_to(staging))
+        reference = reference_io(pipe, spec, dims) if platform.system() == "Darwin" else None  # for prediction
+        return ConvertedPackage(
+            spec, dense_path, packages / f"{spec.name if apple else package_name(pipe, spec)}.mlpackage", names,
+            SavedWeights.save(weights, tmp / f"{spec.name}.weights.safetensors"),
+            self._integer_weights(pipe, spec, models.folder, weights), layout, reference, time.time() - t0)
+
+    def _finish(self, c: ConvertedPackage, dims: dict[str, int], staging: Path, result: BuildResult) -> ComponentResult:
+        """Phase 2: the pruned zeros stored sparse (with our codes), then every check on the saved package."""
+        t0 = time.time()
+        store_sparse(c, self.plan.compress)
+        rel = str(c.final.relative_to(staging))
         comp = ComponentResult(rel, SparsityReport(0), {
-            "package": rel, "convert_s": time.time() - t0, "dense_bytes": package_size(dense_path),
-            "bytes": package_size(final), "dense_weight_bytes": weight_blob_size(dense_path),
-            "weight_bytes": weight_blob_size(final), "pruned_sparsity": _zero_fraction(weights),
-            "io": check_io(final, spec, dims)})
-        self._check(comp, spec, final, layout, weights, names, codes, result)
-        comp.details["prediction"] = predict_on_macos(final, pipe, spec, dims,
-                                                      self.profile.coreml.compute_units)
+            "package": rel, "convert_s": c.convert_s + time.time() - t0, "dense_bytes": package_size(c.dense_path),
+            "bytes": package_size(c.final), "dense_weight_bytes": weight_blob_size(c.dense_path),
+            "weight_bytes": weight_blob_size(c.final), "pruned_sparsity": c.weights.zero_fraction,
+            "io": check_io(c.final, c.spec, dims)})
+        self._check(comp, c.spec, c.final, c.layout, c.weights, c.names, c.codes, result)
+        comp.details["prediction"] = predict_on_macos(c.final, c.reference, self.profile.coreml.compute_units)
         if comp.details["prediction"]["status"] == "ran":  # macOS: outputs vs PyTorch, the worst output counts
-            result.gate(f"{spec.name} Core ML vs PyTorch PSNR dB", min(comp.details["prediction"]["psnr_db"].values()),
-                        ">=", plan.min_psnr())
+            result.gate(f"{c.spec.name} Core ML vs PyTorch PSNR dB",
+                        min(comp.details["prediction"]["psnr_db"].values()), ">=", self.plan.min_psnr())
         return comp
 
-    def _store(self, dense_path: Path, final: Path, weights: dict[str, torch.Tensor], names: dict[str, str],
-               codes: dict[str, IntegerWeight]) -> None:
-        """The pruned zeros as Core ML's sparse storage, our codes on top; a package with none is copied."""
-        import coremltools as ct
-
-        if not weights:
-            shutil.copytree(dense_path, final)
-            return
-        dense = ct.models.MLModel(str(dense_path), skip_model_load=True)
-        passes = sparse_passes(min_sparsity=min(0.3, 0.9 * _zero_fraction(weights)), compress=self.plan.compress)
-        written: set[str] = set()
-        if codes:
-            graph_pass, written = codes_pass(codes, names, joint=True)
-            passes.append(graph_pass)
-        packed = apply_passes(dense, passes)
-        if len(written) != len(codes):
-            raise ExportError(f"{final.stem}: {len(codes) - len(written)} of {len(codes)} quantized layers were not "
-                              "found in the converted program")
-        packed.save(str(final))
-
     def _check(self, comp: ComponentResult, spec: ComponentSpec, final: Path, layout: dict,
-               weights: dict[str, torch.Tensor], names: dict[str, str], codes: dict[str, IntegerWeight],
+               weights: SavedWeights, names: dict[str, str], codes: dict[str, IntegerWeight],
                result: BuildResult) -> None:
         """The gates on the saved package: IO, the Apple wrappers, our codes, the weights read back, the size."""
         details = comp.details
@@ -486,7 +504,7 @@ class CoreMLBundleBuilder(BundleBuilder):
         details["weights"] = {"checked": comp.sparsity.pruned_layers, "failed": list(comp.sparsity.lost)}
         result.gate(f"{spec.name} pruned weights read back exactly", float(comp.sparsity.zeros_preserved), ">=", 1.0)
         if not self.plan.compress and not codes:
-            details.update(size_limit(weights, details["dense_weight_bytes"], self.plan.precision))
+            details.update(size_limit(weights.zeros, weights.numel, details["dense_weight_bytes"], self.plan.precision))
             result.gate(f"{spec.name} weight bytes ≤ (1−s)·dense + 5% + mask", details["weight_bytes"], "<=",
                         details["size_limit_bytes"])
 
@@ -545,14 +563,36 @@ class CoreMLBundleBuilder(BundleBuilder):
                          f"{pred['status']}{': ' + pred['reason'] if pred.get('reason') else ''} |")
         return lines
 
-def predict_on_macos(path: Path, pipe, spec: ComponentSpec, dims: dict[str, int], compute_units: str) -> dict:
-    """Core ML's prediction against PyTorch on the sample inputs (macOS only; elsewhere skipped, with the reason)."""
-    if platform.system() != "Darwin":
+def store_sparse(c: ConvertedPackage, compress: str | None) -> None:
+    """The pruned zeros as Core ML's sparse storage, our codes on top; a package with none is copied."""
+    import coremltools as ct
+
+    if not c.weights:
+        shutil.copytree(c.dense_path, c.final)
+        return
+    dense = ct.models.MLModel(str(c.dense_path), skip_model_load=True)
+    passes = sparse_passes(min_sparsity=min(0.3, 0.9 * c.weights.zero_fraction), compress=compress)
+    written: set[str] = set()
+    if c.codes:
+        graph_pass, written = codes_pass(c.codes, c.names, joint=True)
+        passes.append(graph_pass)
+    packed = apply_passes(dense, passes)
+    del dense
+    if len(written) != len(c.codes):
+        raise ExportError(f"{c.final.stem}: {len(c.codes) - len(written)} of {len(c.codes)} quantized layers were "
+                          "not found in the converted program")
+    packed.save(str(c.final))
+
+
+def predict_on_macos(path: Path, reference: tuple[dict, dict] | None, compute_units: str) -> dict:
+    """Core ML's prediction against PyTorch's outputs on the sample inputs (``reference``, taken while PyTorch was
+    loaded; macOS only, elsewhere skipped with the reason)."""
+    if platform.system() != "Darwin" or reference is None:
         return {"status": "skipped", "reason": "Core ML prediction needs macOS; conversion and weight checks ran here"}
     import coremltools as ct  # pragma: no cover - macOS only
 
     model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units])
-    inputs, ref = reference_io(pipe, spec, dims)
+    inputs, ref = reference
     feeds = {k: (v.reshape(1) if v.ndim == 0 else v).astype(np.int32 if v.dtype.kind == "i" else np.float32)
              for k, v in inputs.items()}
     got = model.predict(feeds)
@@ -561,16 +601,16 @@ def predict_on_macos(path: Path, pipe, spec: ComponentSpec, dims: dict[str, int]
     return {"status": "ran", "psnr_db": scores, "latency": timings_ms(lambda: model.predict(feeds))}
 
 
-def size_limit(weights: dict[str, torch.Tensor], dense_weight_bytes: int, precision: Precision) -> dict:
-    """(b) on the weight blob: (1 − s)·dense + 5% + one mask bit per sparse-stored weight.
+def size_limit(zeros: int, numel: int, dense_weight_bytes: int, precision: Precision) -> dict:
+    """(b) on the weight blob: (1 − s)·dense + 5% + one mask bit per sparse-stored weight (``numel`` pruned weights,
+    ``zeros`` of them zero).
 
     s is the share of the dense blob that the OBS zeros free, so layers kept dense (embeddings, AdaLN
     modulation, first and last layers) count at full size, as they are stored.
     """
     element = 2 if precision is Precision.FP16 else 4
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
     share = min(1.0, zeros * element / dense_weight_bytes)
-    mask_bytes = sum(w.numel() for w in weights.values()) / 8
+    mask_bytes = numel / 8
     return {"component_sparsity": share,
             "size_limit_bytes": ((1 - share) + SIZE_SLACK) * dense_weight_bytes + mask_bytes}
 
@@ -608,9 +648,55 @@ def _copy_tokenizer_files(pipe, staging: Path, resources: Path) -> None:
     shutil.rmtree(scratch)
 
 
-def _zero_fraction(weights: dict[str, torch.Tensor]) -> float:
-    total = sum(w.numel() for w in weights.values())
-    return sum(float((w == 0).sum()) for w in weights.values()) / total if total else 0.0
+class SavedWeights(Mapping):
+    """A package's pruned PyTorch weights, saved before PyTorch is let go and read back one layer at a time (a
+    mapping, as the checks take it); their zero and element counts are kept."""
+
+    def __init__(self, path: Path | None, keys: list[str], zeros: int, numel: int) -> None:
+        self.path, self._keys, self.zeros, self.numel = path, keys, zeros, numel
+
+    @classmethod
+    def save(cls, weights: dict[str, torch.Tensor], path: Path) -> SavedWeights:
+        from safetensors.torch import save_file
+
+        if not weights:
+            return cls(None, [], 0, 0)
+        save_file({k: w.detach().contiguous() for k, w in weights.items()}, str(path))
+        return cls(path, list(weights), sum(int((w == 0).sum()) for w in weights.values()),
+                   sum(w.numel() for w in weights.values()))
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as fh:
+            return fh.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclass
+class ConvertedPackage:
+    """One component after phase 1 (PyTorch loaded): what phase 2 (sparse storage, checks) needs without it."""
+
+    spec: ComponentSpec
+    dense_path: Path
+    final: Path
+    names: dict[str, str]  # layer → const name in the program
+    weights: SavedWeights
+    codes: dict[str, IntegerWeight]
+    layout: dict  # Apple layout: wrapper vs module cosines
+    reference: tuple[dict, dict] | None  # macOS: PyTorch's inputs and outputs for the prediction check
+    convert_s: float
 
 
 # What each role's packages are called, in either layout (a component's name is its package's, or our description's).

@@ -173,6 +173,14 @@ def test_resume_after_a_refreshed_recording_replays_that_recording(tiny, tmp_pat
         prune(src, out, cfg())
     prune(src, out, cfg(), resume=True)
     assert _same_unet(tmp_path / "full", out)
+    # the same stop, but the saved weights torn: the UNet starts over, so the re-recording (newer than any weights
+    # left) is recorded again on the dense model instead of replayed
+    torn = tmp_path / "torn"
+    with interrupted_at(monkeypatch, "after-package", nth=3), pytest.raises(KeyboardInterrupt):
+        prune(src, torn, cfg())
+    (tmp_path / ".torn.obsdiff-partial" / "unet.safetensors").write_bytes(b"torn")
+    prune(src, torn, cfg(), resume=True)
+    assert _same_unet(tmp_path / "full", torn)
 
 
 @pytest.mark.parametrize("args,message", [
