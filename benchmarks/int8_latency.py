@@ -45,6 +45,18 @@ def quantize_unet(unet) -> dict[str, torch.Tensor]:
     return scales
 
 
+def write_int8_graph(fp32: Path, int8: Path, probes: dict, weights: dict, calls: list[dict]) -> dict:
+    """The int8 graph ``obsdiff export --target cpu-int8`` writes from an fp32 one: our codes placed by their weight
+    probes, activations from ``calls``, ``UNET_FLOAT_COMPUTE`` left in float; returns quantize_graph's info."""
+    initializers = OnnxWeights(fp32)
+    placements = place(initializers.graph, match_weights(initializers, probes))
+    del initializers
+    model, info = quantize_graph(fp32, placements, weights, calls, float_compute=UNET_FLOAT_COMPUTE)
+    minify(model, placements)
+    save_onnx(model, int8)
+    return info
+
+
 def main(argv=None) -> dict:
     import onnxruntime as ort
 
@@ -78,14 +90,7 @@ def main(argv=None) -> dict:
         int8.parent.mkdir()
         export(unet, inputs, fp32)
         del unet, modules
-        initializers = OnnxWeights(fp32)
-        placements = place(initializers.graph, match_weights(initializers, probes))
-        del initializers
-        model, info = quantize_graph(fp32, placements, weights, calls, float_compute=UNET_FLOAT_COMPUTE)
-        minify(model, placements)
-        save_onnx(model, int8)
-        del model
-        result["int8_graph"] = info
+        result["int8_graph"] = write_int8_graph(fp32, int8, probes, weights, calls)
         result["kernels"] = int8_kernels(int8, ("CPUExecutionProvider",))
         result["bytes"] = {"fp32": sum(f.stat().st_size for f in fp32.parent.iterdir()),
                            "int8": sum(f.stat().st_size for f in int8.parent.iterdir())}

@@ -30,14 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.int8_latency import quantize_unet
+from benchmarks.int8_latency import quantize_unet, write_int8_graph
 from benchmarks.publish import publish
 from benchmarks.structured_latency import build_unet, export, shrink
 from obsdiff.exporters.artifacts import WeightProbe
 from obsdiff.exporters.compare import interleaved_ms
-from obsdiff.exporters.components import UNET_FLOAT_COMPUTE
-from obsdiff.exporters.onnx import OnnxWeights, match_weights, save_onnx
-from obsdiff.exporters.onnx_int8 import int8_kernels, minify, place, quantize_graph
+from obsdiff.exporters.onnx_int8 import int8_kernels
 from obsdiff.quantize import Quantization, integer_weight
 from obsdiff.structured import count_params, flops_by_module
 
@@ -76,13 +74,7 @@ def stacked_point(flops: float, args, inputs: tuple, calls: list[dict], dense_pa
     with torch.no_grad():
         export(unet, inputs, shrunk)
     del unet, modules
-    initializers = OnnxWeights(shrunk)
-    placements = place(initializers.graph, match_weights(initializers, probes))
-    del initializers
-    model, info = quantize_graph(shrunk, placements, weights, calls, float_compute=UNET_FLOAT_COMPUTE)
-    minify(model, placements)
-    save_onnx(model, int8)
-    del model
+    info = write_int8_graph(shrunk, int8, probes, weights, calls)
     point["kernels"] = int8_kernels(int8, ("CPUExecutionProvider",))
     point["activations"] = info["activations"]
     sessions = {"dense": _session(dense_path, args.threads), "shrunk_fp32": _session(shrunk, args.threads),
