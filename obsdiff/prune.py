@@ -537,11 +537,12 @@ def _prune_locked(source: PrunedFolder, out_dir: Path, config: PruneConfig, resu
     else:
         record_denoiser(prepared, settings)  # on the model as it is before any package (a resume reads it back)
     progress = checkpoint.start(fingerprint, prepared.components, resume, world.is_main)
-    if saved and prepared.trajectory_at > progress.done.get(denoiser_name(prepared.work) or "", 0):
+    denoiser_done = progress.done.get(denoiser_name(prepared.work) or "", 0)
+    if saved and prepared.trajectory_at > denoiser_done:
         # a re-recording newer than the weights the checkpoint could give back (a torn component started over)
         log.warning("--resume: the saved trajectory is newer than the saved weights; recording it again")
         record_denoiser(prepared, settings)
-        prepared.trajectory_at, saved = progress.done.get(denoiser_name(prepared.work) or "", 0), None
+        prepared.trajectory_at, saved = denoiser_done, None
     barrier(world)
     if prepared.trajectory is not None and not saved:
         checkpoint.save_trajectory(prepared.trajectory, world.rank, fingerprint, prepared.trajectory_at)
