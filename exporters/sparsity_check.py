@@ -94,17 +94,21 @@ def _polygraphy_readable(path: Path) -> Iterator[Path]:
 
 
 def polygraphy_sparsity(path: Path) -> dict:
-    """Run ``polygraphy inspect sparsity``; returns the tensors it finds 2:4 sparse and those it does not."""
-    polygraphy = Path(sys.executable).with_name("polygraphy")
+    """Run ``polygraphy inspect sparsity``; returns the tensors it finds 2:4 sparse and those it does not.
+
+    It runs in this interpreter (``polygraphy.tools.main``), so it works wherever polygraphy is importable, whether or
+    not its console script is on PATH (a ``pip install --target`` puts none there)."""
     try:
-        with _polygraphy_readable(path) as readable:
-            cmd = [str(polygraphy) if polygraphy.exists() else "polygraphy", "inspect", "sparsity", str(readable)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        return {"ok": False, "error": "polygraphy is not installed", "sparse": [], "dense": []}
+        import polygraphy  # noqa: F401
+    except ImportError:
+        return {"ok": False, "error": "polygraphy is not installed (pip install polygraphy)", "sparse": [], "dense": []}
+    with _polygraphy_readable(path) as readable:
+        cmd = [sys.executable, "-c", "import sys; from polygraphy.tools import main; sys.exit(main())",
+               "inspect", "sparsity", str(readable)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        return {"ok": False, "error": text.strip().splitlines()[-1:], "sparse": [], "dense": []}
+        return {"ok": False, "error": " ".join(text.strip().splitlines()[-1:]), "sparse": [], "dense": []}
     sparse, dense = parse_polygraphy_sparsity(text)
     return {"ok": True, "sparse": sparse, "dense": dense}
 

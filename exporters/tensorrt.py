@@ -247,6 +247,8 @@ def two_of_four_report(probes: dict[str, WeightProbe], skipped: list[str], onnx_
         return {"targeted": 0, "both": 0, "layers": {}, "dense": skipped}
     ours = {c.initializer: c for c in check_2of4(onnx_path)}
     poly = polygraphy_sparsity(onnx_path)
+    if not poly["ok"]:  # a 2:4 count of 0 would read as "not sparse"; the check itself did not run
+        raise ExportError(f"{onnx_path.name}: polygraphy inspect sparsity did not run: {poly['error']}")
     poly_sparse = set(poly["sparse"])
     layers = {}
     for name in probes:

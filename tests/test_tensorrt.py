@@ -82,7 +82,7 @@ def _conv_onnx(tmp_path, weight):
     return path
 
 
-def test_conv_2of4_runs_along_input_channels_not_flattened_taps(tmp_path):
+def test_conv_2of4_runs_along_input_channels_not_flattened_taps(tmp_path, monkeypatch):
     """Our conv layout passes both checkers; a 2:4 pattern over flattened C·R·S passes neither."""
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
@@ -92,6 +92,7 @@ def test_conv_2of4_runs_along_input_channels_not_flattened_taps(tmp_path):
     set_weight_matrix(conv, res.weight)
     good = _conv_onnx(tmp_path, conv.weight.detach())
     assert all(c.is_2of4 for c in check_2of4(good))
+    monkeypatch.setenv("PATH", "")  # no console script on PATH (pip install --target): polygraphy still runs
     assert polygraphy_sparsity(good)["sparse"]
 
     flat = torch.randn(8, 18, 4)  # 2:4 along the flattened C·R·S axis (random pair per group): groups straddle taps
