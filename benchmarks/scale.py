@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -91,11 +92,31 @@ def build(family: str, folder: Path) -> Path:
 
 
 def measure(cmd: list[str], log: Path) -> dict:
-    """Run one stage; wall time and the child's own peak RSS."""
+    """Run one stage; wall time and the child's own peak RSS.
+
+    A Ctrl-C or SIGTERM sent to this runner is passed on to the stage, which then stops the way it does on its own
+    (a prune keeps its resume folder); the runner waits for it and stops too. Without this, a signal to the runner
+    left the stage running on, orphaned."""
     t0 = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)
+        terminated: list[int] = []
+
+        def forward(signum: int, _frame) -> None:
+            terminated.append(signum)
+            proc.send_signal(signum)
+
+        previous = signal.signal(signal.SIGTERM, forward)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # retried after forward() returns (PEP 475)
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if terminated:
+            raise SystemExit(128 + terminated[0])
     return {"command": shlex.join(cmd), "exit": os.waitstatus_to_exitcode(status), "wall_s": time.time() - t0,
             "peak_rss_gb": usage.ru_maxrss / 1024**2, "log": str(log)}  # GiB (ru_maxrss is in KiB)
 

@@ -2,10 +2,15 @@
 statistic, and export shapes checked against what the model can take."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import cli, error_line, run_cli
+from conftest import REPO, cli, error_line, run_cli
 
 from obsdiff.calibration import CalibrationSettings, PackageHooks, run_pipeline
 from obsdiff.hessian import StepContext
@@ -199,3 +204,24 @@ def test_peak_rss_is_the_process_own_not_its_parents():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 300 * 2**20, child / 2**20
     del held
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_scale_runner_stops_its_stage(tmp_path, signum):
+    """Ctrl-C or SIGTERM to ``benchmarks.scale`` reaches the stage it runs (a prune then keeps its resume folder)."""
+    log = tmp_path / "stage.log"
+    stage = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    runner = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from benchmarks.scale import measure; "
+                               f"measure([sys.executable, '-c', {stage!r}], Path({str(log)!r}))"], cwd=REPO)
+    deadline = time.time() + 30
+    while not log.exists() or not log.read_text().strip():
+        assert time.time() < deadline and runner.poll() is None
+        time.sleep(0.1)
+    stage_pid = int(log.read_text().split()[0])
+    runner.send_signal(signum)
+    assert runner.wait(timeout=15) != 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(stage_pid, 0)  # the stage stopped and was reaped, not left running on
+    if signum == signal.SIGINT:
+        assert "KeyboardInterrupt" in log.read_text()
