@@ -42,6 +42,21 @@ def save_reference(folder: Path, name: str, inputs: dict[str, np.ndarray], outpu
     save_file(tensors, folder / f"{name}.safetensors", metadata={"shapes": json.dumps(shapes)})
 
 
+def save_pipeline_reference(folder: Path, prompt: str, input_ids: np.ndarray | None, latents: np.ndarray,
+                            image: np.ndarray, settings: dict) -> None:
+    """``reference/pipeline.safetensors``: one prompt's token ids, starting noise and the exported pipeline's image,
+    so that ``benchmark.py`` can run the whole pipeline without torch and check that it computed the real thing."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"latents": np.array(latents, dtype=np.float32, order="C"),
+               "image": np.array(image, dtype=np.float32, order="C")}
+    if input_ids is not None:
+        tensors["input_ids"] = np.array(input_ids, dtype=np.int64, order="C")
+    metadata = {"prompt": prompt, "negative_prompt": "", **{k: str(v) for k, v in settings.items()}}
+    save_file(tensors, folder / "pipeline.safetensors", metadata=metadata)
+
+
 def load_reference(folder: Path, name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     from safetensors import safe_open
     from safetensors.numpy import load_file

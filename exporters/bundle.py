@@ -31,6 +31,7 @@ from obsdiff.errors import GateError, UsageError
 from obsdiff.exporters.artifacts import sha256
 from obsdiff.exporters.builder import BuildResult, TorchPipelines
 from obsdiff.exporters.components import SizeRule, pipeline_dims
+from obsdiff.exporters.device import benchmark
 from obsdiff.exporters.export_plan import ExportOptions, ExportPlan, FolderFacts, resolve_export_plan
 from obsdiff.exporters.profiles import TargetProfile, load_profile
 from obsdiff.exporters.registry import make_builder
@@ -60,7 +61,8 @@ def bundle_files(bundle: Path) -> list[str]:
 
 
 def write_manifest(staging: Path, plan: ExportPlan, source: Path, specs, dims: dict[str, int],
-                   record: PruningRecord | None, result: BuildResult) -> dict:
+                   record: PruningRecord | None, result: BuildResult, fingerprint: str) -> dict:
+    """``fingerprint``: the dense model's (``PrunedFolder.model_fingerprint``), what ``obsdiff compare`` matches."""
     files = {rel: sha256(staging / rel) for rel in bundle_files(staging)}
     profile = plan.profile
 
@@ -77,13 +79,20 @@ def write_manifest(staging: Path, plan: ExportPlan, source: Path, specs, dims: d
         "target": profile.name, "shipped_profile": profile.shipped, "format": profile.format.value,
         "precision": plan.precision.value,
         "tool": "obsdiff", "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source_model": str(source), "shapes": asdict(plan.shapes), "components": components,
+        "source_model": str(source), "model_fingerprint": fingerprint, "shapes": asdict(plan.shapes),
+        "components": components,
         "session_options": profile.session_options.to_json(), "gates": asdict(plan.gates),
         # pruning.json beside it holds the per-layer records; the manifest keeps the settings and per-component summary
         "files": files, "pruning": record.summary_json() if record else None, "validation": result.to_json(),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def write_runner(staging: Path) -> None:
+    """Every bundle carries its benchmark runner and the schema of what it writes (listed in the manifest)."""
+    shutil.copy(Path(benchmark.__file__), staging / "benchmark.py")
+    (staging / "benchmark.schema.json").write_text(json.dumps(benchmark.SCHEMA, indent=2))
 
 
 def write_report(staging: Path, profile: TargetProfile, result: BuildResult, sections: list[str]) -> None:
@@ -155,8 +164,9 @@ def export_bundle(folder: PrunedFolder, plan: ExportPlan, out: Path, *, dense_mo
             fault_point("export-after-build")
             copy_record(folder, staging)
             write_report(staging, plan.profile, result, builder.report_sections(result))
+            write_runner(staging)
             manifest = write_manifest(staging, plan, Path(source_name or folder.path), specs, dims, folder.record,
-                                      result)
+                                      result, folder.model_fingerprint)
             if result.failed:
                 desc = "; ".join(f"{g.name} = {g.value:.6g} (needs {g.op} {g.limit:g})" for g in result.failed)
                 raise GateError(f"target {plan.profile.name}: gate failed, bundle not published: {desc}")

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from obsdiff.exporters.components import ComponentSpec, denoiser, packed
-from obsdiff.exporters.device.validate_on_device import cosine as cosine_similarity
-from obsdiff.exporters.device.validate_on_device import psnr as psnr  # one PSNR, shared with the device script
-from obsdiff.exporters.device.validate_on_device import timings
+from obsdiff.exporters.device.benchmark import cosine as cosine_similarity
+from obsdiff.exporters.device.benchmark import psnr as psnr  # one PSNR, shared with the bundle's scripts
+from obsdiff.exporters.device.benchmark import timings
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,14 @@ import torch
 
 from obsdiff.api import IntegerWeight, PrunedFolder, integer_weight
 from obsdiff.errors import BundleError, ExportError, GateError
-from obsdiff.exporters.artifacts import REFERENCE_DIR, WeightProbe, load_reference, save_reference, weight_probes
+from obsdiff.exporters.artifacts import (
+    REFERENCE_DIR,
+    WeightProbe,
+    load_reference,
+    save_pipeline_reference,
+    save_reference,
+    weight_probes,
+)
 from obsdiff.exporters.builder import BuildResult, BundleBuilder, ComponentResult, SparsityReport, TorchPipelines
 from obsdiff.exporters.compare import (
     TIMING_BUDGET_S,
@@ -58,7 +65,7 @@ from obsdiff.exporters.onnx_int8 import (
     place,
     quantize_graph,
 )
-from obsdiff.exporters.profiles import Precision, TargetProfile, available_targets, load_profile
+from obsdiff.exporters.profiles import Precision, Shapes, TargetProfile, available_targets, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +365,18 @@ class TorchSide:
     calibration: list[dict[str, np.ndarray]] | None  # the denoiser's inputs at every gate step (int8 activations)
 
 
+def write_pipeline_reference(staging: Path, ort_pipe, prompt: str, side: TorchSide, image: np.ndarray,
+                             shapes: Shapes) -> None:
+    """The first gate prompt's token ids, starting noise and exported image: what ``benchmark.py``'s numpy pipeline
+    must reproduce."""
+    tokenizer = getattr(ort_pipe, "tokenizer", None)
+    ids = None if tokenizer is None else tokenizer(prompt, padding="max_length", truncation=True,
+                                                   max_length=tokenizer.model_max_length, return_tensors="np").input_ids
+    save_pipeline_reference(staging / REFERENCE_DIR, prompt, ids, side.latents[:1].numpy(), image,
+                            {"steps": shapes.steps, "guidance": shapes.guidance, "height": shapes.height,
+                             "width": shapes.width, "scheduler": side.scheduler})
+
+
 @dataclass
 class OnnxBuild:
     """An ONNX build: its result, the PyTorch side it was checked against, and the name map of its weights."""
@@ -537,6 +556,8 @@ class OnnxBundleBuilder(BundleBuilder):
         onnx_images = self._images(ort_pipe, side.latents, side.prompts_per_call)
         torch_images = side.images["pruned PyTorch"]
         save_image_grid({**side.images, "exported": onnx_images}, staging / "images.png")
+        image = self._images(ort_pipe, side.latents[:1], 1, self.prompts[:1])  # the first prompt alone
+        write_pipeline_reference(staging, ort_pipe, self.prompts[0], side, image, self.plan.shapes)
         dense = side.images.get("dense PyTorch")
         return {
             "prompts": self.prompts, "steps": shapes.steps, "guidance": shapes.guidance, "seed": 0,

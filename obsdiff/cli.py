@@ -247,6 +247,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from obsdiff.exporters.bench import bench
+
+    return bench(args.bundle, args.runner_args)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from obsdiff.exporters.bench import compare
+
+    print(f"wrote {compare(args.results, args.out, args.baseline, args.labels)} and compare.png")
+    return 0
+
+
 def _add_activation_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", metavar="float|int8",
                    help="ONNX targets, int8-quantized folders: int8 activations too (static ranges from the gate "
@@ -413,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="re-check a bundle on disk against its manifest and gates")
     p.add_argument("bundle", type=Path)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("bench", help="run a bundle's benchmark.py here (its flags follow the bundle: --runs, --seconds, "
+                       "--mlperf, --warmup, --threads, --components, --json, --runtime)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("runner_args", nargs=argparse.REMAINDER, help="passed to benchmark.py")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compare", help="benchmark results side by side: compare.md and compare.png")
+    p.add_argument("results", type=Path, nargs="+", help="JSON files written by benchmark.py --json")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--baseline", help="a result's label or 1-based position: speedups against it (one model only)")
+    p.add_argument("--labels", nargs="+", help="names for the results, in order (default: target @ host)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -696,7 +696,7 @@ def make_record(prepared: Prepared, source: PrunedFolder, progress: Progress, co
     return PruningRecord(config, str(source.path), __version__, calibration, summaries, progress.layers,
                          progress.units, shapes, prepared.memory, timings,
                          peak_rss() / 2**20, device_peak_mb=device_peak(prepared.device) / 2**20
-                         if prepared.device.type == "cuda" else None)
+                         if prepared.device.type == "cuda" else None, source_fingerprint=source.model_fingerprint)
 
 
 def stacked_record(second: PruningRecord, source: PrunedFolder, config: PruneConfig,
@@ -711,7 +711,8 @@ def stacked_record(second: PruningRecord, source: PrunedFolder, config: PruneCon
     timings = {f"shrink_{k}": v for k, v in first.timings.items()}
     timings.update({f"quantize_{k}": v for k, v in second.timings.items()})
     timings["total_s"] = first.timings.get("total_s", 0.0) + second.timings.get("total_s", 0.0)
-    return replace(second, settings=config, source=str(source.path), components=components, units=first.units,
+    return replace(second, settings=config, source=str(source.path), source_fingerprint=source.model_fingerprint,
+                   components=components, units=first.units,
                    timings=timings,
                    memory_plan=stacked_plan(first.memory_plan, second.memory_plan),
                    peak_rss_mb=max(first.peak_rss_mb, second.peak_rss_mb))

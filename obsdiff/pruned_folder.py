@@ -288,6 +288,7 @@ class PruningRecord:
     timings: dict[str, float]
     peak_rss_mb: float
     device_peak_mb: float | None = None  # a GPU run's max_memory_allocated
+    source_fingerprint: str | None = None  # the dense model's (``folder_fingerprint``), inherited through re-prunes
 
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, "tool": "obsdiff", "version": self.tool_version,
@@ -297,7 +298,7 @@ class PruningRecord:
                 "layers": [r.to_json() for r in self.layers], "units": [u.to_json() for u in self.units],
                 "shapes": {k: v.to_json() for k, v in self.shapes.items() if v},
                 "memory_plan": self.memory_plan, "timings": self.timings, "peak_rss_mb": self.peak_rss_mb,
-                "device_peak_mb": self.device_peak_mb}
+                "device_peak_mb": self.device_peak_mb, "source_fingerprint": self.source_fingerprint}
 
     def summary_json(self) -> dict:
         """The record without its per-layer and per-unit lists (what a bundle's manifest keeps)."""
@@ -327,7 +328,25 @@ class PruningRecord:
                                      calibration.get("timestep_weights")),
                    components, layers, units, {k: ComponentShapes.from_json(v) for k, v in shapes_json.items()},
                    data.get("memory_plan", {}), dict(data.get("timings", {})), float(data.get("peak_rss_mb", 0.0)),
-                   data.get("device_peak_mb"))
+                   data.get("device_peak_mb"), data.get("source_fingerprint"))
+
+
+def folder_fingerprint(path: Path, edge_bytes: int = 1 << 20) -> str:
+    """A dense model folder's identity, cheap at any size: each file's path, size, and the SHA-256 of its first and
+    last MiB (weights files differ there when they differ at all; a 3.4 GB UNet reads 2 MiB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts)):
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            head = fh.read(edge_bytes)
+            fh.seek(max(size - edge_bytes, 0))
+            tail = fh.read(edge_bytes)
+        digest.update(f"{file.relative_to(path).as_posix()}\0{size}\0".encode())
+        digest.update(hashlib.sha256(head + tail).digest())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -436,6 +455,13 @@ class PrunedFolder:
                 raise ModelFolderError(f"{file}: not an obsdiff record ({type(exc).__name__}: "
                                        f"{str(exc).splitlines()[0][:200]})") from None
         return cls(path, model_index, record)
+
+    @functools.cached_property
+    def model_fingerprint(self) -> str:
+        """Which dense model this folder is (or came from): bundles of one model compare their speed, others do not."""
+        if self.record is not None and self.record.source_fingerprint:
+            return self.record.source_fingerprint
+        return folder_fingerprint(self.path)
 
     @property
     def sparsity(self) -> SparsitySpec | None:

@@ -101,6 +101,48 @@ def cpu_bundle(pruned_24, default_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def android_bundle(pruned_24, tmp_path_factory) -> Path:
+    """The 2:4 model for android (ORT format), with a short end-to-end gate."""
+    from obsdiff.exporters.bundle import export
+
+    out = tmp_path_factory.mktemp("a") / "android"
+    export(pruned_24, "android", out, export_options(gate_prompts=2, gate_steps=5))
+    return out
+
+
+@pytest.fixture(scope="session")
+def jetson_bundle(pruned_24, tmp_path_factory) -> Path:
+    from obsdiff.exporters.bundle import export
+
+    out = tmp_path_factory.mktemp("j") / "jetson"
+    export(pruned_24, "jetson", out, export_options(gate_prompts=2, gate_steps=5))
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_model(default_model, tmp_path_factory) -> Path:
+    """The default model's UNet with int8 GPTQ weights (quantize only)."""
+    from obsdiff.prune import PruneConfig, prune
+    from obsdiff.quantize import Quantization
+    from obsdiff.sparsity import Dense
+
+    out = tmp_path_factory.mktemp("int8") / "model"
+    prune(default_model, out, PruneConfig(sparsity=Dense(), quantization=Quantization(8), num_prompts=4, steps=3,
+                                          packages=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cpu_int8_bundle(int8_model, tmp_path_factory) -> Path:
+    """The int8 model for cpu-int8; two prompts, every step: the activation ranges span the schedule."""
+    from obsdiff.exporters.bundle import export
+
+    out = tmp_path_factory.mktemp("i8") / "bundle"
+    export(int8_model, "cpu-int8", out, export_options(gate_prompts=2))
+    return out
+
+
+@pytest.fixture(scope="session")
 def fast_profile(tmp_path_factory):
     """fast_profile("cpu") → a copy of the profile whose end-to-end gate runs 2 steps (gate tests export in seconds)."""
     folder = tmp_path_factory.mktemp("profiles")

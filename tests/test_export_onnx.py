@@ -96,9 +96,9 @@ def test_validate_bundle_and_detect_tampering(cpu_bundle, tmp_path):
     assert proc.returncode != 0 and "no manifest.json" in error_line(proc)
 
 
-def test_android_bundle_has_ort_files_and_session_options(pruned_24, tmp_path):
-    out = tmp_path / "android"
-    manifest = export(pruned_24, "android", out, export_options(gate_prompts=2, gate_steps=5))  # a short gate
+def test_android_bundle_has_ort_files_and_session_options(android_bundle):
+    out = android_bundle
+    manifest = json.loads((out / "manifest.json").read_text())
     for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         assert (out / comp / "model.ort").is_file()
         assert manifest["components"][comp]["file"] == f"{comp}/model.ort"

@@ -1,6 +1,7 @@
 """Integer weights through export: ONNX QDQ graphs that carry our int8 codes (and int8 activations that ONNX Runtime
 runs as int8 kernels), Core ML constexpr ops that carry our int8/int4 codes; bad combinations refused in one line."""
 
+import json
 
 import numpy as np
 import onnx
@@ -22,16 +23,7 @@ from obsdiff.quantize import Quantization, per_column
 from obsdiff.resources import targets_dir
 from obsdiff.sparsity import NM, Dense
 
-QUICK = dict(num_prompts=4, steps=3, packages=2)
 IOS_PROFILE = targets_dir() / "ios.toml"
-
-
-@pytest.fixture(scope="module")
-def int8_model(default_model, tmp_path_factory):
-    """The default model's UNet with int8 GPTQ weights (quantize only)."""
-    out = tmp_path_factory.mktemp("int8") / "model"
-    prune(default_model, out, PruneConfig(sparsity=Dense(), quantization=Quantization(8), **QUICK))
-    return out
 
 
 def _torch_codes(model_dir, quant: Quantization) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -45,10 +37,9 @@ def _torch_codes(model_dir, quant: Quantization) -> dict[str, tuple[torch.Tensor
     return out
 
 
-def test_cpu_int8_bundle_carries_our_codes_and_runs_int8_kernels(int8_model, tmp_path):
-    bundle = tmp_path / "bundle"
-    # two prompts, every step: the activation ranges span the schedule
-    manifest = export(int8_model, "cpu-int8", bundle, export_options(gate_prompts=2))
+def test_cpu_int8_bundle_carries_our_codes_and_runs_int8_kernels(cpu_int8_bundle, int8_model):
+    bundle = cpu_int8_bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
     results = manifest["validation"]
     unet = results["components"]["unet"]
     assert unet["int8"]["codes"]["equal"] == unet["int8"]["codes"]["layers"] > 100

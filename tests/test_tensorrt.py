@@ -22,13 +22,6 @@ from obsdiff.solver import obs_prune
 from obsdiff.sparsity import NM, Unstructured
 
 
-@pytest.fixture(scope="module")
-def jetson_bundle(pruned_24, tmp_path_factory):
-    out = tmp_path_factory.mktemp("j") / "jetson"
-    export(pruned_24, "jetson", out, export_options(gate_prompts=2, gate_steps=5))
-    return out
-
-
 def test_jetson_bundle_host_side(jetson_bundle):
     manifest = json.loads((jetson_bundle / "manifest.json").read_text())
     results = manifest["validation"]

@@ -8,52 +8,23 @@ prints a table, writes ``device_validation.json`` and exits 1 when a gate fails.
     python3 validate_on_device.py                       # TensorRT engines in engines/ (build_engines.sh)
     python3 validate_on_device.py --runtime onnxruntime # the same comparison with ONNX Runtime
 
-Needs numpy, plus polygraphy and tensorrt (device) or onnxruntime. Standalone: no obsdiff import.
+Needs numpy, plus polygraphy and tensorrt (device) or onnxruntime, and ``benchmark.py`` beside it (its safetensors
+reader, scores and timing). Standalone: no obsdiff import. For latency in the field's terms, run ``benchmark.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "F64": np.float64}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file is an 8-byte header length, a JSON header and raw little-endian data."""
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    shapes = json.loads(header.get("__metadata__", {}).get("shapes", "{}"))
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        arr = np.frombuffer(raw[8 + n + start : 8 + n + end], dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
-        out[name] = arr.reshape(shapes[name]) if name in shapes else arr
-    return out
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    d = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / d) if d > 0 else float(np.array_equal(a, b))
-
-
-def psnr(ref: np.ndarray, got: np.ndarray, peak: float | None = None) -> float:
-    """PSNR in dB; the peak is the reference's range unless given (images in [0, 1] use 1)."""
-    ref, got = ref.astype(np.float64), got.astype(np.float64)
-    peak = peak if peak is not None else (float(ref.max() - ref.min()) or 1.0)
-    mse = float(((ref - got) ** 2).mean())
-    return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
-
+if __package__:
+    from obsdiff.exporters.device.benchmark import cosine, psnr, read_safetensors, timings
+else:  # in a bundle: the runner beside this script holds the reading, the scores and the timing
+    from benchmark import cosine, psnr, read_safetensors, timings
 
 class OrtRunner:
     def __init__(self, bundle: Path, component: dict) -> None:
@@ -84,26 +55,6 @@ class TrtRunner:
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in self.runner.infer(feeds, copy_outputs_to_host=True).items()}
-
-
-def timings(fn, warmup: int, runs: int, budget_s: float | None = None) -> dict[str, float]:
-    """Median and p90 of ``runs`` calls after ``warmup``; with ``budget_s``, fewer (at least 3) once that much time
-    has been spent, so that a real-size model on a slow host is timed in minutes, not hours."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-        if budget_s is not None and time.perf_counter() - start > budget_s / 4:
-            break  # one slow warm-up is warm enough
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000)
-        if budget_s is not None and len(samples) >= 3 and time.perf_counter() - start > budget_s:
-            break
-    samples.sort()
-    return {"median_ms": statistics.median(samples), "p90_ms": samples[min(len(samples) - 1, int(0.9 * len(samples)))],
-            "runs": len(samples)}
 
 
 def main(argv: list[str] | None = None) -> int:
