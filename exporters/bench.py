@@ -110,11 +110,13 @@ def compare_markdown(results: list[BenchResult], baseline: BenchResult | None) -
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         b, d, s = r.data["bundle"], r.data["device"], r.data["settings"]
-        pruning = ", ".join(f"{k} {v}" for k, v in (b.get("pruning") or {}).items() if v not in (None, "obs-diff"))
+        pruning = b.get("pruning") or "-"
+        if isinstance(pruning, dict):  # runners exported before the summary string: its fields, in order
+            pruning = " ".join(str(v) for v in pruning.values() if v not in (None, "obs-diff")) or "not pruned"
         quality = (b.get("quality") or {}).get("export_psnr_db")
         lines.append(f"| {r.label} | {b['target']} | {d['cpu']} ({d['cores']} cores) | {d['runtime']} "
                      f"{d['runtime_version']} ({', '.join(s['providers_used'])}) | {b.get('precision')} | "
-                     f"{pruning or 'dense'} | {b['bytes'] / 1e6:.2f} | "
+                     f"{pruning} | {b['bytes'] / 1e6:.2f} | "
                      f"{'-' if quality is None else f'{quality:.1f}'} |")
     lines += ["", "| component | " + " | ".join(r.label for r in results) + " |", "|---|" + "---:|" * len(results)]
     for name in names:

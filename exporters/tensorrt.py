@@ -275,6 +275,9 @@ Assumes JetPack {jetpack} (TensorRT {trt}, CUDA 12) on a Jetson Orin, or TensorR
    `reference/*.safetensors` inputs, compares with the saved ONNX Runtime outputs (cosine, PSNR), measures
    latency (median, p90) and exits non-zero on a failed gate.
    `python3 validate_on_device.py --runtime onnxruntime` runs the same comparison with ONNX Runtime.
+4. `python3 benchmark.py --json result.json` — latency in the field's terms (cold/warm engine load, first inference,
+   per-run samples, p50/p90/p95/p99, `--mlperf` minimums), per engine and end to end; `obsdiff compare` puts
+   results from several devices side by side.
 
 Engines are tied to the GPU and TensorRT version that built them: rebuild after a JetPack upgrade.
 """

@@ -193,6 +193,10 @@ class OnnxRuntime:
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         self.threads = args.threads if args.threads is not None else options.get("intra_op_num_threads")
         self.xnnpack_threads = args.threads or options.get("xnnpack_intra_op_num_threads")
+        if "XnnpackExecutionProvider" in missing and args.threads is None and self.xnnpack_threads:
+            # the profile gives ORT's own pool one thread because XNNPACK owns the threads; without XNNPACK, ORT does
+            self.threads = self.xnnpack_threads
+            self.notes.append(f"without XNNPACK, ONNX Runtime's pool takes its {self.threads} threads")
         self.optimization = options.get("graph_optimization_level")
         self.version = ort.__version__
 
@@ -589,10 +593,30 @@ def bundle_info(bundle: Path, manifest: dict) -> dict:
             "manifest_sha256": hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest(),
             "model_fingerprint": manifest.get("model_fingerprint"), "source_model": manifest.get("source_model"),
             "bytes": size, "shapes": manifest.get("shapes", {}),
-            "pruning": {k: (pruning.get("settings") or {}).get(k) for k in
-                        ("method", "pattern", "sparsity", "flops", "params", "quantize")},
+            "pruning": pruning_summary(pruning.get("settings")),
             "quality": {"export_psnr_db": e2e.get("psnr_db"), "dense_vs_pruned_psnr_db": e2e.get(
                 "psnr_dense_vs_pruned_db"), "gates_passed": all(g.get("passed") for g in validation.get("gates", []))}}
+
+
+def pruning_summary(settings: dict | None) -> str:
+    """What the prune did, in a few words: "structured flops 0.7 (global)", "2:4 + int8 (gptq)", "not pruned"."""
+    if not settings:
+        return "not pruned"
+    parts = [] if settings.get("method", "obs-diff") == "obs-diff" else [str(settings["method"])]
+    pattern = settings.get("pattern", "dense")
+    if pattern != "dense" or not settings.get("quantization"):
+        parts.append(str(pattern))
+    if settings.get("sparsity") is not None and pattern == "unstructured":
+        parts.append(f"{settings['sparsity']:g}")
+    budget = settings.get("budget") or {}
+    parts += [f"{k} {v:g}" for k, v in budget.items() if isinstance(v, (int, float))]
+    if budget.get("allocation"):
+        parts.append(f"({budget['allocation']})")
+    quant = settings.get("quantization")
+    if quant:
+        group = f" g{quant['group_size']}" if quant.get("group_size") else ""
+        parts.append(f"{'+ ' if len(parts) else ''}int{quant['bits']}{group} ({quant.get('method', 'gptq')})")
+    return " ".join(parts)
 
 
 def print_table(result: dict) -> None:
