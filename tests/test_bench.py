@@ -118,7 +118,13 @@ def test_benchmark_bad_input_is_one_line(cpu_bundle, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps({**manifest, "target": "fridge", "format": "tflite"}))
     proc = subprocess.run(runner, capture_output=True, text=True)
     assert proc.returncode == 2 and "target 'fridge' has format 'tflite'" in proc.stderr.strip()
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "format": "coreml"}))
+    proc = subprocess.run(runner, capture_output=True, text=True)
+    if sys.platform != "darwin":
+        assert proc.returncode == 2 and "Core ML prediction needs macOS" in proc.stderr.strip()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+    proc = subprocess.run([*runner, "--runtime", "tensorrt"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "tensorrt or polygraphy is not installed" in proc.stderr.strip()
     hidden = tmp_path / "no_ort"  # a Python without onnxruntime: the runner names the package
     hidden.mkdir()
     (hidden / "onnxruntime.py").write_text("raise ImportError('hidden for this test')\n")
