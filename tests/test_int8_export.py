@@ -154,8 +154,9 @@ def test_int8_export_bad_input(int8_model, default_model, tiny, tmp_path):
 def test_a_stacked_int4_profile_for_onnx_is_refused_before_the_prune(default_model, tmp_path):
     """structured --flops with int4 on an ONNX target: ship refuses it in one line before pruning, nothing written."""
     profile = tmp_path / "stacked-int4.toml"
-    profile.write_text((targets_dir() / "cpu-int8.toml").read_text().replace(
-        'pattern = "dense"\nquantize = "int8"', 'pattern = "structured"\nflops = 0.6\nquantize = "int4"\ngroup_size = 32'))
+    text = (targets_dir() / "cpu-int8.toml").read_text()
+    assert 'pattern = "structured"\nflops = 0.6' in text  # the shipped default is the stacked prune
+    profile.write_text(text.replace('quantize = "int8"', 'quantize = "int4"\ngroup_size = 32'))
     assert load_profile(profile).prune.quantization == Quantization(4, 32)
     proc = cli("ship", "--target", profile, "--model", default_model, "--out", tmp_path / "out")
     assert proc.returncode != 0 and "ONNX targets take int8 with one scale per output channel" in error_line(proc)
