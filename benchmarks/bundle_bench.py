@@ -2,11 +2,12 @@
 
     make export TARGET=cpu OUT=build/cmp/cpu-dense EXTRA="--pattern dense"
     make export TARGET=cpu OUT=build/cmp/cpu-structured
-    make export TARGET=cpu-int8 OUT=build/cmp/cpu-int8-default
+    make export TARGET=cpu-int8 OUT=build/cmp/cpu-int8-alone EXTRA="--pattern dense"
+    make export TARGET=cpu-int8 OUT=build/cmp/cpu-int8-stacked
     python -m benchmarks.bundle_bench [--runs 50] [--extra result.json ...]
 
 (1) Parity: the structured bundle through `python benchmark.py` and through `obsdiff bench`, back to back, twice in
-alternating order; the ratio of their p50s per component and end to end. (2) `obsdiff compare` of the three bundles
+alternating order; the ratio of their p50s per component and end to end. (2) `obsdiff compare` of the four bundles
 (dense as the baseline), plus any results given with --extra (another device's run of the same bundles):
 benchmarks/results/bundle_bench/compare.md and compare.png. Needs nothing beyond the project's venv; numbers depend
 on the host (its CPU and thread count are in each result).
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = {"dense": "build/cmp/cpu-dense", "structured": "build/cmp/cpu-structured",
-           "int8": "build/cmp/cpu-int8-default"}
+           "int8": "build/cmp/cpu-int8-alone", "structured+int8": "build/cmp/cpu-int8-stacked"}
 OUT = ROOT / "benchmarks" / "results" / "bundle_bench"
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = [*bundles, *(p.stem for p in args.extra)]
     run([sys.executable, "-m", "obsdiff", "compare", *map(str, results), *map(str, args.extra), "--out", str(OUT),
          "--baseline", "1", "--labels", *labels])
-    lines += ["", "## The three bundles (dense is the baseline)", "", (OUT / "compare.md").read_text().split("\n", 2)[2]]
+    lines += ["", "## The four bundles (dense is the baseline)", "", (OUT / "compare.md").read_text().split("\n", 2)[2]]
     (OUT / "README.md").write_text("\n".join(lines) + "\n")
     print((OUT / "README.md").read_text())
     return 0
