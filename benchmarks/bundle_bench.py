@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"bundle_bench: build these first (see the module docstring): {', '.join(missing)}")
     OUT.mkdir(parents=True, exist_ok=True)
-    runs = ["--runs", args.runs, "--warmup", "5", "--e2e-runs", "30"]
+    runs = ["--runs", args.runs, "--warmup", "5", "--e2e-runs", "100"]
     lines = ["# The default model's cpu bundles", "", f"`python -m benchmarks.bundle_bench --runs {args.runs}`.", "",
              "## `obsdiff bench` vs the bundle's `benchmark.py` (structured bundle, back to back, A B B A)", ""]
     lines += parity(bundles["structured"] / "bundle", runs, OUT)
