@@ -150,15 +150,13 @@ def compare_plot(results: list[BenchResult], baseline: BenchResult | None, path:
         p50 = [r.p50(name) or 0.0 for r in results]
         p90 = [r.p90(name) or 0.0 for r in results]
         x = np.arange(len(results))
-        bars = ax.bar(x, p50, color=[f"C{i}" for i in range(len(results))])
+        ax.bar(x, p50, color=[f"C{i}" for i in range(len(results))])
         ax.errorbar(x, p50, yerr=[np.zeros(len(x)), np.subtract(p90, p50)], fmt="none", ecolor="black", capsize=3)
-        if baseline is not None and baseline.p50(name):
-            for bar, value in zip(bars, p50):
-                if value:
-                    ax.annotate(f"{baseline.p50(name) / value:.2f}×", (bar.get_x() + bar.get_width() / 2, value),
-                                ha="center", va="bottom", fontsize=8)
+        ticks = [str(i + 1) for i in x]
+        if baseline is not None and baseline.p50(name):  # the speedup under each bar's number
+            ticks = [f"{t}\n{baseline.p50(name) / v:.2f}×" if v else t for t, v in zip(ticks, p50)]
         ax.set_title(name)
-        ax.set_xticks(x, [str(i + 1) for i in x])
+        ax.set_xticks(x, ticks, fontsize=7 if len(results) > 4 else 9)
         ax.set_ylabel("p50 ms (bar), p90 (whisker)")
     fig.legend([plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(results))],
                [f"{i + 1}: {r.label}" for i, r in enumerate(results)], loc="lower center", ncol=min(3, len(results)),
