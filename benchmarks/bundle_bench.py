@@ -16,10 +16,11 @@ on the host (its CPU and thread count are in each result).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
+
+from obsdiff.exporters.bench import BenchResult, components_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = {"dense": "build/cmp/cpu-dense", "structured": "build/cmp/cpu-structured",
@@ -34,11 +35,8 @@ def run(cmd: list[str]) -> None:
 
 
 def p50s(path: Path) -> dict[str, float]:
-    data = json.loads(path.read_text())
-    out = {c["name"]: c["stats"]["p50_ms"] for c in data["components"]}
-    if data["end_to_end"].get("ran"):
-        out["end to end"] = data["end_to_end"]["stats"]["p50_ms"]
-    return out
+    result = BenchResult.read(path, None)
+    return {name: result.stat(name, "p50_ms") for name in components_of([result])}
 
 
 def parity(bundle: Path, runs: list[str], work: Path) -> list[str]:

@@ -51,18 +51,12 @@ class BenchResult:
         return cls(label or f"{data['bundle']['target']} @ {data['device'].get('hostname') or data['device']['cpu']}",
                    data)
 
-    def p50(self, component: str) -> float | None:
+    def stat(self, component: str, key: str) -> float | None:
+        """A statistic (``p50_ms``, ``p90_ms``) of a component or of ``"end to end"``; None where it was not run."""
         if component == "end to end":
             e2e = self.data["end_to_end"]
-            return e2e["stats"]["p50_ms"] if e2e.get("ran") else None
-        found = [c["stats"]["p50_ms"] for c in self.data["components"] if c["name"] == component]
-        return found[0] if found else None
-
-    def p90(self, component: str) -> float | None:
-        if component == "end to end":
-            e2e = self.data["end_to_end"]
-            return e2e["stats"]["p90_ms"] if e2e.get("ran") else None
-        found = [c["stats"]["p90_ms"] for c in self.data["components"] if c["name"] == component]
+            return e2e["stats"][key] if e2e.get("ran") else None
+        found = [c["stats"][key] for c in self.data["components"] if c["name"] == component]
         return found[0] if found else None
 
 
@@ -111,8 +105,6 @@ def compare_markdown(results: list[BenchResult], baseline: BenchResult | None) -
     for r in results:
         b, d, s = r.data["bundle"], r.data["device"], r.data["settings"]
         pruning = b.get("pruning") or "-"
-        if isinstance(pruning, dict):  # runners exported before the summary string: its fields, in order
-            pruning = " ".join(str(v) for v in pruning.values() if v not in (None, "obs-diff")) or "not pruned"
         quality = (b.get("quality") or {}).get("export_psnr_db")
         lines.append(f"| {r.label} | {b['target']} | {d['cpu']} ({d['cores']} cores) | {d['runtime']} "
                      f"{d['runtime_version']} ({', '.join(s['providers_used'])}) | {b.get('precision')} | "
@@ -122,10 +114,11 @@ def compare_markdown(results: list[BenchResult], baseline: BenchResult | None) -
     for name in names:
         cells = []
         for r in results:
-            p50, p90 = r.p50(name), r.p90(name)
+            p50, p90 = r.stat(name, "p50_ms"), r.stat(name, "p90_ms")
+            base = baseline.stat(name, "p50_ms") if baseline is not None else None
             cell = "-" if p50 is None else f"{p50:.2f} ({p90:.2f})"
-            if baseline is not None and p50 and baseline.p50(name):
-                cell += f" **{baseline.p50(name) / p50:.2f}×**"
+            if base and p50:
+                cell += f" **{base / p50:.2f}×**"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if baseline is not None:
@@ -147,14 +140,15 @@ def compare_plot(results: list[BenchResult], baseline: BenchResult | None, path:
     names = components_of(results)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
-        p50 = [r.p50(name) or 0.0 for r in results]
-        p90 = [r.p90(name) or 0.0 for r in results]
+        p50 = [r.stat(name, "p50_ms") or 0.0 for r in results]
+        p90 = [r.stat(name, "p90_ms") or 0.0 for r in results]
         x = np.arange(len(results))
         ax.bar(x, p50, color=[f"C{i}" for i in range(len(results))])
         ax.errorbar(x, p50, yerr=[np.zeros(len(x)), np.subtract(p90, p50)], fmt="none", ecolor="black", capsize=3)
         ticks = [str(i + 1) for i in x]
-        if baseline is not None and baseline.p50(name):  # the speedup under each bar's number
-            ticks = [f"{t}\n{baseline.p50(name) / v:.2f}×" if v else t for t, v in zip(ticks, p50)]
+        base = baseline.stat(name, "p50_ms") if baseline is not None else None
+        if base:  # the speedup under each bar's number
+            ticks = [f"{t}\n{base / v:.2f}×" if v else t for t, v in zip(ticks, p50)]
         ax.set_title(name)
         ax.set_xticks(x, ticks, fontsize=7 if len(results) > 4 else 9)
         ax.set_ylabel("p50 ms (bar), p90 (whisker)")

@@ -732,18 +732,15 @@ def _is_type(value, kind: str) -> bool:
 # ------------------------------------------------------------------------------------------------------------- main
 
 
-def _count(text: str) -> int:
-    value = int(text) if text.strip().lstrip("-").isdigit() else None
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+def _whole(minimum: int):
+    """An argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text) if text.strip().lstrip("-").isdigit() else None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
 
-
-def _non_negative(text: str) -> int:
-    value = int(text) if text.strip().lstrip("-").isdigit() else None
-    if value is None or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-    return value
+    return parse
 
 
 def _seconds(text: str) -> float:
@@ -766,16 +763,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--runtime", choices=list(RUNTIME_CLASSES), help="default: the bundle's own")
-    parser.add_argument("--runs", type=_count, help="timed runs per component (default 20 unless --seconds)")
+    parser.add_argument("--runs", type=_whole(1), help="timed runs per component (default 20 unless --seconds)")
     parser.add_argument("--seconds", type=_seconds, help="time each component for this long instead")
     parser.add_argument("--mlperf", action="store_true", help=f"at least {MLPERF_MIN_RUNS} runs and "
                         f"{MLPERF_MIN_SECONDS:g} s per component (MLPerf single-stream); p90 is the metric")
-    parser.add_argument("--warmup", type=_non_negative, default=3, help="untimed runs before timing (default 3)")
-    parser.add_argument("--threads", type=_count, help="intra-op threads (default: the profile's, else the runtime's)")
+    parser.add_argument("--warmup", type=_whole(0), default=3, help="untimed runs before timing (default 3)")
+    parser.add_argument("--threads", type=_whole(1), help="intra-op threads (default: the profile's, else the runtime's)")
     parser.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers (default: the profile's)")
     parser.add_argument("--compute-units", default="ALL", choices=["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"])
     parser.add_argument("--components", nargs="+", help="only these components (default: all)")
-    parser.add_argument("--e2e-runs", type=_non_negative, default=3, help="timed end-to-end runs (0: skip it)")
+    parser.add_argument("--e2e-runs", type=_whole(0), default=3, help="timed end-to-end runs (0: skip it)")
     parser.add_argument("--json", type=Path, help="write the result here (schema: benchmark.schema.json)")
     args = parser.parse_args(argv)
     if args.runs is None and args.seconds is None:
