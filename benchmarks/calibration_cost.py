@@ -39,8 +39,8 @@ def run(pattern: str, prompts: int, steps: int, rows: str, calibration: str, see
             "--calibration", calibration, "--seed", str(seed), "--refresh-every", str(refresh),
             "--min-rows", str(min_rows)]
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "obsdiff", "-q", "prune", str(MODEL), "--out", str(out), *args], check=True,
-                   capture_output=True, env=env)
+    subprocess.run([sys.executable, "-m", "obsdiff", "-q", "prune", str(MODEL), "--out", str(out), *args, "--refine",
+                    "0"], check=True, capture_output=True, env=env)  # the published rows: the sweep's weights
     seconds = time.time() - t0
     record = json.loads(subprocess.run([sys.executable, "-c", "import json, sys; from obsdiff.pruned_folder import "
                                         "PrunedFolder; print(json.dumps(PrunedFolder.open(sys.argv[1]).record."

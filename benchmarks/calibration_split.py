@@ -47,7 +47,7 @@ print(json.dumps({"forwards_s": time.time() - t0}))
 
 def _prune(python: str, cwd: Path, model: Path, out: Path, args: list[str]) -> tuple[dict, float]:
     t0 = time.time()
-    proc = subprocess.run([python, "-m", "obsdiff", "-q", "prune", str(model), "--out", str(out), *args], cwd=cwd,
+    proc = subprocess.run([python, "-m", "obsdiff", "-q", "prune", str(model), "--out", str(out), *args, "--refine", "0"], cwd=cwd,
                           capture_output=True, text=True, env=ENV)
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])

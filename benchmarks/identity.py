@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "digits-sd"
-COMMON = ["--num-prompts", "8", "--steps", "5", "--packages", "2", "--batch-size", "8"]
+COMMON = ["--num-prompts", "8", "--steps", "5", "--packages", "2", "--batch-size", "8", "--refine", "0"]
 CONFIGS = {
     "obs-diff unstructured": ["--method", "obs-diff", "--pattern", "unstructured"],
     "obs-diff 2:4": ["--method", "obs-diff", "--pattern", "2:4"],

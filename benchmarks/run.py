@@ -83,7 +83,7 @@ def run_prune(source: Path, out: Path, args: list[str]) -> tuple[dict, float]:
     """``obsdiff prune`` in its own process (so wall time and peak RSS are its own): the record (as JSON, read
     through ``PrunedFolder``) and the seconds."""
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "obsdiff", "-q", "prune", str(source), "--out", str(out), *args],
+    subprocess.run([sys.executable, "-m", "obsdiff", "-q", "prune", str(source), "--out", str(out), *args, "--refine", "0"],
                    check=True, capture_output=True)
     return PrunedFolder.open(out).record.to_json(), time.time() - t0
 

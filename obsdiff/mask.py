@@ -34,6 +34,7 @@ from obsdiff.solver import (
     obs_prune_factored,
     output_energy,
     reconstruction_error,
+    refine_kept_weights,
     wanda_prune,
 )
 from obsdiff.sparsity import NM, MaskPattern
@@ -132,10 +133,17 @@ class MaskSolver:
             return wanda_prune(weight, hessian, self.pattern, perm)
         energy = output_energy(weight, hessian, perm)
         factor = inverse_factor(hessian, perm, damp=self.config.damp)
-        del hessian
-        if last:  # the sweep is the solve's peak: H goes first when no later layer reads it
-            hooks.release(name)
-        return obs_prune_factored(weight, factor, self.pattern, energy, quant=quant)
+        refine = self.config.refine if quant is None and self.pattern is not None else 0
+        if not refine:
+            del hessian
+            if last:  # the sweep is the solve's peak: H goes first when no later layer reads it
+                hooks.release(name)
+        solved = obs_prune_factored(weight, factor, self.pattern, energy, quant=quant)
+        if refine:  # the same zeros, the kept weights re-solved jointly (H held through the sweep for it)
+            refined = refine_kept_weights(weight, solved.weight, hessian, perm, solved.damp, refine)
+            err, rel = reconstruction_error(weight, refined, hessian, perm)
+            solved = SolveResult(refined, solved.mask, err, rel, solved.damp, solved.scales)
+        return solved
 
     def _prune_then_round(self, weight: torch.Tensor, hooks: PackageHooks | None, name: str,
                           perm: torch.Tensor | None, quant: Quantization) -> SolveResult:

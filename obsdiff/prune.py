@@ -251,6 +251,8 @@ def package_time(prepared: Prepared, name: str, package: list, seconds_per_call:
             updates += 2 * rows * width / update_rate(cols)
         if config.method is Method.OBS_DIFF:
             solves += solve_seconds(m.weight.shape[0], cols)
+            # --refine: one rows × c × c product per conjugate-gradient iteration
+            solves += config.refine * 2 * m.weight.shape[0] * cols * cols / update_rate(cols)
     if getattr(config.sparsity, "budget", None) is not None:  # the budget's scoring pass calibrates it once more
         calibration, updates = 2 * calibration, 2 * updates
     return PackageTime(calibration, updates, solves)

@@ -41,6 +41,25 @@ def test_2of4_on_default_model_follows_the_tensorrt_axis(pruned_24):
     assert record.components["unet"].mask.pruned_weights == pruned
 
 
+def test_refine_lowers_every_first_package_layer_s_error_with_the_same_2of4_zeros(pruned_24, default_model, tmp_path):
+    """``--refine`` (on by default for obs-diff masks): package 1 calibrates on the dense model either way, so its
+    Hessians are the same with and without; the re-solved kept weights must do better on each of them, with N:M still
+    on TensorRT's axis."""
+    refined = PrunedFolder.open(pruned_24).record
+    assert refined.settings.refine == 10
+    swept = prune(default_model, tmp_path / "out", PruneConfig(sparsity=NM(2, 4), refine=0, **FAST))
+    before = {r.layer: r for r in swept.layers if r.package == 0}
+    after = {r.layer: r for r in refined.layers if r.package == 0}
+    assert before.keys() == after.keys() and len(after) > 10
+    for name, layer in after.items():
+        assert layer.relative_error < before[name].relative_error, name
+    mean = sum(r.relative_error for r in after.values()) / len(after)
+    assert mean < 0.8 * sum(r.relative_error for r in before.values()) / len(before)
+    modules = dict(load_pipeline(pruned_24).unet.named_modules())
+    assert all(NM(2, 4).holds(modules[r.layer].weight.detach().numpy(), axis=1) for r in refined.layers)
+    assert PruneConfig(method="wanda", sparsity=NM(2, 4)).validate() is None  # the default does not apply: no error
+
+
 def test_unstructured_half_on_default_model(default_model, tmp_path):
     record = prune(default_model, tmp_path / "out", PruneConfig(sparsity=Unstructured(0.5), **FAST))
     assert PrunedFolder.open(tmp_path / "out").record == record  # what was written reads back as the same record
@@ -190,6 +209,8 @@ def test_resume_after_a_refreshed_recording_replays_that_recording(tiny, tmp_pat
     (["--components", "unet,prior"], "unknown component prior"),
     (["--method", "sparsegpt"], "invalid choice"),
     (["--pattern", "3:2"], "0 < N < M"),
+    (["--method", "wanda", "--refine", "5"], "--refine re-solves the kept weights of an obs-diff mask"),
+    (["--refine", "-1"], "--refine must be a whole number ≥ 0"),
 ])
 def test_bad_prune_options(default_model, tmp_path, args, message):
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ from torch import nn
 from obsdiff.errors import SolverError
 from obsdiff.hessian import HessianAccumulator, Weighting, layer_rows, timestep_weights
 from obsdiff.layers import column_permutation, permute_hessian, set_weight_matrix, weight_matrix
-from obsdiff.solver import magnitude_prune, obs_prune, reconstruction_error, wanda_prune
+from obsdiff.solver import magnitude_prune, obs_prune, reconstruction_error, refine_kept_weights, wanda_prune
 from obsdiff.sparsity import NM, Unstructured, parse_sparsity
 
 
@@ -95,6 +95,27 @@ def test_obs_2of4_against_brute_force_over_all_masks():
         assert best <= got + 1e-6
         best_total += best
     assert best_total <= obs.error < min(wanda_prune(w, h, pat).error, magnitude_prune(w, pat, h).error)
+
+
+@pytest.mark.parametrize("pattern", [NM(2, 4), Unstructured(0.7)])
+def test_refine_reaches_each_row_s_least_squares_optimum_for_the_sweep_s_zeros(pattern):
+    """``--refine``: the same zeros; the kept weights of every row become the damped least-squares solution (solved
+    here directly, row by row), which the sweep's one-pass compensation only approaches."""
+    w, _, h = _problem(rows=8, cols=32)
+    swept = obs_prune(w, h, pattern).weight
+    refined = refine_kept_weights(w, swept, h, damp=0.01, iterations=40)
+    assert torch.equal(refined == 0, swept == 0)
+    damped = h.double() + 0.01 * h.diagonal().mean().item() * torch.eye(32, dtype=torch.float64)
+    for row in range(8):
+        kept, cut = swept[row] != 0, swept[row] == 0
+        exact = w[row, kept].double() + torch.linalg.solve(damped[kept][:, kept], damped[kept][:, cut] @ w[row, cut].double())
+        assert torch.allclose(refined[row, kept].double(), exact, atol=1e-4), row
+    assert reconstruction_error(w, refined, h)[0] < reconstruction_error(w, swept, h)[0]
+    # a conv's permuted columns: the same optimum whichever order H's columns are stored in
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+    h_stored = torch.empty_like(h)
+    h_stored[perm[:, None], perm[None, :]] = h  # stored so that weight column j meets H's column perm[j]
+    assert torch.allclose(refine_kept_weights(w, swept, h_stored, perm, 0.01, 40), refined, atol=1e-4)
 
 
 def test_dead_inputs_are_zeroed_and_damping_retries():
