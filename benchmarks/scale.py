@@ -127,10 +127,13 @@ SD15_BIGGEST_PACKAGE = "up_blocks.0.resnets.2,up_blocks.0.upsamplers.0,up_blocks
 
 def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> dict[str, list[str]]:
     obsdiff = [sys.executable, "-m", "obsdiff"]
-    small = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--height", "256", "--width", "256"]
+    small = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--height", "256", "--width", "256",
+             "--refine", "0"]  # the published rows were measured before --refine existed
     size = ["--height", str(height), "--width", str(height), "--gate-prompts", "1", "--gate-steps", "2"]
     pruned = work / "pruned"
     one_package = ["--pattern", "2:4", "--max-memory", "12", "--packages", "1", *small, "--blocks", package]
+    recover = ["--height", "256", "--width", "256", "--max-memory", "20", "--num-prompts", "2", "--trajectory-steps",
+               "2", "--batch-size", "2", "--steps", "4", "--warmup", "0", "--lr", "1e-5"]
     return {
         "info": [*obsdiff, "info", str(model)],
         "plan": [*obsdiff, "prune", str(model), "--out", str(work / "plan"), "--pattern", "2:4", "--plan",
@@ -146,16 +149,21 @@ def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> d
         "validate-jetson": [*obsdiff, "validate", str(work / "jetson")],
         # the whole UNet at the calibration defaults (what `ship --target jetson` prunes with), at the model's size
         "plan-defaults": [*obsdiff, "prune", str(model), "--out", str(work / "full"), "--pattern", "2:4", "--plan",
-                          "--json"],
-        "prune-defaults": [*obsdiff, "prune", str(model), "--out", str(work / "full"), "--pattern", "2:4"],
+                          "--json", "--refine", "0"],
+        "prune-defaults": [*obsdiff, "prune", str(model), "--out", str(work / "full"), "--pattern", "2:4", "--refine",
+                           "0"],
         # after an interruption (a 3-hour run may not fit one sitting): the sum of both stages' walls is the prune's
         "prune-defaults-resume": [*obsdiff, "prune", str(model), "--out", str(work / "full"), "--pattern", "2:4",
-                                  "--resume"],
+                                  "--resume", "--refine", "0"],
         "export-jetson-full": [*obsdiff, "export", str(work / "full"), "--target", "jetson", "--out",
                                str(work / "jetson-full"), "--overwrite", *size],
         "validate-jetson-full": [*obsdiff, "validate", str(work / "jetson-full")],
         "export-ios": [*obsdiff, "export", str(pruned), "--target", "ios", "--out", str(work / "ios"), "--overwrite",
                        "--height", str(height), "--width", str(height)],
+        # recover distils the full 2:4 prune at 256 px within 20 GiB (a few steps: memory and seconds per step)
+        "plan-recover": [*obsdiff, "recover", str(work / "full"), "--plan", "--json", *recover],
+        "recover": [*obsdiff, "recover", str(work / "full"), "--out", str(work / "recovered"), "--overwrite",
+                    *recover],
     }
 
 

@@ -15,7 +15,13 @@ from pathlib import Path
 
 from obsdiff import __version__
 from obsdiff.atomic import Terminated, raise_on_sigterm
-from obsdiff.config import DEFAULT_MIN_ROWS, DEFAULT_NUM_PROMPTS, DEFAULT_ROWS_PER_COLUMN, DEFAULT_STEPS
+from obsdiff.config import (
+    DEFAULT_MIN_ROWS,
+    DEFAULT_NUM_PROMPTS,
+    DEFAULT_REFINE,
+    DEFAULT_ROWS_PER_COLUMN,
+    DEFAULT_STEPS,
+)
 from obsdiff.errors import ObsdiffError
 
 log = logging.getLogger("obsdiff")
@@ -103,7 +109,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         alpha_max=args.alpha_max, packages=args.packages, damp=args.damp, blocks=args.blocks, seed=args.seed,
         batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, compensate=not args.no_compensate,
         max_memory_gib=args.max_memory, quantization=quantization, rows_per_column=args.rows_per_column,
-        min_rows=args.min_rows, calibration=args.calibration, refresh_every=args.refresh_every,
+        min_rows=args.min_rows, calibration=args.calibration, refresh_every=args.refresh_every, refine=args.refine,
     )
     from obsdiff.distributed import init_world, shutdown
 
@@ -139,6 +145,75 @@ def cmd_prune(args: argparse.Namespace) -> int:
                      m.sparsity_of_pruned_layers, m.pruned_weights, len(comp.skipped))
     log.info("wrote %s in %.1f s", args.out, record.timings["total_s"])
     return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from obsdiff.recover import RecoverConfig, recover
+
+    config = RecoverConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                           trajectory_steps=args.trajectory_steps, num_prompts=args.num_prompts, guidance=args.guidance,
+                           height=args.height, width=args.width, warmup=args.warmup, seed=args.seed,
+                           max_memory_gib=args.max_memory,
+                           gradient_checkpointing=True if args.gradient_checkpointing else None,
+                           checkpoint_every=args.checkpoint_every)
+    if args.plan:
+        from obsdiff.recover import plan_recover
+
+        plan = plan_recover(args.pruned, config, teacher_dir=args.teacher)
+        if args.json:
+            print(json.dumps(plan, indent=2))
+        else:
+            for key, value in plan.items():
+                print(f"{key:28s} {value / 2**30:8.2f} GiB" if key.endswith("bytes") else f"{key:28s} {value}")
+        return 0
+    if args.out is None:
+        from obsdiff.errors import UsageError
+
+        raise UsageError("recover needs --out (or --plan)")
+    record = recover(args.pruned, args.out, config, teacher_dir=args.teacher, resume=args.resume,
+                     overwrite=args.overwrite)
+    rec = record.recovery
+    first, last = rec.loss_curve[0][1], rec.loss_curve[-1][1]
+    log.info("%s: %d steps on %d teacher rows, loss %.4g → %.4g, %.2f s/step, peak %.2f GiB; wrote %s", rec.component,
+             config.steps, rec.rows, first, last, rec.seconds_per_step, rec.peak_rss_mb / 1024, args.out)
+    return 0
+
+
+def _add_recover_parser(sub) -> None:
+    from obsdiff.recover import RecoverConfig
+
+    defaults = RecoverConfig()
+    p = sub.add_parser("recover", help="distil a pruned denoiser from its dense teacher on the calibration prompts, "
+                       "keeping every zero, N:M group and shrunk shape")
+    p.add_argument("pruned", type=Path, help="a folder written by obsdiff prune (not quantized)")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--teacher", type=Path, help="the dense folder (default: the source the prune record names)")
+    p.add_argument("--steps", type=_int_arg, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
+    p.add_argument("--lr", type=_float_arg, default=defaults.lr, help=f"AdamW peak learning rate, cosine to zero "
+                   f"after a warm-up (default {defaults.lr:g})")
+    p.add_argument("--batch-size", type=_int_arg, default=defaults.batch_size,
+                   help=f"denoiser rows per step (default {defaults.batch_size})")
+    p.add_argument("--trajectory-steps", type=_int_arg, default=defaults.trajectory_steps,
+                   help=f"denoising steps of each teacher trajectory (default {defaults.trajectory_steps})")
+    p.add_argument("--num-prompts", type=_int_arg, default=defaults.num_prompts, help="trajectories the teacher "
+                   f"generates, cycling through the calibration prompts with new noise (default {defaults.num_prompts})")
+    p.add_argument("--guidance", type=_float_arg, help="default: the prune's")
+    p.add_argument("--height", type=_int_arg, help="default: the prune's (else the model's)")
+    p.add_argument("--width", type=_int_arg)
+    p.add_argument("--warmup", type=_int_arg, default=defaults.warmup, help="learning-rate warm-up steps")
+    p.add_argument("--seed", type=_int_arg, default=defaults.seed)
+    p.add_argument("--max-memory", type=_float_arg, metavar="GIB",
+                   help="the plan switches gradient checkpointing on, or refuses, to stay within this (default: "
+                   "available memory)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="always (default: when the plan needs it)")
+    p.add_argument("--checkpoint-every", type=_int_arg, default=defaults.checkpoint_every,
+                   help="steps between resumable checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted recover into the same --out")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--plan", action="store_true", help="print the memory plan (expected peak, gradient checkpointing "
+                   "or not) and write nothing")
+    p.add_argument("--json", action="store_true", help="with --plan: as JSON (expected_peak_bytes)")
+    p.set_defaults(func=cmd_recover)
 
 
 def _duration(seconds: float) -> str:
@@ -333,6 +408,10 @@ def _add_prune_parser(sub) -> None:
                         "its row budget needs, stopped after its last layer; full: rerun the whole pipeline per package")
     p.add_argument("--refresh-every", type=_int_arg, default=0, metavar="N",
                    help="replay: re-record the trajectory on the partly pruned model every N packages (0: never)")
+    p.add_argument("--refine", type=_int_arg, metavar="N",
+                   help="obs-diff masks without --quantize: re-solve each layer's kept weights jointly for the chosen "
+                   f"zeros (N conjugate-gradient iterations on H; default {DEFAULT_REFINE}; 0: the sweep's own "
+                   "compensation, as in the paper)")
     p.add_argument("--max-memory", type=_float_arg, metavar="GIB",
                    help="packages are split so that Hessians, solve workspace and activations fit (default: available "
                    "memory of the device)")
@@ -380,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     _add_prune_parser(sub)
+    _add_recover_parser(sub)
 
     p = sub.add_parser("evaluate", help="conditional digit accuracy and Fréchet distance (default model family)")
     p.add_argument("model", type=Path)

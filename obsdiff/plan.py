@@ -278,6 +278,47 @@ def activation_bytes(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int,
     return counter.peak, shapes
 
 
+class _FlashAttentionWithGrad(torch.overrides.TorchFunctionMode):
+    """``_FlashAttention`` for a training step: the output stays connected to the query, so the backward pass runs
+    and counts what it holds (a fused kernel saves its inputs and output, never the L×L weights)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")][len(args):])[:3]
+            tied = key.sum() * 0 + value.sum() * 0  # gradients reach the key and value projections too
+            return query.narrow(-1, 0, 1).expand(*query.shape[:-1], value.shape[-1]) * 1.0 + tied
+        return func(*args, **kwargs)
+
+
+def training_activation_bytes(module: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Peak bytes of the tensors one training step's forward creates and keeps for the backward (its saved
+    activations), measured on ``meta`` like ``activation_bytes``, with the module's gradient checkpointing if enabled.
+    The backward itself runs outside the dispatch mode (the autograd engine), so its tensors and the parameters'
+    gradients are not in this count: the caller adds them."""
+
+    def to_meta(x, grad: bool = False):
+        if not isinstance(x, torch.Tensor):
+            return x
+        out = torch.empty(x.shape, dtype=x.dtype, device="meta")
+        return out.requires_grad_() if grad and x.is_floating_point() else out
+
+    state = {k: to_meta(v, grad=True) for k, v in module.named_parameters()}
+    state.update({k: to_meta(v) for k, v in module.named_buffers()})
+    margs = torch.utils._pytree.tree_map(to_meta, args)
+    mkwargs = torch.utils._pytree.tree_map(to_meta, kwargs)
+    counter = _LiveTensors()
+    was_training = module.training
+    module.train()
+    try:
+        with torch.enable_grad(), _FlashAttentionWithGrad(), counter:
+            outputs = torch.func.functional_call(module, state, margs, mkwargs)  # its graph holds what is saved
+        del outputs
+    finally:
+        module.train(was_training)
+    return counter.peak
+
+
 def activation_floor(model_dir: Path, height: int, width: int, batch: int) -> int:
     """A lower bound of one denoiser call's activations at this size, from the folder's configs alone (nothing loaded):
     the first level's feature map, at the full latent resolution and the classifier-free-guidance batch, held about

@@ -273,6 +273,32 @@ class CalibrationRecord:
 
 
 @dataclass(frozen=True)
+class RecoveryRecord:
+    """What ``obsdiff recover`` did to the pruned denoiser: distilled from which teacher, how long, and the loss."""
+
+    teacher: str
+    teacher_fingerprint: str
+    component: str
+    settings: dict  # RecoverConfig.to_json()
+    prompts: int
+    rows: int  # teacher outputs trained on (denoiser calls × their batch)
+    masked_layers: int
+    gradient_checkpointing: bool
+    loss_curve: list[list[float]]  # [step, mean loss of the steps since the previous point]
+    seconds_per_step: float
+    timings: dict[str, float]
+    memory_plan: dict
+    peak_rss_mb: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RecoveryRecord:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
 class PruningRecord:
     """Everything ``pruning.json`` holds, typed."""
 
@@ -289,6 +315,7 @@ class PruningRecord:
     peak_rss_mb: float
     device_peak_mb: float | None = None  # a GPU run's max_memory_allocated
     source_fingerprint: str | None = None  # the dense model's (``folder_fingerprint``), inherited through re-prunes
+    recovery: RecoveryRecord | None = None  # ``obsdiff recover`` distilled the pruned denoiser afterwards
 
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, "tool": "obsdiff", "version": self.tool_version,
@@ -298,7 +325,8 @@ class PruningRecord:
                 "layers": [r.to_json() for r in self.layers], "units": [u.to_json() for u in self.units],
                 "shapes": {k: v.to_json() for k, v in self.shapes.items() if v},
                 "memory_plan": self.memory_plan, "timings": self.timings, "peak_rss_mb": self.peak_rss_mb,
-                "device_peak_mb": self.device_peak_mb, "source_fingerprint": self.source_fingerprint}
+                "device_peak_mb": self.device_peak_mb, "source_fingerprint": self.source_fingerprint,
+                **({"recovery": self.recovery.to_json()} if self.recovery else {})}
 
     def summary_json(self) -> dict:
         """The record without its per-layer and per-unit lists (what a bundle's manifest keeps)."""
@@ -328,7 +356,8 @@ class PruningRecord:
                                      calibration.get("timestep_weights")),
                    components, layers, units, {k: ComponentShapes.from_json(v) for k, v in shapes_json.items()},
                    data.get("memory_plan", {}), dict(data.get("timings", {})), float(data.get("peak_rss_mb", 0.0)),
-                   data.get("device_peak_mb"), data.get("source_fingerprint"))
+                   data.get("device_peak_mb"), data.get("source_fingerprint"),
+                   RecoveryRecord.from_json(data["recovery"]) if data.get("recovery") else None)
 
 
 def folder_fingerprint(path: Path, edge_bytes: int = 1 << 20) -> str:
