@@ -73,6 +73,7 @@ def markdown(result: dict) -> list[str]:
              f"guidance 5, seed 0). Each prune at `obsdiff prune`'s defaults with the row's pattern; each recovery at "
              f"`obsdiff recover`'s defaults ({result['recover_defaults']}). torch threads: {result['threads']}. "
              f"Dense model: accuracy {result['dense']['accuracy']:.3f}, FD {result['dense']['frechet_distance']:.1f}.",
+             *([f"*{result['note']}*"] if result.get("note") else []),
              "", "| start (method / pattern) | one shot | + recover | FD one shot → recovered | recover wall | s/step |"
              " peak RSS | target |", "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(command="python -m benchmarks.recover_quality" + (f" --only {args.only}" if args.only else ""),
                   samples=args.samples, threads=args.threads,
                   recover_defaults=f"{defaults.steps} steps, lr {defaults.lr:g}, batch {defaults.batch_size} rows, "
-                                   f"{defaults.trajectory_steps}-step teacher trajectories of the prune's prompts")
+                                   f"{defaults.num_prompts} teacher trajectories of {defaults.trajectory_steps} steps, "
+                                   "cycling through the calibration prompts with new noise")
     with tempfile.TemporaryDirectory() as tmp:
         if "dense" not in result:
             result["dense"] = _judge(DEFAULT_MODEL, args.samples, env)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -40,6 +41,8 @@ from obsdiff.solver import (
 from obsdiff.sparsity import NM, MaskPattern
 
 log = logging.getLogger(__name__)
+
+REFINE_BUFFERS = 10  # weight-sized float32 buffers --refine holds at once (its vectors, H products, the result)
 
 
 class MaskSolver:
@@ -83,8 +86,12 @@ class MaskSolver:
 
     def layer_costs(self, model: nn.Module, package: list[TargetLayer], statistic: str, dtype_bytes: int,
                     input_shapes: dict) -> list[LayerCost]:
-        return [layer_cost(model, t.name, t.module, t.block, statistic, dtype_bytes, input_shapes.get(t.name))
-                for t in package]
+        costs = [layer_cost(model, t.name, t.module, t.block, statistic, dtype_bytes, input_shapes.get(t.name))
+                 for t in package]
+        if self.config.refine:  # the conjugate-gradient vectors and products: about ten weight-sized buffers
+            costs = [replace(c, workspace_bytes=c.workspace_bytes + REFINE_BUFFERS * 4 * t.module.weight.numel())
+                     for c, t in zip(costs, package)]
+        return costs
 
     def solve(self, component: str, module: nn.Module, package: list[TargetLayer], index: int,
               hooks: PackageHooks | None, world: World, counts: dict[str, int] | None = None) -> PackageResult:
@@ -139,6 +146,7 @@ class MaskSolver:
             if last:  # the sweep is the solve's peak: H goes first when no later layer reads it
                 hooks.release(name)
         solved = obs_prune_factored(weight, factor, self.pattern, energy, quant=quant)
+        del factor
         if refine:  # the same zeros, the kept weights re-solved jointly (H held through the sweep for it)
             refined = refine_kept_weights(weight, solved.weight, hessian, perm, solved.damp, refine)
             err, rel = reconstruction_error(weight, refined, hessian, perm)
