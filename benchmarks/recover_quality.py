@@ -33,7 +33,7 @@ ROWS = {  # label → prune options
     "wanda/2:4": ["--method", "wanda", "--pattern", "2:4"],
     "magnitude/0.7": ["--method", "magnitude", "--sparsity", "0.7"],
     "wanda/0.7": ["--method", "wanda", "--sparsity", "0.7"],
-    "l1/flops-0.5": ["--method", "l1", "--pattern", "structured", "--flops", "0.5"],
+    "l1/flops-0.5": ["--method", "l1", "--pattern", "structured", "--flops", "0.5", "--allocation", "uniform"],
 }
 TARGETS = {"2:4": 0.96, "0.7": 0.90, "flops-0.5": 0.95}  # issue 28's acceptance, after recover (obs-diff rows)
 
