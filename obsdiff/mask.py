@@ -88,8 +88,9 @@ class MaskSolver:
                     input_shapes: dict) -> list[LayerCost]:
         costs = [layer_cost(model, t.name, t.module, t.block, statistic, dtype_bytes, input_shapes.get(t.name))
                  for t in package]
-        if self.config.refine:  # the conjugate-gradient vectors and products: about ten weight-sized buffers
-            costs = [replace(c, workspace_bytes=c.workspace_bytes + REFINE_BUFFERS * 4 * t.module.weight.numel())
+        if self.config.refine:  # after the sweep (its factor freed): the sweep's weight copies + the CG buffers
+            costs = [replace(c, workspace_bytes=max(c.workspace_bytes,
+                                                    (6 + REFINE_BUFFERS) * 4 * t.module.weight.numel()))
                      for c, t in zip(costs, package)]
         return costs
 
