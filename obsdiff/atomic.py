@@ -150,6 +150,18 @@ def check_disjoint(output: Path, inputs: dict[str, Path], output_name: str = "--
                              "(obsdiff never writes over its inputs)")
 
 
+def check_output_dir(output: Path, inputs: dict[str, Path | None], overwrite: bool) -> None:
+    """An output folder a run may create or replace: disjoint from its inputs, not already there unless
+    ``overwrite``, not a file, inside a folder that exists."""
+    check_disjoint(output, inputs)
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output} already exists (pass --overwrite to replace it)")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output} exists and is not a folder")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output.parent} does not exist")
+
+
 class Terminated(BaseException):
     """SIGTERM as an exception, so that every ``finally`` and staging clean-up runs (like Ctrl-C)."""
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from obsdiff import __version__
 from obsdiff.adapters import Adapter, adapter_for
-from obsdiff.atomic import OutputLock, check_disjoint, discard_staging, fault_point, replace_dir, staging_path
+from obsdiff.atomic import OutputLock, check_output_dir, discard_staging, fault_point, replace_dir, staging_path
 from obsdiff.budget import allocate_budget
 from obsdiff.calibration import (
     CalibrationSettings,
@@ -429,13 +429,7 @@ def plan_prune(model_dir: Path, config: PruneConfig, device: str | None = None) 
 
 
 def _check_output(out_dir: Path, source: PrunedFolder, config: PruneConfig, overwrite: bool) -> None:
-    check_disjoint(out_dir, {"model": source.path, "prompt file": config.prompts_file})
-    if out_dir.exists() and not overwrite:
-        raise UsageError(f"{out_dir} already exists (pass --overwrite to replace it)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} exists and is not a folder")
-    if not out_dir.parent.is_dir():
-        raise UsageError(f"{out_dir.parent} does not exist")
+    check_output_dir(out_dir, {"model": source.path, "prompt file": config.prompts_file}, overwrite)
 
 
 def _check_world(config: PruneConfig, world: World, prompts: list[str]) -> None:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from obsdiff.atomic import (
     OutputLock,
-    check_disjoint,
+    check_output_dir,
     discard_staging,
     fault_point,
     remove,
@@ -271,13 +271,7 @@ def check_inputs(pruned: PrunedFolder, teacher_dir: Path, out_dir: Path | None,
                          f"({', '.join(differing[:4])} differ)")
     if out_dir is None:
         return name, teacher
-    check_disjoint(out_dir, {"pruned folder": pruned.path, "teacher": teacher_dir})
-    if out_dir.exists() and not overwrite:
-        raise UsageError(f"{out_dir} already exists (pass --overwrite to replace it)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} exists and is not a folder")
-    if not out_dir.parent.is_dir():
-        raise UsageError(f"{out_dir.parent} does not exist")
+    check_output_dir(out_dir, {"pruned folder": pruned.path, "teacher": teacher_dir}, overwrite)
     return name, teacher
 
 
