@@ -400,7 +400,7 @@ def plan_recover(pruned_dir: Path, config: RecoverConfig, *, teacher_dir: Path |
     config.validate()
     pruned = PrunedFolder.open(pruned_dir)
     record = pruned.record
-    teacher_dir = Path(teacher_dir) if teacher_dir is not None else Path(record.source) if record else Path()
+    teacher_dir = _teacher_dir(record, teacher_dir)
     name, teacher = check_inputs(pruned, teacher_dir, None, False)
     config, prompts = _resolved(config, record, teacher)
     base = current_rss()
@@ -419,6 +419,11 @@ def _resolved(config: RecoverConfig, record: PruningRecord, teacher: PrunedFolde
     return config, [available[i % len(available)] for i in range(config.num_prompts)]
 
 
+def _teacher_dir(record: PruningRecord | None, given: Path | None) -> Path:
+    """``--teacher``, else the dense source the record names (a folder without a record is refused later)."""
+    return Path(given) if given is not None else Path(record.source) if record else Path()
+
+
 def _budget(config: RecoverConfig) -> int:
     return int(config.max_memory_gib * GIB) if config.max_memory_gib else available_memory(torch.device("cpu"))
 
@@ -431,7 +436,7 @@ def recover(pruned_dir: Path, out_dir: Path, config: RecoverConfig, *, teacher_d
     pruned = PrunedFolder.open(pruned_dir)
     out_dir = Path(out_dir)
     record = pruned.record
-    teacher_dir = Path(teacher_dir) if teacher_dir is not None else Path(record.source) if record else Path()
+    teacher_dir = _teacher_dir(record, teacher_dir)
     name, teacher = check_inputs(pruned, teacher_dir, out_dir, overwrite)
     config, prompts = _resolved(config, record, teacher)
     fingerprint = hashlib.sha256(json.dumps([folder_fingerprint(pruned.path), folder_fingerprint(teacher.path),
