@@ -2,9 +2,10 @@
 both judged (conditional accuracy, Fréchet distance) on the same samples.
 
 Every prune and every recover runs in its own process with its own defaults (what a user gets from ``obsdiff prune``
-and ``obsdiff recover`` with no options but the pattern); the peers' starts (magnitude, Wanda; L1 for structured) get
-the same recovery budget, so the table shows what the OBS start is worth after recovery. Rows already in the results
-file are kept unless ``--only`` names them again (runs are long: one at a time, merged).
+and ``obsdiff recover`` with no options but the pattern); the peers' starts (magnitude, Wanda, NVIDIA ModelOpt's
+sparsegpt 2:4 from ``benchmarks.modelopt_start``; L1 for structured) get the same recovery budget, so the table shows
+what the OBS start is worth after recovery. Rows already in the results file are kept unless ``--only`` names them
+again (runs are long: one at a time, merged).
 
     python -m benchmarks.recover_quality [--only obs-diff/2:4,wanda/2:4] [--samples 200] [--threads 2]
 """
@@ -34,6 +35,7 @@ ROWS = {  # label → prune options
     "magnitude/0.7": ["--method", "magnitude", "--sparsity", "0.7"],
     "wanda/0.7": ["--method", "wanda", "--sparsity", "0.7"],
     "l1/flops-0.5": ["--method", "l1", "--pattern", "structured", "--flops", "0.5", "--allocation", "uniform"],
+    "modelopt-sparsegpt/2:4": [],  # not an obsdiff prune: benchmarks.modelopt_start (needs `pip install -e .[bench]`)
 }
 TARGETS = {"2:4": 0.96, "0.7": 0.90, "flops-0.5": 0.95}  # issue 28's acceptance, after recover (obs-diff rows)
 
@@ -53,7 +55,14 @@ def _judge(folder: Path, samples: int, env: dict) -> dict:
 
 def run_row(label: str, samples: int, recover_args: list[str], tmp: Path, env: dict) -> dict:
     pruned, healed = tmp / f"{label.replace('/', '_')}_pruned", tmp / f"{label.replace('/', '_')}_recovered"
-    prune_s = _obsdiff("prune", str(DEFAULT_MODEL), "--out", str(pruned), *ROWS[label], env=env)
+    if label == "modelopt-sparsegpt/2:4":
+        from benchmarks.modelopt_start import modelopt_start
+
+        t0 = time.time()
+        modelopt_start(pruned, int(env["OMP_NUM_THREADS"]))
+        prune_s = time.time() - t0
+    else:
+        prune_s = _obsdiff("prune", str(DEFAULT_MODEL), "--out", str(pruned), *ROWS[label], env=env)
     one_shot = _judge(pruned, samples, env)
     print(f"[recover] {label}: one shot {one_shot['accuracy']:.3f}", flush=True)
     recover_s = _obsdiff("recover", str(pruned), "--out", str(healed), *recover_args, env=env)

@@ -13,6 +13,7 @@ Run one big job at a time: an SD 1.5 fp32 UNet is 3.4 GB, and one 1280×2560×3�
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -98,8 +99,9 @@ def measure(cmd: list[str], log: Path) -> dict:
     (a prune keeps its resume folder); the runner waits for it and stops too. Without this, a signal to the runner
     left the stage running on, orphaned."""
     t0 = time.time()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    plan_json = "--plan" in cmd and "--json" in cmd  # stdout is the plan: kept apart from the log
+    with open(log, "w") as out, open(log.with_suffix(".json"), "w") if plan_json else contextlib.nullcontext() as js:
+        proc = subprocess.Popen(cmd, stdout=js or out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         terminated: list[int] = []
 
         def forward(signum: int, _frame) -> None:
@@ -117,16 +119,42 @@ def measure(cmd: list[str], log: Path) -> dict:
             signal.signal(signal.SIGTERM, previous)
         if terminated:
             raise SystemExit(128 + terminated[0])
-    return {"command": shlex.join(cmd), "exit": os.waitstatus_to_exitcode(status), "wall_s": time.time() - t0,
-            "peak_rss_gb": usage.ru_maxrss / 1024**2, "log": str(log)}  # GiB (ru_maxrss is in KiB)
+    row = {"command": shlex.join(cmd), "exit": os.waitstatus_to_exitcode(status), "wall_s": time.time() - t0,
+           "peak_rss_gb": usage.ru_maxrss / 1024**2, "log": str(log)}  # GiB (ru_maxrss is in KiB)
+    plan = _plan_of(cmd, log.with_suffix(".json") if plan_json else None) if row["exit"] == 0 else None
+    if plan:
+        row["expected_peak_gib"] = plan.get("expected_peak_gib")
+        row["calibration_parts"] = plan.get("calibration_parts")
+    return row
+
+
+def _plan_of(cmd: list[str], plan_file: Path | None) -> dict | None:
+    """The memory plan a stage printed (``--plan --json``) or recorded (a prune's ``pruning.json``), if any."""
+    try:
+        if plan_file is not None:
+            return json.loads(plan_file.read_text())
+        if "prune" in cmd and "--out" in cmd:
+            record = Path(cmd[cmd.index("--out") + 1]) / "pruning.json"
+            return json.loads(record.read_text()).get("memory_plan") if record.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 # The biggest package of SD 1.5's `--plan --max-memory 12` (package 4 of 6: 21 layers, 5.64 GiB of Hessians).
 SD15_BIGGEST_PACKAGE = "up_blocks.0.resnets.2,up_blocks.0.upsamplers.0,up_blocks.1.resnets.0,up_blocks.1.attentions.0"
 
 
+# The biggest package of SDXL's `--plan --max-memory 20` at 1024 px (package 4 of 4: 191 layers, 6.89 GiB of Hessians).
+SDXL_BIGGEST_PACKAGE = "up_blocks.0.resnets.2,up_blocks.0.upsamplers.0,up_blocks.1.*,up_blocks.2.*"
+
+
 def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> dict[str, list[str]]:
     obsdiff = [sys.executable, "-m", "obsdiff"]
+    native = _native_size(model)
+    sdxl = native >= 1024
+    lean_budget = "20" if sdxl else "12"
+    lean_package = SDXL_BIGGEST_PACKAGE if sdxl and package == SD15_BIGGEST_PACKAGE else package
     small = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--height", "256", "--width", "256",
              "--refine", "0"]  # the published rows were measured before --refine existed
     size = ["--height", str(height), "--width", str(height), "--gate-prompts", "1", "--gate-steps", "2"]
@@ -160,6 +188,14 @@ def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> d
         "validate-jetson-full": [*obsdiff, "validate", str(work / "jetson-full")],
         "export-ios": [*obsdiff, "export", str(pruned), "--target", "ios", "--out", str(work / "ios"), "--overwrite",
                        "--height", str(height), "--width", str(height)],
+        # the lean pipeline (issue 30): the plan at the model's native size (SD 1.5 512 px within 12 GiB, SDXL 1024 px
+        # within 20), then one whole package of it at that size with a small calibration
+        "plan-lean": [*obsdiff, "prune", str(model), "--out", str(work / "lean"), "--pattern", "2:4", "--plan",
+                      "--json", "--max-memory", lean_budget, "--height", str(native), "--width", str(native)],
+        "prune-lean-package": [*obsdiff, "prune", str(model), "--out", str(work / "lean"), "--overwrite", "--pattern",
+                               "2:4", "--max-memory", lean_budget, "--height", str(native), "--width", str(native),
+                               "--num-prompts", "1", "--steps", "2", "--batch-size", "1", "--refine", "0",
+                               "--packages", "1", "--blocks", lean_package],
         # recover distils the full 2:4 prune at 256 px within 20 GiB (a few steps: memory and seconds per step)
         "plan-recover": [*obsdiff, "recover", str(work / "full"), "--plan", "--json", *recover],
         "recover": [*obsdiff, "recover", str(work / "full"), "--out", str(work / "recovered"), "--overwrite",
@@ -209,6 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _native_size(model: Path) -> int:
+    """The pixel size the model was built for (its UNet's sample size × the VAE's scale); 512 when unknown."""
+    try:
+        unet = json.loads((model / "unet" / "config.json").read_text())
+        vae = json.loads((model / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError):
+        return 512
+
+
 def _commit() -> str:
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent)
@@ -225,9 +271,10 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = ["# Real-size stages (random weights)", "", "Written by `python -m benchmarks.scale run MODEL` "
              "(build MODEL with `python -m benchmarks.scale build sd15|sdxl MODEL`). Peak RSS is the stage's own "
              "process (`wait4`, GiB); ×largest is that peak over the fp32 size of the model's largest component "
-             "(export's budget is 3×). One stage at a time on the machine named in scale.json.", "",
-             "| model | stage | exit | wall s | peak RSS GiB | ×largest | commit | command |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(export's budget is 3×). Plan GiB: the process peak the stage's memory plan expected (`--plan --json`, "
+             "or a prune's `pruning.json`). One stage at a time on the machine named in scale.json.", "",
+             "| model | stage | exit | wall s | peak RSS GiB | plan GiB | ×largest | commit | command |",
+             "|---|---|---|---|---|---|---|---|---|"]
     order = list(stages(Path("M"), Path("W"), "", 0, ""))
     for model, rows in results.items():
         for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
@@ -235,8 +282,9 @@ def write_markdown(results: dict, path: Path) -> None:
             largest = row.get("largest_component_gib")
             ratio = f"{row['peak_rss_gb'] / largest:.2f}" if largest else "-"
             command = row["command"].replace(row["command"].split(" -m ")[0], "python", 1)
-            lines.append(f"| {model} | {name} | {row['exit']} | {row['wall_s']:.0f} | {row['peak_rss_gb']:.2f} | {ratio} | "
-                         f"{row.get('commit', '-')} | `{command}` |")
+            plan = f"{row['expected_peak_gib']:.2f}" if row.get("expected_peak_gib") is not None else "-"
+            lines.append(f"| {model} | {name} | {row['exit']} | {row['wall_s']:.0f} | {row['peak_rss_gb']:.2f} | {plan} | "
+                         f"{ratio} | {row.get('commit', '-')} | `{command}` |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -85,6 +85,7 @@ class PackageHooks:
         self._last_input: dict[str, tuple[weakref.ref, str]] = {}  # parent -> (last input, its owner)
         self._handles: list = []
         self._fired: set[str] = set()
+        self._fired_window: tuple[int, int, int] | None = None  # the slice of the call ``_fired`` counts for
         self._nonfinite: dict[str, torch.Tensor] = {}
         self.update_s = 0.0  # time spent building rows and adding them to the Hessians (the rest is the forwards)
 
@@ -93,6 +94,9 @@ class PackageHooks:
 
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0] if args else None
+            if self.ctx.window != self._fired_window:  # the next slice of a split call: every layer fires again
+                self._fired.clear()
+                self._fired_window = self.ctx.window
             if not isinstance(x, torch.Tensor):
                 raise CalibrationError(f"layer {name} was called without a tensor input")
             # Identity through a weak reference: a freed tensor whose memory was reused never matches.
@@ -122,22 +126,24 @@ class PackageHooks:
 
     def _add_rows(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         alpha, step = (self.ctx.alpha(), self.ctx.step) if self.weighted else (1.0, None)
-        quota = self.quotas.get(name)
+        quota, window = self.quotas.get(name), self.ctx.window
+        first_slice = window is None or window[0] == 0  # a split call counts its step once
         for i, part in enumerate(input_chunks(module, x) if quota is None else [x]):
             generator = None if quota is None else \
                 torch.Generator().manual_seed(_subset_seed(self.seed, name, self.ctx.batch, step, i))
-            rows, represents = sampled_rows(module, part, quota, generator)
+            rows, represents = sampled_rows(module, part, quota, generator, window)
             bad = ~torch.isfinite(rows).all()
             self._nonfinite[name] = bad if name not in self._nonfinite else self._nonfinite[name] | bad
             acc = self.accumulators.get(name)
             if acc is None:
                 acc = self.accumulators[name] = HessianAccumulator(
                     rows.shape[1], self.hessian_device or rows.device, self.hessian_dtype, self.diagonal_only)
-            acc.add(rows, alpha, step, count_step=i == 0, represents=represents)
+            acc.add(rows, alpha, step, count_step=i == 0 and first_slice, represents=represents)
 
     def new_call(self) -> None:
         """A new forward begins: no hooked layer has fired in it yet."""
         self._fired.clear()
+        self._fired_window = self.ctx.window
 
     def check_finite(self) -> None:
         """One sync for the call: a non-finite activation anywhere is an error naming the layer."""
@@ -174,10 +180,20 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
+PromptInputs = Callable[[list[str]], dict]  # prompts → the call's keywords in their place (``lean.PromptEmbeddings``)
+
+
+def _prompt_kwargs(prompts: list[str] | str, prompt_inputs: PromptInputs | None) -> dict:
+    if prompt_inputs is None:
+        return {"prompt": prompts}
+    return prompt_inputs([prompts] if isinstance(prompts, str) else prompts)
+
+
 def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decode: bool,
                  after_batch: Callable[[torch.Tensor], None] | None = None, desc: str = "calibrate",
-                 hooks: PackageHooks | None = None) -> None:
-    """Generate every calibration prompt once, with hooks wherever the caller placed them."""
+                 hooks: PackageHooks | None = None, prompt_inputs: PromptInputs | None = None) -> None:
+    """Generate every calibration prompt once, with hooks wherever the caller placed them; ``prompt_inputs``: the
+    prompts' embeddings in their place (the text encoders already let go)."""
     ids = settings.prompt_ids if settings.prompt_ids is not None else list(range(len(settings.prompts)))
     batches = list(zip(_batches(settings.prompts, settings.batch_size), _batches(ids, settings.batch_size)))
     bar = tqdm(total=len(batches) * settings.steps, desc=desc, unit="step", mininterval=2, leave=False)
@@ -198,7 +214,8 @@ def run_pipeline(pipe, settings: CalibrationSettings, ctx: StepContext, *, decod
     try:
         for prompts, prompt_ids in batches:
             ctx.step, ctx.batch = 0, prompt_ids[0] // settings.batch_size
-            out = pipe(prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+            out = pipe(**_prompt_kwargs(prompts, prompt_inputs), num_inference_steps=settings.steps,
+                       guidance_scale=settings.guidance,
                        generator=[torch.Generator().manual_seed(settings.seed + i) for i in prompt_ids],
                        output_type="pt" if decode else "latent", callback_on_step_end=on_step_end, **extra)
             ctx.step = None
@@ -222,7 +239,7 @@ class RecordedCall:
 
 
 def record_trajectory(pipe, module: nn.Module, settings: CalibrationSettings, ctx: StepContext,
-                      desc: str = "record") -> list[RecordedCall]:
+                      desc: str = "record", prompt_inputs: PromptInputs | None = None) -> list[RecordedCall]:
     """Generate every calibration prompt once and keep every call of ``module`` (the denoiser): the inputs a package's
     replay feeds it. Latents are new tensors each step; the text states are one tensor per batch, shared by its calls."""
     calls: list[RecordedCall] = []
@@ -233,7 +250,7 @@ def record_trajectory(pipe, module: nn.Module, settings: CalibrationSettings, ct
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            run_pipeline(pipe, settings, ctx, decode=False, desc=desc)
+            run_pipeline(pipe, settings, ctx, decode=False, desc=desc, prompt_inputs=prompt_inputs)
     finally:
         handle.remove()
     return calls
@@ -327,7 +344,8 @@ class ComponentCall:
         return self.module(*self.args, **self.kwargs)
 
 
-def capture_call(pipe, name: str, prompt: str, guidance: float, height: int | None, width: int | None) -> ComponentCall:
+def capture_call(pipe, name: str, prompt: str, guidance: float, height: int | None, width: int | None,
+                 prompt_inputs: PromptInputs | None = None) -> ComponentCall:
     """Run the pipeline for one step on ``prompt`` and keep the first call of component ``name`` (the denoiser, or the
     VAE decoder)."""
     component = pipe.components[name]
@@ -338,8 +356,8 @@ def capture_call(pipe, name: str, prompt: str, guidance: float, height: int | No
     extra = {k: v for k, v in (("height", height), ("width", width)) if v}
     try:
         with torch.no_grad():
-            pipe(prompt, num_inference_steps=1, guidance_scale=guidance, output_type="np" if name == "vae" else "latent",
-                 **extra)
+            pipe(**_prompt_kwargs(prompt, prompt_inputs), num_inference_steps=1, guidance_scale=guidance,
+                 output_type="np" if name == "vae" else "latent", **extra)
     finally:
         handle.remove()
     return ComponentCall(module, prefix, *captured[0])

@@ -110,6 +110,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, hessian_dtype=args.hessian_dtype, compensate=not args.no_compensate,
         max_memory_gib=args.max_memory, quantization=quantization, rows_per_column=args.rows_per_column,
         min_rows=args.min_rows, calibration=args.calibration, refresh_every=args.refresh_every, refine=args.refine,
+        text_encoder_dtype=args.text_encoder_dtype, drop_text_encoder_3=args.drop_text_encoder_3,
     )
     from obsdiff.distributed import init_world, shutdown
 
@@ -234,6 +235,13 @@ def format_plan(plan: dict) -> str:
              f"activations ({plan['activation_gib']:.2f} GiB); pipeline loaded and run once: {plan['base_rss_gib']:.2f} GiB RSS; "
              f"{plan['calibration_passes_per_package']} denoising steps of calibration per package at most; "
              f"{plan.get('seconds_per_image', 0):.2f} s per image through the denoiser (probed)"]
+    if plan.get("released"):
+        lines.append(f"held: {plan['pipeline_held_gib']:.2f} GiB of weights; prompts encoded once "
+                     f"({plan['embeddings_gib'] * 1024:.1f} MiB), then released: {', '.join(plan['released'])} "
+                     f"({plan['released_gib']:.2f} GiB); loading peaked at {plan['load_peak_gib']:.2f} GiB")
+    if plan.get("calibration_parts", 1) > 1:
+        lines.append(f"each denoiser call runs as {plan['calibration_parts']} slices of its batch (activations "
+                     f"{plan['activation_gib']:.2f} GiB per slice; the Hessians are the same)")
     if plan.get("recording_seconds"):
         lines.append(f"recording the trajectory (every prompt, every step, once): {_duration(plan['recording_seconds'])}")
     for name, packages in plan["components"].items():
@@ -425,6 +433,11 @@ def _add_prune_parser(sub) -> None:
                    "(default: with the activations)")
     p.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
                    help="float64 makes results independent of batching and of the number of processes")
+    p.add_argument("--text-encoder-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="load the text encoders that are not pruned in this precision: they encode the prompts once "
+                        "and are released, so this bounds the load's peak (default float32)")
+    p.add_argument("--drop-text-encoder-3", action="store_true",
+                   help="SD3: calibrate and ship without the T5 encoder (diffusers' text_encoder_3=None)")
     p.add_argument("--head-sparsity", type=_float_arg, help="structured: fraction of heads removed")
     p.add_argument("--ffn-sparsity", type=_float_arg, help="structured: fraction of FFN neurons removed")
     p.add_argument("--channel-sparsity", type=_float_arg,

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import torch
+
 from obsdiff.checks import check_number, check_whole
 from obsdiff.errors import UsageError
 from obsdiff.hessian import Weighting
@@ -48,6 +50,20 @@ DEFAULT_MIN_ROWS = 32768  # the floor for narrow layers, met with more calls (th
 # --refine's default, chosen on benchmarks/results/refine.md: 5 iterations reach 95% of the layer-error drop of 20 (2:4
 # on the default model: mean relative error 0.0284 → 0.0147 at 5, 0.0133 at 20); SD 1.5 pays about 10 × 2·Σ r·c² FLOPs
 DEFAULT_REFINE = 10
+
+
+class EncoderDtype(enum.StrEnum):
+    """The precision the text encoders are loaded in when they are not pruned: they run once per prompt batch
+    (``lean.encode_prompts``) and are let go, so half precision only bounds the load's peak (SD3's T5-XXL: 19 GB in
+    fp32). Their embeddings reach the denoiser in its own dtype."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.value)
 
 
 class Method(enum.StrEnum):
@@ -99,12 +115,15 @@ class PruneConfig:
     # obs-diff masks without --quantize: conjugate-gradient iterations re-solving the kept weights for the chosen zeros
     # (0: the sweep's own compensation, the paper's method); None: DEFAULT_REFINE where it applies, else 0
     refine: int | None = None
+    text_encoder_dtype: EncoderDtype = EncoderDtype.FLOAT32
+    drop_text_encoder_3: bool = False  # SD3 without T5 (diffusers' text_encoder_3=None), calibrated and shipped so
 
     def validate(self) -> None:
         """Every option, with a one-line error naming it; called before the model is loaded."""
         try:
             self.method = Method(self.method)
             self.weighting = Weighting(self.weighting)
+            self.text_encoder_dtype = EncoderDtype(self.text_encoder_dtype)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         spec = self.sparsity
@@ -201,6 +220,7 @@ class PruneConfig:
         values = {k: v for k, v in data.items() if k in own}
         values["method"] = Method(values.get("method", Method.OBS_DIFF))
         values["weighting"] = Weighting(values.get("weighting", Weighting.LOG_DECREASE))
+        values["text_encoder_dtype"] = EncoderDtype(values.get("text_encoder_dtype", EncoderDtype.FLOAT32))
         # records made before row budgets and replay calibrated every row of a full rerun
         values.setdefault("rows_per_column", None)
         values.setdefault("min_rows", 0)

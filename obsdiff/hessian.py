@@ -64,6 +64,8 @@ class StepContext:
     weights: list[float] = field(default_factory=list)
     step: int | None = None
     batch: int | None = None  # which prompt batch of the calibration (global index): seeds a call's row subset
+    # a denoiser call run in slices (``lean.SplitCalls``): (start, stop, batch) of the slice running now, else None
+    window: tuple[int, int, int] | None = None
 
     def alpha(self) -> float:
         if self.step is None or not self.weights:
@@ -110,27 +112,48 @@ def _conv_out_size(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
                  zip((x_h, x_w), padding, module.dilation, module.kernel_size, module.stride))
 
 
-def sampled_rows(module: nn.Module, x: torch.Tensor, keep: int | None,
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+def sampled_rows(module: nn.Module, x: torch.Tensor, keep: int | None, generator: torch.Generator | None,
+                 window: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, float]:
     """``keep`` of the layer's rows of ``x``, a uniform draw without replacement (all of them when ``keep`` is None or
     not smaller), and how many rows they stand for. A zero-padded conv gathers only the drawn patches, so a layer with
-    thousands of output positions per call never builds its whole im2col matrix."""
+    thousands of output positions per call never builds its whole im2col matrix.
+
+    ``window``: ``x`` is the slice (start, stop) of a call of ``batch`` samples (rows are sample-major): the draw is
+    the whole call's, and this slice keeps the drawn rows that fall in it, each standing for as many rows as in the
+    whole call, so that the slices of a call add up to exactly what the call would have added.
+    """
     n = row_count(module, x)
-    if keep is None or keep >= n:
+    total, offset = n, 0
+    if window is not None:
+        start, stop, batch = window
+        if x.shape[0] != stop - start:
+            raise CalibrationError(f"a {type(module).__name__} input of {x.shape[0]} samples in a slice of "
+                                   f"{stop - start}: its rows are not sample-major")
+        per_sample = n // max(x.shape[0], 1)
+        total, offset = per_sample * batch, per_sample * start
+    if keep is None or keep >= total:
         return layer_rows(module, x), n
-    index = torch.randperm(n, generator=generator)[:keep].to(x.device)
+    index = torch.randperm(total, generator=generator)[:keep]
+    represents: float = n
+    if window is not None:
+        index = index[(index >= offset) & (index < offset + n)] - offset
+        represents = index.numel() * total / keep
+    index = index.to(x.device)
+    kept = index.numel()
+    if kept == 0:  # a slice the call's draw left no row in
+        return x.new_zeros((0, module.weight[0].numel())), represents
     if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1]).index_select(0, index), n
+        return x.reshape(-1, x.shape[-1]).index_select(0, index), represents
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        return layer_rows(module, x).index_select(0, index), n
+        return layer_rows(module, x).index_select(0, index), represents
     out_h, out_w = _conv_out_size(module, x)
     sample, position = index // (out_h * out_w), index % (out_h * out_w)
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = module.kernel_size, module.stride, module.dilation, module.padding
     padded = F.pad(x, (pw, pw, ph, ph))
-    ys = (position // out_w)[:, None] * sh + torch.arange(kh, device=x.device) * dh  # [keep, kh]
-    xs = (position % out_w)[:, None] * sw + torch.arange(kw, device=x.device) * dw  # [keep, kw]
-    patches = padded[sample[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # [keep, kh, kw, C]
-    return patches.permute(0, 3, 1, 2).reshape(keep, -1), n  # unfold's column order: channel slowest
+    ys = (position // out_w)[:, None] * sh + torch.arange(kh, device=x.device) * dh  # [kept, kh]
+    xs = (position % out_w)[:, None] * sw + torch.arange(kw, device=x.device) * dw  # [kept, kw]
+    patches = padded[sample[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # [kept, kh, kw, C]
+    return patches.permute(0, 3, 1, 2).reshape(kept, -1), represents  # unfold's column order: channel slowest
 
 
 UNFOLD_BYTES = 256 << 20  # one hook call never unfolds more than this at once

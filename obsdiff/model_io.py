@@ -64,20 +64,23 @@ def check_safetensors(path: Path) -> None:
         raise ModelFolderError(f"{path}: truncated safetensors file")
 
 
-def load_diffusers(path: Path, model_index: dict, replaced: dict):
+def load_diffusers(path: Path, model_index: dict, replaced: dict, dtypes: dict | None = None):
     """``DiffusionPipeline.from_pretrained`` on a checked local folder, safetensors only, with ``replaced`` components
-    (already built: structurally shrunk ones) passed in; any failure is one ``ModelFolderError`` line."""
+    (already built: structurally shrunk ones, or None for one left out) passed in, and ``dtypes`` (component →
+    torch dtype; the rest fp32); any failure is one ``ModelFolderError`` line."""
     # Components saved as [null, null] (SD3 without T5, no safety checker) must be passed as None.
     absent = {k: None for k, v in model_index.items() if isinstance(v, list) and v == [None, None]}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True, **absent,
-                                                 **replaced)
+        extra = {"torch_dtype": {"default": torch.float32, **dtypes}} if dtypes else {}
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                 **{**absent, **replaced}, **extra)
     except ModelFolderError:
         raise
     except Exception as exc:

@@ -36,6 +36,9 @@ RUNTIME_SLACK = 128 << 20
 _QKV = ("to_q", "to_k", "to_v")
 _ADDED = ("add_q_proj", "add_k_proj", "add_v_proj")
 
+# A calibration call's activations are held to this share of the memory budget by running the call in slices of its
+# batch (``lean.SplitCalls``, which leaves the Hessians as they are): the rest of the budget goes to Hessians.
+ACTIVATION_SHARE = 0.125
 
 def shared_input_key(model: nn.Module, name: str) -> str:
     """Which Hessian a layer accumulates into: what the calibration hooks find by tensor identity, from shapes.

@@ -43,10 +43,12 @@ from obsdiff.config import DENOISER, Calibration, Method, PruneConfig, denoiser_
 from obsdiff.distributed import World, all_reduce_hessians, barrier, device_for, init_world
 from obsdiff.errors import ObsdiffError, UsageError
 from obsdiff.hessian import StepContext, timestep_weights
+from obsdiff.lean import TEXT_ENCODERS, LeanPipeline, SplitCalls, held_bytes, lean_for_calibration
 from obsdiff.mask import MaskSolver
 from obsdiff.model_io import copy_model_files, pipeline_components
 from obsdiff.packages import PackageResult, check_blocks_spec
 from obsdiff.plan import (
+    ACTIVATION_SHARE,
     GIB,
     activation_bytes,
     available_memory,
@@ -130,6 +132,13 @@ class Prepared:
     trajectory: list[RecordedCall] | None = None  # the denoiser's recorded calls (replay calibration)
     trajectory_at: int = 0  # the package the trajectory was recorded before (0: the model as given)
     recording_s: float = 0.0
+    lean: LeanPipeline = field(default_factory=LeanPipeline)  # the prompts' embeddings; what calibration let go of
+    parts: int = 1  # each denoiser call runs as this many slices of its batch (chosen by the memory plan)
+
+    @property
+    def prompt_inputs(self):
+        """The pipeline call's keywords for a prompt batch (the embeddings), or None: the prompts themselves."""
+        return self.lean.embeddings.call_kwargs if self.lean.embeddings else None
 
     @property
     def components(self) -> dict[str, nn.Module]:
@@ -140,7 +149,7 @@ class Prepared:
         if name not in self.calls:
             prompt = (self.prompts[:1] or [""])[0]
             self.calls[name] = capture_call(self.pipe, name, prompt, self.config.guidance, self.config.height,
-                                            self.config.width)
+                                            self.config.width, self.prompt_inputs)
         return self.calls[name]
 
     def cost(self, name: str) -> dict:
@@ -149,28 +158,49 @@ class Prepared:
         return {"params": count_params(self.pipe.components[name]), "flops": flops_by_module(call, call.prefix)[0]}
 
 
+def load_for_calibration(source: PrunedFolder, config: PruneConfig):
+    """The pipeline as a prune loads it: SD3's T5 left out on ``--drop-text-encoder-3``, the text encoders that are
+    not pruned in ``--text-encoder-dtype``."""
+    index, leave_out = source.model_index, ()
+    targets = resolve_components(config.components, index)
+    if config.drop_text_encoder_3:
+        entry = index.get("text_encoder_3")
+        if not isinstance(entry, list) or entry[0] is None:
+            raise UsageError(f"--drop-text-encoder-3: {source.path} has no text_encoder_3 to drop (only SD3 "
+                             "pipelines with a T5 encoder do)")
+        if "text_encoder_3" in targets:
+            raise UsageError("--drop-text-encoder-3 and --components text_encoder_3 contradict each other")
+        leave_out = ("text_encoder_3", "tokenizer_3")
+    dtypes = {n: config.text_encoder_dtype.torch_dtype for n in TEXT_ENCODERS
+              if n in index and n not in targets and n not in leave_out}
+    return source.load_pipeline(dtypes if config.text_encoder_dtype.torch_dtype != torch.float32 else None, leave_out)
+
+
 def prepare(source: PrunedFolder, config: PruneConfig, prompts: list[str], world: World,
             device: str | None) -> Prepared:
-    """Load the pipeline and plan every component's packages, sized to the memory budget; nothing calibrates."""
+    """Load the pipeline, encode the prompts and let go of what calibration never calls, and plan every component's
+    packages, sized to the memory budget; nothing calibrates."""
     solver = make_solver(config)
-    pipe = source.load_pipeline()
-    target = device_for(world, device)
-    if target.type == "cuda":  # checked before the move: a pipeline that cannot fit fails in one line, not in an OOM
-        need = sum(p.numel() * p.element_size() for m in pipeline_components(pipe).values() for p in m.parameters())
-        free = available_memory(target)
-        if need > free:
-            raise UsageError(f"the pipeline needs {need / GIB:.2f} GiB on {target}, which has {free / GIB:.2f} GiB free")
-    pipe = pipe.to(target)
+    pipe = load_for_calibration(source, config)
     components = pipeline_components(pipe)
     config = replace(config, components=resolve_components(config.components, components))
     unknown = [c for c in config.components if c not in components]
     if unknown:
         raise UsageError(f"unknown component {', '.join(unknown)}; this pipeline has {', '.join(components)}")
+    batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
+    lean = lean_for_calibration(pipe, config.components, batches + [prompts[:1]] if prompts else [], config.guidance)
+    target = device_for(world, device)
+    if target.type == "cuda":  # checked before the move: a pipeline that cannot fit fails in one line, not in an OOM
+        need, free = held_bytes(pipe), available_memory(target)
+        if need > free:
+            raise UsageError(f"the pipeline needs {need / GIB:.2f} GiB on {target}, which has {free / GIB:.2f} GiB free")
+    pipe = pipe.to(target)
+    components = pipeline_components(pipe)
     work = {}
     for name in config.components:
         adapter = adapter_for(components[name])
         work[name] = ComponentWork(adapter, *solver.packages(name, components[name], adapter))
-    prepared = Prepared(config, pipe, prompts, solver, work, {}, {}, target)
+    prepared = Prepared(config, pipe, prompts, solver, work, {}, {}, target, lean=lean)
     prepared.memory = _plan_memory(prepared, device_for(world, device))
     add_time_estimates(prepared)
     return prepared
@@ -266,13 +296,8 @@ def _plan_memory(prepared: Prepared, device: torch.device) -> dict:
     budget = int(config.max_memory_gib * GIB) if config.max_memory_gib else available_memory(device)
     budget_from = "--max-memory" if config.max_memory_gib else "available memory"
     if denoiser is not None and config.needs_calibration:
-        activations, input_shapes[denoiser] = _calibration_activations(prepared, denoiser)
+        prepared.parts, activations, input_shapes[denoiser] = split_calls(prepared, budget, budget_from, denoiser)
         prepared.input_shapes[denoiser] = input_shapes[denoiser]
-        if activations > budget:
-            size = f"{config.height or 'native'}×{config.width or 'native'} px"
-            raise UsageError(f"calibration at {size} in batches of {config.batch_size} needs {activations / GIB:.2f} GiB "
-                             f"of denoiser activations, over the {budget / GIB:.2f} GiB budget ({budget_from}): lower "
-                             "--batch-size or the size")
     statistic = {Method.OBS_DIFF: "full", Method.WANDA: "diagonal"}.get(config.method, "none")
     dtype_bytes = 8 if config.hessian_dtype == "float64" else 4
 
@@ -292,25 +317,60 @@ def _plan_memory(prepared: Prepared, device: torch.device) -> dict:
                                   budget_from, passes, device)
     for name, packages in fitted.items():
         prepared.work[name].packages = packages
+    # what the process holds besides the plan's buffers (inside base_rss_gib), and the peak loading it took
+    summary.update(pipeline_held_gib=held_bytes(prepared.pipe) / GIB, calibration_parts=prepared.parts,
+                   **prepared.lean.to_json())
+    load_peak = device_peak(device) / GIB
+    summary["load_peak_gib"] = load_peak
+    summary["expected_peak_gib"] = max(summary["expected_peak_gib"], load_peak)
     return summary
 
 
-def _calibration_activations(prepared: Prepared, denoiser: str) -> tuple[int, dict]:
-    """The denoiser's activations in one calibration call, measured on ``meta`` (nothing allocated), and its convs'
-    input shapes. The call is captured at the model's native size (cheap) and resized to the calibration's batch and
-    latent size, so that a size too large for memory is refused here instead of failing in an allocation."""
+def _calibration_activations(prepared: Prepared, denoiser: str, parts: int = 1) -> tuple[int, dict]:
+    """The denoiser's activations in one calibration call (run as ``parts`` slices of its batch: one slice's), measured
+    on ``meta`` (nothing allocated), and its convs' input shapes (at the whole call). The call is captured at the
+    model's native size (cheap) and resized to the calibration's batch and latent size, so that a size too large for
+    memory is refused here instead of failing in an allocation."""
     config = prepared.config
-    if config.height or config.width:
-        prompt = (prepared.prompts[:1] or [""])[0]
-        call = capture_call(prepared.pipe, denoiser, prompt, config.guidance, None, None)
-        scale = prepared.pipe.vae_scale_factor
+    scale = prepared.pipe.vae_scale_factor
+    sample = getattr(prepared.components[denoiser].config, "sample_size", None)
+    native_px = sample * scale if isinstance(sample, int) else None
+    if (config.height or config.width) and (config.height or native_px, config.width or native_px) != (native_px,) * 2:
+        key = f"{denoiser}@native"  # captured once (a real call), at the model's own size
+        if key not in prepared.calls:
+            prompt = (prepared.prompts[:1] or [""])[0]
+            prepared.calls[key] = capture_call(prepared.pipe, denoiser, prompt, config.guidance, None, None,
+                                               prepared.prompt_inputs)
+        call = prepared.calls[key]
         native = tuple(call.args[0].shape[-2:]) if call.args and call.args[0].dim() == 4 else None
         latent = ((config.height or native[0] * scale) // scale, (config.width or native[1] * scale) // scale) \
             if native else None
-    else:
+    else:  # the calibration's own size is the model's: its call is the one the time estimates probe anyway
         call, native, latent = prepared.call(denoiser), None, None
-    args, kwargs = batched_like(call.args, call.kwargs, call.batch, config.batch_size * call.batch, native, latent)
+    batch = config.batch_size * call.batch
+    args, kwargs = batched_like(call.args, call.kwargs, call.batch, -(-batch // parts), native, latent)
     return activation_bytes(prepared.components[denoiser], args, kwargs)
+
+
+def split_calls(prepared: Prepared, budget: int, budget_from: str, denoiser: str) -> tuple[int, int, dict]:
+    """How many slices each denoiser call runs as, the activations of one and the layers' input shapes.
+
+    Halves first (a classifier-free-guidance batch's two halves), then smaller slices, until one slice's activations
+    are at most ``ACTIVATION_SHARE`` of the budget: the Hessians do not change (``lean.SplitCalls``), and the rest of
+    the budget goes to Hessians. A budget that one image cannot fit is refused, naming what the denoiser needs."""
+    config = prepared.config
+    activations, input_shapes = _calibration_activations(prepared, denoiser)
+    call_batch = config.batch_size * prepared.call(denoiser).batch  # prompts × the guidance batch
+    parts = 1
+    while activations > ACTIVATION_SHARE * budget and parts < call_batch:
+        parts = min(2 * parts, call_batch)
+        activations = _calibration_activations(prepared, denoiser, parts)[0]
+    if activations > budget:
+        size = f"{config.height or 'native'}×{config.width or 'native'} px"
+        raise UsageError(f"the {budget / GIB:.2f} GiB budget ({budget_from}) is below what the {denoiser} alone "
+                         f"needs at {size}: {activations / GIB:.2f} GiB of activations for {-(-call_batch // parts)} "
+                         f"image(s) per call, calls already split into {parts}: raise it or lower the size")
+    return parts, activations, input_shapes
 
 
 def batch_fill(config: PruneConfig, prompts: int) -> float:
@@ -375,7 +435,8 @@ def calibrate_package(prepared: Prepared, settings: CalibrationSettings, world: 
                          hessian_dtype=settings.hessian_dtype, diagonal_only=config.method is Method.WANDA,
                          quotas=quotas, seed=config.seed, stop_when_done=replaying)
     module = prepared.pipe.components[component]
-    with hooks, torch.no_grad():
+    denoiser = prepared.pipe.components[denoiser_name(prepared.components)] if adapter.denoiser else module
+    with hooks, torch.no_grad(), SplitCalls(denoiser, prepared.parts if adapter.denoiser else 1, ctx):
         if replaying:
             keys = [(b, s) for b in range(-(-len(prepared.prompts) // config.batch_size)) for s in range(config.steps)]
             chosen = select_calls(keys, calls, config.seed * 1_000_003 + index)
@@ -384,7 +445,7 @@ def calibrate_package(prepared: Prepared, settings: CalibrationSettings, world: 
         else:
             after_batch = vae_encoder_feed(module) if component == "vae" else None
             run_pipeline(prepared.pipe, settings, ctx, decode=component == "vae", after_batch=after_batch,
-                         desc=f"{what} {component} {index + 1}", hooks=hooks)
+                         desc=f"{what} {component} {index + 1}", hooks=hooks, prompt_inputs=prepared.prompt_inputs)
     all_reduce_hessians(world, hooks.accumulators)
     progress.add_time("calibration_s", time.time() - t0)
     progress.add_time("update_s", hooks.update_s)  # inside calibration_s: forwards = calibration_s − update_s
@@ -402,16 +463,19 @@ def record_denoiser(prepared: Prepared, settings: CalibrationSettings) -> None:
         return
     t0 = time.time()
     ctx = StepContext(timestep_weights(config.weighting, config.steps, config.alpha_min, config.alpha_max))
-    prepared.trajectory = record_trajectory(prepared.pipe, prepared.pipe.components[name], settings, ctx,
-                                            desc=f"record {name}")
+    module = prepared.pipe.components[name]
+    with SplitCalls(module, prepared.parts, ctx):
+        prepared.trajectory = record_trajectory(prepared.pipe, module, settings, ctx, desc=f"record {name}",
+                                                prompt_inputs=prepared.prompt_inputs)
     log.info("%s: %d calls recorded in %.1f s", name, len(prepared.trajectory), time.time() - t0)
     prepared.recording_s += time.time() - t0
 
 
 def check_calibration_size(source: PrunedFolder, config: PruneConfig, world: World, device: str | None) -> None:
-    """A calibration size whose activations alone exceed the memory budget is refused before anything loads."""
+    """A calibration size whose activations alone exceed the memory budget is refused before anything loads: at one
+    prompt per call (its guidance pair), the least the plan's slices can get to."""
     budget = int(config.max_memory_gib * GIB) if config.max_memory_gib else available_memory(device_for(world, device))
-    check_size_fits(source.path, config.height, config.width, config.batch_size, budget,
+    check_size_fits(source.path, config.height, config.width, 1, budget,
                     "--max-memory" if config.max_memory_gib else "available memory")
 
 
@@ -730,8 +794,14 @@ def publish(source: PrunedFolder, out_dir: Path, prepared: Prepared, record: Pru
     """The pruned folder is built in a staging folder and renamed into place whole."""
     staging = staging_path(out_dir)
     names = prepared.config.components
+    dropped = {"text_encoder_3", "tokenizer_3"} if prepared.config.drop_text_encoder_3 else set()
     try:
-        copy_model_files(source.path, staging, skip=set(names) | {RECORD_FILE})
+        copy_model_files(source.path, staging, skip=set(names) | {RECORD_FILE} | dropped)
+        if dropped:  # shipped without T5, as diffusers saves text_encoder_3=None
+            index = json.loads((staging / "model_index.json").read_text())
+            index.update(dict.fromkeys(dropped, [None, None]))
+            (staging / "model_index.json").unlink()  # a hard link to the source's: never written through
+            (staging / "model_index.json").write_text(json.dumps(index, indent=2))
         write_pruned_folder(staging, {n: prepared.pipe.components[n] for n in names}, record, quantized)
         fault_point("before-publish")
         replace_dir(staging, out_dir)

@@ -534,12 +534,13 @@ class PrunedFolder:
         return self.record is not None and (any(self.record.shapes.values()) or bool(self.quantization)
                                             or self.record.settings.quantization is not None)
 
-    def load_pipeline(self):
-        """The pipeline, with structurally shrunk components rebuilt at their recorded shapes first."""
+    def load_pipeline(self, dtypes: dict | None = None, leave_out: tuple[str, ...] = ()):
+        """The pipeline, with structurally shrunk components rebuilt at their recorded shapes first; ``dtypes``:
+        component → dtype to load it in; ``leave_out``: components loaded as None (SD3's T5)."""
         shrunk = {name: shapes for name, shapes in (self.record.shapes.items() if self.record else ()) if shapes}
         replaced = {name: load_shrunk_component(self.path / name, shapes.apply, skip=(SCALES_FILE,))
                     for name, shapes in shrunk.items()}
-        return load_diffusers(self.path, self.model_index, replaced)
+        return load_diffusers(self.path, self.model_index, {**replaced, **dict.fromkeys(leave_out)}, dtypes)
 
 
 def load_pipeline(path: Path | str):
