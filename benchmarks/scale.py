@@ -146,7 +146,7 @@ SD15_BIGGEST_PACKAGE = "up_blocks.0.resnets.2,up_blocks.0.upsamplers.0,up_blocks
 
 
 # The biggest package of SDXL's `--plan --max-memory 20` at 1024 px (package 4 of 4: 191 layers, 6.89 GiB of Hessians).
-SDXL_BIGGEST_PACKAGE = "up_blocks.0.resnets.2,up_blocks.0.upsamplers.0,up_blocks.1.*,up_blocks.2.*"
+SDXL_BIGGEST_PACKAGE = "up_blocks.0.resnets.2,up_blocks.0.attentions.2,up_blocks.0.upsamplers.0,up_blocks.1.*,up_blocks.2.*"
 
 
 def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> dict[str, list[str]]:
@@ -196,6 +196,10 @@ def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> d
                                "2:4", "--max-memory", lean_budget, "--height", str(native), "--width", str(native),
                                "--num-prompts", "1", "--steps", "2", "--batch-size", "1", "--refine", "0",
                                "--packages", "1", "--blocks", lean_package],
+        "plan-lean-package": [*obsdiff, "prune", str(model), "--out", str(work / "lean"), "--pattern", "2:4",
+                              "--max-memory", lean_budget, "--height", str(native), "--width", str(native),
+                              "--num-prompts", "1", "--steps", "2", "--batch-size", "1", "--refine", "0",
+                              "--packages", "1", "--blocks", lean_package, "--plan", "--json"],
         # recover distils the full 2:4 prune at 256 px within 20 GiB (a few steps: memory and seconds per step)
         "plan-recover": [*obsdiff, "recover", str(work / "full"), "--plan", "--json", *recover],
         "recover": [*obsdiff, "recover", str(work / "full"), "--out", str(work / "recovered"), "--overwrite",

@@ -39,6 +39,11 @@ _ADDED = ("add_q_proj", "add_k_proj", "add_v_proj")
 # A calibration call's activations are held to this share of the memory budget by running the call in slices of its
 # batch (``lean.SplitCalls``, which leaves the Hessians as they are): the rest of the budget goes to Hessians.
 ACTIVATION_SHARE = 0.125
+# A real calibration call holds more than the live tensors ``activation_bytes`` counts on ``meta`` (oneDNN and attention
+# scratch, the allocator): the plan counts activations × this. Measured by ``python -m benchmarks.activation_transient``
+# (benchmarks/results/activation_transient.md): SD 1.5 at 512 px 1.34×, SDXL at 1024 px 1.63× (the shipped model's
+# 2.9× is 0.7 MiB, which RUNTIME_SLACK covers). The largest, rounded up.
+ACTIVATION_TRANSIENT = 1.65
 
 def shared_input_key(model: nn.Module, name: str) -> str:
     """Which Hessian a layer accumulates into: what the calibration hooks find by tensor identity, from shapes.

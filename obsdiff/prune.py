@@ -43,12 +43,13 @@ from obsdiff.config import DENOISER, Calibration, Method, PruneConfig, denoiser_
 from obsdiff.distributed import World, all_reduce_hessians, barrier, device_for, init_world
 from obsdiff.errors import ObsdiffError, UsageError
 from obsdiff.hessian import StepContext, timestep_weights
-from obsdiff.lean import TEXT_ENCODERS, LeanPipeline, SplitCalls, held_bytes, lean_for_calibration
+from obsdiff.lean import TEXT_ENCODERS, LeanPipeline, SplitCalls, held_bytes, lean_for_calibration, trim_heap
 from obsdiff.mask import MaskSolver
 from obsdiff.model_io import copy_model_files, pipeline_components
 from obsdiff.packages import PackageResult, check_blocks_spec
 from obsdiff.plan import (
     ACTIVATION_SHARE,
+    ACTIVATION_TRANSIENT,
     GIB,
     activation_bytes,
     available_memory,
@@ -353,18 +354,24 @@ def _calibration_activations(prepared: Prepared, denoiser: str, parts: int = 1) 
 
 
 def split_calls(prepared: Prepared, budget: int, budget_from: str, denoiser: str) -> tuple[int, int, dict]:
-    """How many slices each denoiser call runs as, the activations of one and the layers' input shapes.
+    """How many slices each denoiser call runs as, the activations one holds (``ACTIVATION_TRANSIENT`` × what
+    ``meta`` counts) and the layers' input shapes.
 
     Halves first (a classifier-free-guidance batch's two halves), then smaller slices, until one slice's activations
     are at most ``ACTIVATION_SHARE`` of the budget: the Hessians do not change (``lean.SplitCalls``), and the rest of
     the budget goes to Hessians. A budget that one image cannot fit is refused, naming what the denoiser needs."""
     config = prepared.config
+
+    def held(parts: int) -> int:  # what a real call holds: the live tensors meta counts, and the kernels' scratch
+        return int(_calibration_activations(prepared, denoiser, parts)[0] * ACTIVATION_TRANSIENT)
+
     activations, input_shapes = _calibration_activations(prepared, denoiser)
+    activations = int(activations * ACTIVATION_TRANSIENT)
     call_batch = config.batch_size * prepared.call(denoiser).batch  # prompts × the guidance batch
     parts = 1
     while activations > ACTIVATION_SHARE * budget and parts < call_batch:
         parts = min(2 * parts, call_batch)
-        activations = _calibration_activations(prepared, denoiser, parts)[0]
+        activations = held(parts)
     if activations > budget:
         size = f"{config.height or 'native'}×{config.width or 'native'} px"
         raise UsageError(f"the {budget / GIB:.2f} GiB budget ({budget_from}) is below what the {denoiser} alone "
@@ -469,6 +476,7 @@ def record_denoiser(prepared: Prepared, settings: CalibrationSettings) -> None:
                                                 prompt_inputs=prepared.prompt_inputs)
     log.info("%s: %d calls recorded in %.1f s", name, len(prepared.trajectory), time.time() - t0)
     prepared.recording_s += time.time() - t0
+    trim_heap()  # the recording's activations, freed, would otherwise stay resident beside the Hessians
 
 
 def check_calibration_size(source: PrunedFolder, config: PruneConfig, world: World, device: str | None) -> None:
@@ -673,9 +681,11 @@ def _package_loop(prepared: Prepared, settings: CalibrationSettings, world: Worl
                     checkpoint.save_trajectory(prepared.trajectory, world.rank, progress.fingerprint, index)
             t0 = time.time()
             hooks = ready.pop((name, index), None) or calibrate(name, package, index)
+            trim_heap()  # the calibration's activations, before the solves' workspaces
             t1 = time.time()
             result = solver.solve(name, components[name], package, index, hooks, world, counts.get(name))
             del hooks
+            trim_heap()
             progress.add_time("solve_s", time.time() - t1)
             progress.package_s[f"{name}/{index}"] = {"calibration_s": t1 - t0, "solve_s": time.time() - t1}
             eta.update(progress.package_s[f"{name}/{index}"]["calibration_s"] + time.time() - t1)
