@@ -375,6 +375,20 @@ def _add_shape_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-steps", type=_int_arg, help="denoising steps of the end-to-end image gate (default 25)")
 
 
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    """``prune``: where and in what precision the pipeline and the Hessians live, and what is loaded at all."""
+    p.add_argument("--device", help="where the pipeline runs (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--hessian-device", help="where Hessians accumulate, e.g. cpu to keep them off the GPU "
+                   "(default: with the activations)")
+    p.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
+                   help="float64 makes results independent of batching and of the number of processes")
+    p.add_argument("--text-encoder-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="load the text encoders that are not pruned in this precision: they encode the prompts once "
+                        "and are released, so this bounds the load's peak (default float32)")
+    p.add_argument("--drop-text-encoder-3", action="store_true",
+                   help="SD3: calibrate and ship without the T5 encoder (diffusers' text_encoder_3=None)")
+
+
 def _add_prune_parser(sub) -> None:
     """``obsdiff prune`` and its options."""
     p = sub.add_parser("prune", help="prune a pipeline folder with OBS-Diff or a baseline")
@@ -428,16 +442,7 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON document on stdout (per "
                    "package and in total: expected_seconds, expected_peak_bytes)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", help="where the pipeline runs (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--hessian-device", help="where Hessians accumulate, e.g. cpu to keep them off the GPU "
-                   "(default: with the activations)")
-    p.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"],
-                   help="float64 makes results independent of batching and of the number of processes")
-    p.add_argument("--text-encoder-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="load the text encoders that are not pruned in this precision: they encode the prompts once "
-                        "and are released, so this bounds the load's peak (default float32)")
-    p.add_argument("--drop-text-encoder-3", action="store_true",
-                   help="SD3: calibrate and ship without the T5 encoder (diffusers' text_encoder_3=None)")
+    _add_device_options(p)
     p.add_argument("--head-sparsity", type=_float_arg, help="structured: fraction of heads removed")
     p.add_argument("--ffn-sparsity", type=_float_arg, help="structured: fraction of FFN neurons removed")
     p.add_argument("--channel-sparsity", type=_float_arg,

@@ -327,7 +327,7 @@ def _plan_memory(prepared: Prepared, device: torch.device) -> dict:
     return summary
 
 
-def _calibration_activations(prepared: Prepared, denoiser: str, parts: int = 1) -> tuple[int, dict]:
+def _calibration_activations(prepared: Prepared, denoiser: str, parts: int = 1) -> tuple[int, dict, int]:
     """The denoiser's activations in one calibration call (run as ``parts`` slices of its batch: one slice's), measured
     on ``meta`` (nothing allocated), and its convs' input shapes (at the whole call). The call is captured at the
     model's native size (cheap) and resized to the calibration's batch and latent size, so that a size too large for
@@ -348,9 +348,9 @@ def _calibration_activations(prepared: Prepared, denoiser: str, parts: int = 1) 
             if native else None
     else:  # the calibration's own size is the model's: its call is the one the time estimates probe anyway
         call, native, latent = prepared.call(denoiser), None, None
-    batch = config.batch_size * call.batch
+    batch = config.batch_size * call.batch  # prompts × the guidance batch
     args, kwargs = batched_like(call.args, call.kwargs, call.batch, -(-batch // parts), native, latent)
-    return activation_bytes(prepared.components[denoiser], args, kwargs)
+    return (*activation_bytes(prepared.components[denoiser], args, kwargs), batch)
 
 
 def split_calls(prepared: Prepared, budget: int, budget_from: str, denoiser: str) -> tuple[int, int, dict]:
@@ -365,9 +365,8 @@ def split_calls(prepared: Prepared, budget: int, budget_from: str, denoiser: str
     def held(parts: int) -> int:  # what a real call holds: the live tensors meta counts, and the kernels' scratch
         return int(_calibration_activations(prepared, denoiser, parts)[0] * ACTIVATION_TRANSIENT)
 
-    activations, input_shapes = _calibration_activations(prepared, denoiser)
+    activations, input_shapes, call_batch = _calibration_activations(prepared, denoiser)
     activations = int(activations * ACTIVATION_TRANSIENT)
-    call_batch = config.batch_size * prepared.call(denoiser).batch  # prompts × the guidance batch
     parts = 1
     while activations > ACTIVATION_SHARE * budget and parts < call_batch:
         parts = min(2 * parts, call_batch)
