@@ -328,10 +328,10 @@ def _plan_memory(prepared: Prepared, device: torch.device) -> dict:
 
 
 def _calibration_activations(prepared: Prepared, denoiser: str, parts: int = 1) -> tuple[int, dict, int]:
-    """The denoiser's activations in one calibration call (run as ``parts`` slices of its batch: one slice's), measured
-    on ``meta`` (nothing allocated), and its convs' input shapes (at the whole call). The call is captured at the
-    model's native size (cheap) and resized to the calibration's batch and latent size, so that a size too large for
-    memory is refused here instead of failing in an allocation."""
+    """The denoiser's activations in one calibration call (run as ``parts`` slices of its batch: one slice's),
+    measured on ``meta`` (nothing allocated), its convs' input shapes (at the whole call) and the whole call's batch.
+    The call is captured at the model's native size (cheap) and resized to the calibration's batch and latent size, so
+    that a size too large for memory is refused here instead of failing in an allocation."""
     config = prepared.config
     scale = prepared.pipe.vae_scale_factor
     sample = getattr(prepared.components[denoiser].config, "sample_size", None)
