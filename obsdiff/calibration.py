@@ -325,6 +325,13 @@ def replay(module: nn.Module, calls: list[RecordedCall], ctx: StepContext, hooks
         ctx.step = ctx.batch = None
 
 
+def call_batch(args: tuple, kwargs: dict) -> int | None:
+    """The batch of a denoiser call: its sample's first dimension (``sample`` for a UNet, ``hidden_states`` for a
+    transformer), None when it has none."""
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    return int(sample.shape[0]) if isinstance(sample, torch.Tensor) and sample.dim() else None
+
+
 @dataclass(frozen=True)
 class ComponentCall:
     """One real call of a component as generation makes it (one prompt, one step, at the calibration size): what
@@ -336,9 +343,8 @@ class ComponentCall:
     kwargs: dict[str, Any]
 
     @property
-    def batch(self) -> int:
-        sample = self.args[0] if self.args else self.kwargs.get("sample", self.kwargs.get("hidden_states"))
-        return int(sample.shape[0])
+    def batch(self) -> int | None:
+        return call_batch(self.args, self.kwargs)
 
     def __call__(self):
         return self.module(*self.args, **self.kwargs)

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from obsdiff.calibration import StopForward
+from obsdiff.calibration import StopForward, call_batch
 from obsdiff.config import denoiser_name
 from obsdiff.errors import CalibrationError
 from obsdiff.hessian import StepContext
-from obsdiff.model_io import pipeline_components
+from obsdiff.model_io import module_bytes, pipeline_components
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,9 @@ def release(pipe, names: list[str]) -> int:
     """Drop components from the pipeline (diffusers' ``component=None``); the bytes of parameters let go."""
     freed = 0
     for name in names:
-        module = getattr(pipe, name, None)
-        if isinstance(module, nn.Module):
-            freed += sum(p.numel() * p.element_size() for p in module.parameters())
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            freed += module_bytes(getattr(pipe, name), buffers=False)
             setattr(pipe, name, None)
-    del module
     gc.collect()
     trim_heap()
     return freed
@@ -120,8 +118,7 @@ def trim_heap() -> None:
 
 def held_bytes(pipe) -> int:
     """Parameter and buffer bytes of the pipeline's components as they are held now."""
-    return sum(t.numel() * t.element_size() for m in pipeline_components(pipe).values()
-               for t in (*m.parameters(), *m.buffers()))
+    return sum(module_bytes(m) for m in pipeline_components(pipe).values())
 
 
 def slice_batch(value, batch: int, start: int, stop: int):
@@ -146,11 +143,6 @@ def concat_outputs(outputs: list):
     if isinstance(first, dict):  # diffusers' BaseOutput is an OrderedDict
         return type(first)(**{k: concat_outputs([o[k] for o in outputs]) for k in first})
     raise CalibrationError(f"cannot join split outputs of type {type(first).__name__}")
-
-
-def call_batch(args: tuple, kwargs: dict) -> int | None:
-    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-    return int(sample.shape[0]) if isinstance(sample, torch.Tensor) and sample.dim() else None
 
 
 def slices(batch: int, parts: int) -> Iterator[tuple[int, int]]:

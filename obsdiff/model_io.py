@@ -131,6 +131,12 @@ def load_shrunk_component(folder: Path, resize, skip: tuple[str, ...] = ()):
     return model.eval()
 
 
+def module_bytes(module, buffers: bool = True) -> int:
+    """Bytes of a module's parameters (and buffers) as held now."""
+    tensors = [*module.parameters(), *(module.buffers() if buffers else ())]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def pipeline_components(pipe) -> dict:
     """Name → torch module for every nn.Module component of a pipeline."""
     from torch import nn

@@ -361,16 +361,12 @@ def split_calls(prepared: Prepared, budget: int, budget_from: str, denoiser: str
     are at most ``ACTIVATION_SHARE`` of the budget: the Hessians do not change (``lean.SplitCalls``), and the rest of
     the budget goes to Hessians. A budget that one image cannot fit is refused, naming what the denoiser needs."""
     config = prepared.config
-
-    def held(parts: int) -> int:  # what a real call holds: the live tensors meta counts, and the kernels' scratch
-        return int(_calibration_activations(prepared, denoiser, parts)[0] * ACTIVATION_TRANSIENT)
-
-    activations, input_shapes, call_batch = _calibration_activations(prepared, denoiser)
-    activations = int(activations * ACTIVATION_TRANSIENT)
+    live, input_shapes, call_batch = _calibration_activations(prepared, denoiser)
     parts = 1
-    while activations > ACTIVATION_SHARE * budget and parts < call_batch:
+    # what a real call holds: the live tensors meta counts, and the kernels' scratch
+    while (activations := int(live * ACTIVATION_TRANSIENT)) > ACTIVATION_SHARE * budget and parts < call_batch:
         parts = min(2 * parts, call_batch)
-        activations = held(parts)
+        live = _calibration_activations(prepared, denoiser, parts)[0]
     if activations > budget:
         size = f"{config.height or 'native'}×{config.width or 'native'} px"
         raise UsageError(f"the {budget / GIB:.2f} GiB budget ({budget_from}) is below what the {denoiser} alone "
@@ -441,8 +437,7 @@ def calibrate_package(prepared: Prepared, settings: CalibrationSettings, world: 
                          hessian_dtype=settings.hessian_dtype, diagonal_only=config.method is Method.WANDA,
                          quotas=quotas, seed=config.seed, stop_when_done=replaying)
     module = prepared.pipe.components[component]
-    denoiser = prepared.pipe.components[denoiser_name(prepared.components)] if adapter.denoiser else module
-    with hooks, torch.no_grad(), SplitCalls(denoiser, prepared.parts if adapter.denoiser else 1, ctx):
+    with hooks, torch.no_grad(), SplitCalls(module, prepared.parts if adapter.denoiser else 1, ctx):
         if replaying:
             keys = [(b, s) for b in range(-(-len(prepared.prompts) // config.batch_size)) for s in range(config.steps)]
             chosen = select_calls(keys, calls, config.seed * 1_000_003 + index)

@@ -47,7 +47,8 @@ from obsdiff.checks import check_number, check_whole
 from obsdiff.config import denoiser_name
 from obsdiff.errors import UsageError
 from obsdiff.hessian import StepContext
-from obsdiff.model_io import copy_model_files, pipeline_components
+from obsdiff.lean import held_bytes
+from obsdiff.model_io import copy_model_files
 from obsdiff.plan import GIB, activation_bytes, available_memory, batched_like, current_rss, peak_rss, training_activation_bytes
 from obsdiff.prune import read_prompts
 from obsdiff.pruned_folder import (
@@ -275,10 +276,6 @@ def check_inputs(pruned: PrunedFolder, teacher_dir: Path, out_dir: Path | None,
     return name, teacher
 
 
-def _module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
 def plan_memory(teacher_pipe, name: str, config: RecoverConfig, prompts: int, student_bytes: int,
                 student_pipeline_bytes: int, budget: int, base: int) -> dict:
     """The expected peak of each phase (teacher recording; student training), from the teacher's first call;
@@ -293,7 +290,7 @@ def plan_memory(teacher_pipe, name: str, config: RecoverConfig, prompts: int, st
     per_row_prompt = sum(x[:1].numel() * x.element_size() for x in torch.utils._pytree.tree_leaves(call.kwargs)
                          if isinstance(x, torch.Tensor) and x is not sample and x.dim() and x.shape[0] == cfg_batch)
     recording = prompts * cfg_batch * (config.trajectory_steps * per_row_step + per_row_prompt)
-    teacher_bytes = sum(_module_bytes(m) for m in pipeline_components(teacher_pipe).values())
+    teacher_bytes = held_bytes(teacher_pipe)
     args, kwargs = batched_like(call.args, call.kwargs, cfg_batch, config.batch_size)
 
     def training(checkpointing: bool) -> int:
