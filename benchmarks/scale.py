@@ -200,6 +200,14 @@ def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> d
                               "--max-memory", lean_budget, "--height", str(native), "--width", str(native),
                               "--num-prompts", "1", "--steps", "2", "--batch-size", "1", "--refine", "0",
                               "--packages", "1", "--blocks", lean_package, "--plan", "--json"],
+        # issue 27: one stacked prune (structured shrink, then GPTQ int8 of the shrunk layers) of the same blocks as
+        # prune-block, small calibration; exported to cpu-int8 (int8 codes, static int8 activations) at full size
+        "prune-stacked-block": [*obsdiff, "prune", str(model), "--out", str(work / "stacked"), "--overwrite",
+                                "--pattern", "structured", "--head-sparsity", "0.3", "--ffn-sparsity", "0.3",
+                                "--channel-sparsity", "0.3", "--quantize", "int8", *small[:-2], "--blocks", blocks],
+        "export-cpu-int8": [*obsdiff, "export", str(work / "stacked"), "--target", "cpu-int8", "--out",
+                            str(work / "cpu-int8"), "--overwrite", *size],
+        "validate-cpu-int8": [*obsdiff, "validate", str(work / "cpu-int8")],
         # recover distils the full 2:4 prune at 256 px within 20 GiB (a few steps: memory and seconds per step)
         "plan-recover": [*obsdiff, "recover", str(work / "full"), "--plan", "--json", *recover],
         "recover": [*obsdiff, "recover", str(work / "full"), "--out", str(work / "recovered"), "--overwrite",
@@ -232,20 +240,23 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(json.loads(args.out.read_text()), args.out.with_suffix(".md"))
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     key = args.model.name
     table = stages(args.model, args.work, args.blocks, args.height, args.package)
     for name in args.stages.split(","):
         row = measure(table[name], args.work / f"{name}.log")
+        # read again just before writing: another runner's rows, written meanwhile, are kept
+        results = json.loads(args.out.read_text()) if args.out.is_file() else {}
         results.setdefault(key, {})[name] = {**row, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                                              "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
                                              "largest_component_gib": _largest_component_gib(args.model)}
         print(f"[scale] {key} {name}: exit {row['exit']}, {row['wall_s']:.0f} s, peak RSS {row['peak_rss_gb']:.2f} GiB",
               flush=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        staged = args.out.with_suffix(".json.tmp")
+        staged.write_text(json.dumps(results, indent=2))
+        staged.replace(args.out)
+        write_markdown(results, args.out.with_suffix(".md"))
         if row["exit"] != 0:
             break
-    write_markdown(results, args.out.with_suffix(".md"))
     return 0
 
 

@@ -33,7 +33,7 @@ from obsdiff.calibration import PackageHooks
 from obsdiff.config import Method, PruneConfig
 from obsdiff.distributed import World
 from obsdiff.errors import UsageError
-from obsdiff.packages import PackageResult, split_units
+from obsdiff.packages import PackageResult, block_filter, split_units
 from obsdiff.plan import LayerCost, layer_cost, unit_cost
 from obsdiff.pruned_folder import ComponentSummary, LayerError, ShrinkSummary, Skip, UnitRecord
 from obsdiff.shrink import shrink_attention, shrink_ffn, shrink_resnet
@@ -385,13 +385,16 @@ class UnitSolver:
             raise UsageError(f"--{self.spec.budget.measure} budgets the denoiser; prune {name} with --head-sparsity, "
                              "--ffn-sparsity or --channel-sparsity")
         found = find_units(module, adapter)
-        units = found.units
+        chosen = block_filter(self.config.blocks, [b for b, _ in adapter.block_modules(module)])
+        units = [u for u in found.units if chosen is None or chosen(u.block)]
+        skipped = [(b, r) for b, r in found.skipped if chosen is None or chosen(b)]
         if self.spec.budget is None:  # a kind whose fraction is 0 is not calibrated at all
             units = [u for u in units if fraction_count(u, self.spec) > 0]
         if not units:
+            where = f" in --blocks {self.config.blocks}" if self.config.blocks else ""
             raise UsageError(f"component {name} has no attention heads, FFN neurons or resnet channels to remove "
-                             f"at these fractions")
-        return split_units(units, self.config.packages), [Skip(b, r) for b, r in found.skipped]
+                             f"at these fractions{where}")
+        return split_units(units, self.config.packages), [Skip(b, r) for b, r in skipped]
 
     def hooked_layers(self, package: list[Unit]) -> dict[str, nn.Module]:
         return {n: m for unit in package for n, m in unit.down_layers().items()}

@@ -108,6 +108,22 @@ def test_every_head_cannot_go(default_model, tmp_path):
     assert heads and all(u.after == 1 for u in heads)
 
 
+def test_blocks_narrow_a_structured_prune(default_model, tmp_path):
+    """``--blocks`` picks the units a structured prune may shrink; every other block keeps its weights."""
+    record = prune(default_model, tmp_path / "o", PruneConfig(sparsity=Structured(0.5, 0.5, 0.5), num_prompts=2,
+                                                             steps=2, packages=1, method=Method.L1,
+                                                             blocks="up_blocks.1.*"))
+    assert record.units and all(u.unit.startswith("up_blocks.1.") for u in record.units)
+    assert {u.kind for u in record.units} == {"heads", "ffn", "channels"}
+    before = load_file(default_model / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tmp_path / "o" / "unet" / "diffusion_pytorch_model.safetensors")
+    outside = [k for k in before if not k.startswith("up_blocks.1.")]
+    assert outside and all(torch.equal(before[k], after[k]) for k in outside)
+    with pytest.raises(UsageError, match="in --blocks"):
+        prune(default_model, tmp_path / "p", PruneConfig(sparsity=Structured(0.5, 0.0, 0.0), num_prompts=2, steps=2,
+                                                         packages=1, method=Method.L1, blocks="up_blocks.1.resnets.*"))
+
+
 def test_structured_bad_inputs(default_model, tmp_path):
     proc = cli("prune", default_model, "--out", tmp_path / "v", "--pattern", "structured", "--components",
                    "text_encoder")
