@@ -174,3 +174,37 @@ def test_bad_int8_profile_fields_name_the_field(tmp_path, old, new, message):
     with pytest.raises(UsageError, match=message):
         load_profile(path)
     assert load_profile(targets_dir() / "cpu-int8.toml").prune.quantization == Quantization(8)
+
+
+def test_lean_activation_ranges_are_ort_calibrations_ranges(tmp_path):
+    """The memory-lean calibration (reductions as soon as their input exists, no arena, no second graph copy) gives
+    exactly the MinMax ranges of ONNX Runtime's own calibrator, for every tensor it calibrates."""
+    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
+
+    from obsdiff.exporters.onnx_int8 import WEIGHT_OPS, CalibrationFeed, activation_ranges
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.mix = torch.nn.Conv2d(8, 8, 1)
+            self.out = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            h = self.mix(torch.nn.functional.silu(self.conv(x)))
+            return self.out(h.flatten(2).transpose(1, 2))
+
+    torch.manual_seed(0)
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(2, 4, 6, 6),), str(path), input_names=["x"], dynamo=False)
+    rng = np.random.default_rng(0)
+    calls = [{"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32) * (i + 1)} for i in range(3)]
+    activation_ranges(path, calls, False, tmp_path / "ranges.json")
+    ours = load_tensors_data(tmp_path / "ranges.json").data
+    reference = create_calibrator(path, list(WEIGHT_OPS), augmented_model_path=str(tmp_path / "augmented.onnx"))
+    feed = CalibrationFeed(calls)
+    reference.collect_data(type("Reader", (), {"get_next": feed.get_next})())
+    expected = reference.compute_data().data
+    assert set(ours) == set(expected) and len(ours) >= 6  # three layers' inputs and outputs
+    for name, data in expected.items():
+        assert all(np.array_equal(a, b) for a, b in zip(ours[name].range_value, data.range_value)), name
