@@ -154,10 +154,10 @@ def activation_ranges(source: Path, calls: list[dict[str, np.ndarray]], large: b
     ``quantize_static`` reads a calibration cache.
 
     Its own calibration session runs the added ReduceMin/ReduceMax nodes in the default execution order: after the
-    whole graph, so every calibrated activation is alive at once (SD 1.5 at 512 px: a 19 GiB peak for one call,
-    killed at 23 GiB in a real export). Here they run as soon as their input exists (priority-based order), without
-    the CPU arena, and the calibrator's copy of the graph goes before the session starts: 5.65 GiB.
-    """
+    whole graph, so every calibrated activation is alive at once (SD 1.5 at 512 px, one call: over 20 GiB; a real
+    export was killed at 23 GiB). Here they run as soon as their input exists (priority-based order), without the
+    CPU arena, and the calibrator's copy of the graph goes before the session starts: 5.83 GiB
+    (``benchmarks.int8_calibration_memory``)."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.calibrate import MinMaxCalibrater, save_tensors_data
