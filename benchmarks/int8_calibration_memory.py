@@ -55,8 +55,7 @@ if way == "ort":
     from obsdiff.exporters.onnx_int8 import WEIGHT_OPS, CalibrationFeed
     calibrator = create_calibrator(graph, list(WEIGHT_OPS), augmented_model_path=str(tmp / "augmented.onnx"),
                                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
-    feed = CalibrationFeed([call])
-    calibrator.collect_data(type("Reader", (), {"get_next": feed.get_next})())
+    calibrator.collect_data(CalibrationFeed([call]))
     save_tensors_data(calibrator.compute_data(), tmp / "ranges-ort.json")
 else:
     from obsdiff.exporters.onnx_int8 import activation_ranges

@@ -155,8 +155,8 @@ def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> d
     sdxl = native >= 1024
     lean_budget = "20" if sdxl else "12"
     lean_package = SDXL_BIGGEST_PACKAGE if sdxl and package == SD15_BIGGEST_PACKAGE else package
-    small = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--height", "256", "--width", "256",
-             "--refine", "0"]  # the published rows were measured before --refine existed
+    calibration = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--height", "256", "--width", "256"]
+    small = [*calibration, "--refine", "0"]  # the published rows were measured before --refine existed
     size = ["--height", str(height), "--width", str(height), "--gate-prompts", "1", "--gate-steps", "2"]
     pruned = work / "pruned"
     one_package = ["--pattern", "2:4", "--max-memory", "12", "--packages", "1", *small, "--blocks", package]
@@ -204,7 +204,7 @@ def stages(model: Path, work: Path, blocks: str, height: int, package: str) -> d
         # prune-block, small calibration; exported to cpu-int8 (int8 codes, static int8 activations) at full size
         "prune-stacked-block": [*obsdiff, "prune", str(model), "--out", str(work / "stacked"), "--overwrite",
                                 "--pattern", "structured", "--head-sparsity", "0.3", "--ffn-sparsity", "0.3",
-                                "--channel-sparsity", "0.3", "--quantize", "int8", *small[:-2], "--blocks", blocks],
+                                "--channel-sparsity", "0.3", "--quantize", "int8", *calibration, "--blocks", blocks],
         "export-cpu-int8": [*obsdiff, "export", str(work / "stacked"), "--target", "cpu-int8", "--out",
                             str(work / "cpu-int8"), "--overwrite", *size],
         "validate-cpu-int8": [*obsdiff, "validate", str(work / "cpu-int8")],

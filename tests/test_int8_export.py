@@ -203,8 +203,7 @@ def test_lean_activation_ranges_are_ort_calibrations_ranges(tmp_path):
     activation_ranges(path, calls, False, tmp_path / "ranges.json")
     ours = load_tensors_data(tmp_path / "ranges.json").data
     reference = create_calibrator(path, list(WEIGHT_OPS), augmented_model_path=str(tmp_path / "augmented.onnx"))
-    feed = CalibrationFeed(calls)
-    reference.collect_data(type("Reader", (), {"get_next": feed.get_next})())
+    reference.collect_data(CalibrationFeed(calls))
     expected = reference.compute_data().data
     assert set(ours) == set(expected) and len(ours) >= 6  # three layers' inputs and outputs
     for name, data in expected.items():
