@@ -30,10 +30,9 @@ def mid_width(tiny):
 def test_planned_peak_bounds_the_measured_peak(mid_width, tmp_path):
     blocks = ["--blocks", "up_blocks.0.resnets.0,up_blocks.0.attentions.0"]
     small = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--pattern", "2:4", *blocks]
-    plan = cli("prune", mid_width, "--out", tmp_path / "plan", *small, "--plan").stdout
-    assert "unet package 1:" in plan and "expected peak RSS" in plan
-    assert not (tmp_path / "plan").exists()
-    run_cli("prune", mid_width, "--out", tmp_path / "out", *small, check=True)  # its own process: its own peak
+    # its own process: its own peak; the record holds the plan the run made (what --plan prints, without a second
+    # process to probe it again; --plan itself is checked in test_a_budget_splits_packages…)
+    run_cli("prune", mid_width, "--out", tmp_path / "out", *small, check=True)
     record = PrunedFolder.open(tmp_path / "out").record
     planned, measured = record.memory_plan["expected_peak_gib"], record.peak_rss_mb / 1024
     hessians = sum(p["hessian_gib"] for p in record.memory_plan["components"]["unet"])
