@@ -191,13 +191,17 @@ class FoundUnits:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def find_units(model: nn.Module, adapter) -> FoundUnits:
+def find_units(model: nn.Module, adapter, selected=None) -> FoundUnits:
+    """Removable units of the blocks ``selected`` keeps (``--blocks``, as ``packages.block_filter`` reads it; None:
+    every block)."""
     layout = adapter.structured
     if layout is None:
         raise UsageError(f"structured pruning has no layout for {type(model).__name__} ({adapter.family}); "
                          "it supports the UNet, SD3 and Flux denoisers and the VAE decoder")
     found_units = FoundUnits()
     for block_name, block in adapter.block_modules(model):
+        if selected is not None and not selected(block_name):
+            continue
         if layout.skip_attr and getattr(block, layout.skip_attr, False):
             found_units.skipped.append((block_name, layout.skip_reason))
             continue
@@ -384,17 +388,15 @@ class UnitSolver:
         if self.spec.budget is not None and not adapter.denoiser:
             raise UsageError(f"--{self.spec.budget.measure} budgets the denoiser; prune {name} with --head-sparsity, "
                              "--ffn-sparsity or --channel-sparsity")
-        found = find_units(module, adapter)
-        chosen = block_filter(self.config.blocks, [b for b, _ in adapter.block_modules(module)])
-        units = [u for u in found.units if chosen is None or chosen(u.block)]
-        skipped = [(b, r) for b, r in found.skipped if chosen is None or chosen(b)]
+        found = find_units(module, adapter, block_filter(self.config.blocks, [b for b, _ in adapter.block_modules(module)]))
+        units = found.units
         if self.spec.budget is None:  # a kind whose fraction is 0 is not calibrated at all
             units = [u for u in units if fraction_count(u, self.spec) > 0]
         if not units:
             where = f" in --blocks {self.config.blocks}" if self.config.blocks else ""
             raise UsageError(f"component {name} has no attention heads, FFN neurons or resnet channels to remove "
                              f"at these fractions{where}")
-        return split_units(units, self.config.packages), [Skip(b, r) for b, r in skipped]
+        return split_units(units, self.config.packages), [Skip(b, r) for b, r in found.skipped]
 
     def hooked_layers(self, package: list[Unit]) -> dict[str, nn.Module]:
         return {n: m for unit in package for n, m in unit.down_layers().items()}
